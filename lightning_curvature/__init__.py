@@ -1,0 +1,42 @@
+"""lightning_curvature: the curvature of your loss while you train.
+
+The engine: :class:`HessianOperator` applies the Hessian of a model's loss to flat vectors,
+and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_trace`,
+:func:`hutchinson_diagonal`, :func:`spectral_density`) turn those products into λmax, the
+top of the spectrum, the trace and the spectral density.
+"""
+
+from lightning_curvature.estimators import (
+    DiagonalResult,
+    LanczosResult,
+    LinearOperator,
+    PowerIterationResult,
+    SpectralDensity,
+    TraceResult,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+    smoothed_density,
+    spectral_density,
+)
+from lightning_curvature.operators import DenseOperator, HessianOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseOperator",
+    "DiagonalResult",
+    "HessianOperator",
+    "LanczosResult",
+    "LinearOperator",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TraceResult",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
+    "smoothed_density",
+    "spectral_density",
+]

@@ -1,0 +1,32 @@
+"""Matrix-free estimators. They see only an operator: ``matvec(v)``, ``dim``, ``device``, ``dtype``."""
+
+from lightning_curvature.estimators._common import LinearOperator
+from lightning_curvature.estimators.hutchinson import (
+    DiagonalResult,
+    TraceResult,
+    hutchinson_diagonal,
+    hutchinson_trace,
+)
+from lightning_curvature.estimators.lanczos import (
+    LanczosResult,
+    SpectralDensity,
+    lanczos,
+    smoothed_density,
+    spectral_density,
+)
+from lightning_curvature.estimators.power import PowerIterationResult, power_iteration
+
+__all__ = [
+    "DiagonalResult",
+    "LanczosResult",
+    "LinearOperator",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TraceResult",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
+    "smoothed_density",
+    "spectral_density",
+]

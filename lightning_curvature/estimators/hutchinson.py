@@ -1,0 +1,154 @@
+r"""Hutchinson estimators of the Hessian's trace and diagonal.
+
+With Rademacher probes :math:`z` (entries ±1), :math:`\mathbb{E}[z^\top A z] = \operatorname{tr} A`
+and :math:`\mathbb{E}[z \odot A z] = \operatorname{diag} A`. The probes are independent, so the
+sample standard deviation over probes gives an honest standard error. Hutch++ spends a third
+of its budget on a sketch of the top eigenspace, whose trace it takes exactly, and uses
+Hutchinson only on the rest: it pays when a few large eigenvalues dominate the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lightning_curvature.estimators._common import (
+    LinearOperator,
+    apply_block,
+    check_operator,
+    check_positive_int,
+    make_generator,
+    rademacher,
+    raise_if_not_finite,
+)
+
+TraceMethod = Literal["hutchinson", "hutch++"]
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A trace estimate with its standard error.
+
+    Attributes:
+        estimate: the trace estimate.
+        stderr: its standard error (sample std of the per-probe terms / √probes); 0 when the
+            exact sketched part is all there is.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        num_probes: Rademacher probes averaged in the stochastic part.
+        num_matvecs: operator applications spent in all.
+    """
+
+    estimate: float
+    stderr: float
+    method: str
+    num_probes: int
+    num_matvecs: int
+
+
+@dataclass(frozen=True, eq=False)
+class DiagonalResult:
+    """Hutchinson's estimate of the Hessian's diagonal, a flat tensor on the device."""
+
+    estimate: torch.Tensor
+    stderr: torch.Tensor
+    num_probes: int
+    num_matvecs: int
+
+
+def _probe_terms(
+    op: LinearOperator,
+    num_probes: int,
+    generator: torch.Generator,
+    probes_per_block: int,
+    project: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-probe ``z ⊙ Az`` summed (for the diagonal) and ``zᵀAz`` (for the trace).
+
+    Probes go through the operator in blocks, batched when it supports ``matmat``. With
+    ``project`` (an orthonormal block Q) the probes are first projected onto Q's complement.
+    """
+    quadratic_forms = []
+    diagonal_sum = torch.zeros(op.dim, device=op.device, dtype=op.dtype)
+    diagonal_sq = torch.zeros_like(diagonal_sum)
+    for start in range(0, num_probes, probes_per_block):
+        z = rademacher(op, min(probes_per_block, num_probes - start), generator)
+        if project is not None:
+            z = z - project @ (project.mT @ z)
+        products = z * apply_block(op, z)
+        quadratic_forms.append(products.sum(dim=0))
+        diagonal_sum += products.sum(dim=1)
+        diagonal_sq += (products**2).sum(dim=1)
+    return torch.cat(quadratic_forms), torch.stack([diagonal_sum, diagonal_sq])
+
+
+def hutchinson_trace(
+    op: LinearOperator,
+    num_probes: int = 30,
+    seed: int = 0,
+    *,
+    method: TraceMethod = "hutchinson",
+    probes_per_block: int = 8,
+) -> TraceResult:
+    """Estimate ``tr(A)`` with Rademacher probes.
+
+    Args:
+        op: anything with ``matvec(v)``, ``dim``, ``device`` and ``dtype``.
+        num_probes: the matvec budget (at least 2, so a standard error exists; at least 6
+            for Hutch++, which splits it in thirds).
+        seed: seeds the probes; the global RNG is never touched.
+        method: ``"hutchinson"``, or ``"hutch++"`` for spectra dominated by a few large
+            eigenvalues.
+        probes_per_block: probes sent through the operator together (memory vs. speed).
+    """
+    check_operator(op)
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
+    check_positive_int("num_probes", num_probes, minimum=2 if method == "hutchinson" else 6)
+    check_positive_int("probes_per_block", probes_per_block)
+    generator = make_generator(op, seed)
+
+    exact_part, sketch, sketch_matvecs = 0.0, None, 0
+    hutchinson_probes = num_probes
+    if method == "hutch++":
+        sketch_size = num_probes // 3
+        hutchinson_probes = num_probes - 2 * sketch_size
+        sketch, _ = torch.linalg.qr(apply_block(op, rademacher(op, sketch_size, generator)))
+        exact_part = torch.trace(sketch.mT @ apply_block(op, sketch))
+        sketch_matvecs = 2 * sketch_size
+
+    terms, _ = _probe_terms(op, hutchinson_probes, generator, probes_per_block, sketch)
+    raise_if_not_finite(terms, "Hutchinson's trace estimator")
+    terms = terms.double().cpu()  # the one transfer to the host
+    return TraceResult(
+        estimate=float(exact_part) + float(terms.mean()),
+        stderr=float(terms.std(correction=1)) / math.sqrt(hutchinson_probes),
+        method=method,
+        num_probes=hutchinson_probes,
+        num_matvecs=hutchinson_probes + sketch_matvecs,
+    )
+
+
+def hutchinson_diagonal(
+    op: LinearOperator,
+    num_probes: int = 30,
+    seed: int = 0,
+    *,
+    probes_per_block: int = 8,
+) -> DiagonalResult:
+    """Estimate ``diag(A)`` as the mean of ``z ⊙ Az`` over Rademacher probes."""
+    check_operator(op)
+    check_positive_int("num_probes", num_probes, minimum=2)
+    check_positive_int("probes_per_block", probes_per_block)
+    generator = make_generator(op, seed)
+    _, (total, total_sq) = _probe_terms(op, num_probes, generator, probes_per_block)
+    mean = total / num_probes
+    variance = (total_sq - num_probes * mean**2).clamp_min(0) / (num_probes - 1)
+    return DiagonalResult(
+        estimate=mean,
+        stderr=(variance / num_probes).sqrt(),
+        num_probes=num_probes,
+        num_matvecs=num_probes,
+    )

@@ -1,0 +1,420 @@
+r"""Curvature operators: Hessian-vector products of a model's loss, on flat vectors.
+
+For parameters :math:`\theta \in \mathbb{R}^d` and probe batches :math:`B_1..B_n`,
+:class:`HessianOperator` represents
+
+.. math:: H = \nabla^2_\theta \; \frac{1}{n} \sum_{b=1}^{n} \ell(\theta; B_b)
+
+and applies it to flat vectors without ever forming it. One product costs a small constant
+times one gradient: the first-order graph of each batch is built once (``create_graph``)
+and every product is one extra backward pass through it.
+
+Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
+
+    >>> import torch
+    >>> from lightning_curvature import HessianOperator
+    >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    >>> model = torch.nn.Linear(3, 1, bias=False).double()
+    >>> loss_fn = lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()
+    >>> op = HessianOperator(model, loss_fn, [(X, y)], dtype=torch.float64)
+    >>> v = torch.randn(3, dtype=torch.float64)
+    >>> torch.allclose(op.matvec(v), 2 / 50 * X.T @ X @ v)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+LossFn = Callable[[nn.Module, Any], Any]
+HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse"]
+HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse")
+
+# Seed for the RNG inside the operator's forward passes: dropout masks (if the model is in
+# train mode) are the same for every product, so the operator is one fixed matrix.
+_FORWARD_SEED = 20_210_226
+
+
+class DenseOperator:
+    """An explicit symmetric matrix as an operator: for tests and small exact checks."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
+            raise ValueError("matrix must be a square 2-D tensor")
+        if matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.dim = matrix.shape[0]
+        self.device = matrix.device
+        self.dtype = matrix.dtype
+        self.num_matvecs = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += 1
+        return self.matrix @ v
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += block.shape[1]
+        return self.matrix @ block
+
+
+def scalar_loss(output: Any) -> torch.Tensor:
+    """The loss tensor in what a loss function (or a ``training_step``) returned."""
+    if isinstance(output, Mapping) and "loss" in output:
+        output = output["loss"]
+    if not isinstance(output, torch.Tensor) or output.numel() != 1:
+        raise ValueError(
+            "loss_fn must return a scalar tensor (or a mapping with a 'loss' entry), got "
+            f"{type(output).__name__}"
+            + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+        )
+    return output.reshape(())
+
+
+def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; cast floating ones to ``dtype``."""
+    if isinstance(batch, torch.Tensor):
+        target = dtype if (dtype is not None and batch.is_floating_point()) else batch.dtype
+        return batch.to(device=device, dtype=target)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: move_batch(value, device, dtype) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_batch(value, device, dtype) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_batch(value, device, dtype) for value in batch)
+    return batch
+
+
+def resolve_params(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None,
+) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and tensors of the parameters the Hessian is taken over.
+
+    ``None`` means every parameter with ``requires_grad`` (so only the adapters of a model
+    whose base is frozen); a name→parameter mapping or an iterable of parameters restricts
+    the Hessian to that block.
+    """
+    names_by_id = {id(p): name for name, p in model.named_parameters()}
+    if params is None:
+        chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("params=None selects every parameter with requires_grad, but the "
+                             "model has none: unfreeze some parameters or pass params")
+    else:
+        items = params.values() if isinstance(params, Mapping) else params
+        chosen = []
+        for p in items:
+            if not isinstance(p, torch.Tensor) or id(p) not in names_by_id:
+                raise ValueError("params must be parameters of model (a name->parameter dict "
+                                 "or an iterable of them)")
+            if not p.requires_grad:
+                raise ValueError(f"params includes {names_by_id[id(p)]!r}, which does not "
+                                 "require grad; the Hessian is taken over trainable parameters")
+            chosen.append((names_by_id[id(p)], p))
+        if not chosen:
+            raise ValueError("params must name at least one parameter, got an empty collection")
+    seen: set[int] = set()
+    unique = [(n, p) for n, p in chosen if not (id(p) in seen or seen.add(id(p)))]
+    return [n for n, _ in unique], [p for _, p in unique]
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap the
+    parameters it is evaluated at (for forward-over-reverse products)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return scalar_loss(self.loss_fn(self.model, batch))
+
+
+class HessianOperator:
+    r"""The Hessian of the mean loss over probe batches, as a matrix-free operator.
+
+    Args:
+        model: the network. Its train/eval mode is used as it is (set it before); its
+            parameters, buffers, ``.grad`` fields, mode and the global RNG streams are left
+            exactly as they were.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` (a mapping with a ``"loss"`` entry,
+            as ``training_step`` may return, also works).
+        batches: a non-empty list of batches; the operator is the Hessian of their mean
+            loss. Tensors are moved to the model's device.
+        params: ``None`` for every parameter with ``requires_grad``; a name→parameter dict or
+            an iterable of parameters for one block (a layer, the adapters).
+        dtype: precision of the products, ``torch.float32`` by default; ``torch.float64``
+            for validation. A model stored in another precision (bf16, fp16) is evaluated
+            on a copy cast to ``dtype``, so its own weights are untouched.
+        hvp_method: how products are computed. ``"reuse_graph"`` keeps each batch's
+            first-order graph for all products (fastest; memory of one training step per
+            batch), ``"recompute"`` rebuilds it per product (least memory),
+            ``"forward_over_reverse"`` uses ``torch.func.jvp`` over ``torch.func.grad``.
+            ``"auto"`` reuses the graph, and recomputes it per product when keeping it runs
+            out of memory.
+
+    Attributes:
+        dim: number of parameters covered; device, dtype: where and how products run;
+        num_matvecs: products computed so far (a block of m counts m);
+        param_names: the names of the covered parameters, in flat-vector order.
+
+    The products run with autocast off, with the math scaled-dot-product-attention kernel
+    (fused attention kernels have no double backward) and with cuDNN off (its RNNs have
+    none either).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        hvp_method: HvpMethod = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ValueError("loss_fn must be callable as loss_fn(model, batch)")
+        if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Sequence):
+            raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
+        if len(batches) == 0:
+            raise ValueError("batches must hold at least one batch, got an empty list")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+
+        names, params_list = resolve_params(model, params)
+        devices = {p.device for p in params_list}
+        if len(devices) != 1:
+            raise ValueError(f"params must all live on one device, found {sorted(map(str, devices))}")
+        if any(p.dtype != dtype for p in params_list):
+            # Never cast the caller's model: evaluate a cast copy instead.
+            model = copy.deepcopy(model).to(dtype)
+            by_name = dict(model.named_parameters())
+            params_list = [by_name[name] for name in names]
+            batch_dtype: torch.dtype | None = dtype
+        else:
+            batch_dtype = None
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = params_list
+        self.param_names = names
+        self.device = next(iter(devices))
+        self.dtype = dtype
+        self.dim = sum(p.numel() for p in params_list)
+        self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
+        self.hvp_method: str = hvp_method
+        self.num_matvecs = 0
+        self._buffers = [b for b in model.buffers()]
+        self._buffer_snapshot: list[torch.Tensor] | None = None
+        self._flat_grad: torch.Tensor | None = None  # mean gradient, with its graph
+        self._loss: float | None = None
+        self._batched_ok = True
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def loss(self) -> float:
+        """The mean loss over the probe batches (computed on first use)."""
+        if self._loss is None:
+            self._ensure_ready()
+        assert self._loss is not None
+        return self._loss
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``, on the operator's device."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
+        if block.ndim != 2 or block.shape[0] != self.dim:
+            raise ValueError(f"block must have shape ({self.dim}, m), got {tuple(block.shape)}")
+        block = block.to(device=self.device, dtype=self.dtype)
+        self._ensure_ready()
+        self.num_matvecs += block.shape[1]
+        if self.hvp_method == "reuse_graph":
+            return self._products_from_graph(self._flat_grad, block)
+        if self.hvp_method == "recompute":
+            total = torch.zeros_like(block)
+            for index in range(len(self.batches)):
+                total += self._products_from_graph(self._batch_gradient(index), block)
+            return total / len(self.batches)
+        return self._forward_over_reverse(block)
+
+    def release(self) -> None:
+        """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""
+        self._flat_grad = None
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    # ------------------------------------------------------------------ internals
+    @contextmanager
+    def _isolated(self, batch_index: int) -> Iterator[None]:
+        """Run the model as the operator must: differentiable, full precision, math kernels,
+        its own RNG stream, and with every buffer it mutates restored afterwards."""
+        if self._buffer_snapshot is None:
+            self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
+        versions = [b._version for b in self._buffers]
+        cuda = self.device.type == "cuda"
+        with ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast(self.device.type, enabled=False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+            cuda_ids = [self.device.index if self.device.index is not None else 0] if cuda else []
+            stack.enter_context(torch.random.fork_rng(devices=cuda_ids))
+            torch.random.default_generator.manual_seed(_FORWARD_SEED + batch_index)
+            if cuda:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(_FORWARD_SEED + batch_index)
+            try:
+                yield
+            finally:
+                # Restore only what the forward pass mutated (BatchNorm running stats in
+                # train mode): rewriting untouched buffers would bump their version and
+                # invalidate graphs that saved them.
+                with torch.no_grad():
+                    for buffer, saved, version in zip(
+                        self._buffers, self._buffer_snapshot, versions, strict=True
+                    ):
+                        if buffer._version != version:
+                            buffer.copy_(saved)
+
+    def _batch_loss(self, index: int) -> torch.Tensor:
+        return scalar_loss(self.loss_fn(self.model, self.batches[index]))
+
+    def _batch_gradient(self, index: int) -> torch.Tensor:
+        """One batch's flat gradient, with the graph needed to differentiate it again."""
+        with self._isolated(index):
+            loss = self._batch_loss(index)
+            grads = torch.autograd.grad(
+                loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        self._record_loss(index, loss)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def _record_loss(self, index: int, loss: torch.Tensor) -> None:
+        if self._loss is not None:
+            return
+        if index == 0:
+            self._loss_total = torch.zeros((), device=self.device, dtype=self.dtype)
+        self._loss_total = self._loss_total + loss.detach()
+        if index == len(self.batches) - 1:
+            mean = float(self._loss_total) / len(self.batches)  # one host sync per operator
+            if mean != mean or mean in (float("inf"), float("-inf")):
+                raise FloatingPointError(
+                    f"the loss on the probe batches is {mean}: curvature is undefined there "
+                    "(lower the learning rate, or measure on other batches)"
+                )
+            self._loss = mean
+
+    def _ensure_ready(self) -> None:
+        if self.hvp_method in ("auto", "reuse_graph"):
+            if self._flat_grad is not None:
+                return
+            try:
+                self._flat_grad = self._mean_gradient()
+                self.hvp_method = "reuse_graph"
+            except torch.OutOfMemoryError:
+                if self.hvp_method == "reuse_graph":
+                    raise
+                self._flat_grad = None
+                _empty_cache(self.device)
+                self.hvp_method = "recompute"
+                warnings.warn(
+                    "HessianOperator: keeping the first-order graphs of all probe batches ran "
+                    "out of memory; recomputing them for every product instead (slower). "
+                    "Use fewer or smaller probe batches to get the fast path back.",
+                    stacklevel=3,
+                )
+        if self._loss is None and self.hvp_method == "recompute":
+            for index in range(len(self.batches)):
+                with self._isolated(index):
+                    self._record_loss(index, self._batch_loss(index))
+        if self._loss is None and self.hvp_method == "forward_over_reverse":
+            for index in range(len(self.batches)):
+                with self._isolated(index), torch.no_grad():
+                    self._record_loss(index, self._batch_loss(index))
+
+    def _mean_gradient(self) -> torch.Tensor:
+        total = None
+        for index in range(len(self.batches)):
+            flat = self._batch_gradient(index)
+            total = flat if total is None else total + flat
+        assert total is not None
+        return total / len(self.batches)
+
+    def _products_from_graph(self, flat_grad: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """Differentiate ``flat_gradᵀ v`` for each column v: one backward pass per column,
+        or one batched (vmapped) backward for the whole block."""
+        if not flat_grad.requires_grad:
+            # The gradient does not depend on the parameters: the Hessian is zero.
+            return torch.zeros_like(block)
+        if block.shape[1] > 1 and self._batched_ok:
+            try:
+                grads = torch.autograd.grad(
+                    flat_grad, self.params, grad_outputs=block.mT.contiguous(),
+                    retain_graph=True, allow_unused=True, materialize_grads=True,
+                    is_grads_batched=True,
+                )
+                return torch.cat([g.reshape(block.shape[1], -1) for g in grads], dim=1).mT
+            except RuntimeError:
+                self._batched_ok = False  # an op without a batching rule: loop instead
+        columns = []
+        for j in range(block.shape[1]):
+            grads = torch.autograd.grad(
+                flat_grad, self.params, grad_outputs=block[:, j], retain_graph=True,
+                allow_unused=True, materialize_grads=True,
+            )
+            columns.append(torch.cat([g.reshape(-1) for g in grads]))
+        return torch.stack(columns, dim=1)
+
+    def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
+        wrapper = _LossModule(self.model, self.loss_fn)
+        names = ["model." + name for name in self.param_names]
+        primals = tuple(p.detach() for p in self.params)
+        total = torch.zeros_like(block)
+        for index, batch in enumerate(self.batches):
+
+            def loss_at(*values: torch.Tensor, batch: Any = batch) -> torch.Tensor:
+                return torch.func.functional_call(
+                    wrapper, dict(zip(names, values, strict=True)), (batch,), strict=False
+                )
+
+            gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
+            for j in range(block.shape[1]):
+                tangents = self._unflatten(block[:, j])
+                with self._isolated(index):
+                    _, hv = torch.func.jvp(gradient, primals, tangents)
+                total[:, j] += torch.cat([h.reshape(-1) for h in hv])
+        return total / len(self.batches)
+
+    def _unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pieces, offset = [], 0
+        for p in self.params:
+            pieces.append(v[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return tuple(pieces)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
