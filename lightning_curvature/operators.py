@@ -218,8 +218,6 @@ class HessianOperator:
         self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
         self.hvp_method: str = hvp_method
         self.num_matvecs = 0
-        self._buffers = [b for b in model.buffers()]
-        self._buffer_snapshot: list[torch.Tensor] | None = None
         self._flat_grad: torch.Tensor | None = None  # mean gradient, with its graph
         self._loss: float | None = None
         self._batched_ok = True
@@ -269,10 +267,7 @@ class HessianOperator:
     @contextmanager
     def _isolated(self, batch_index: int) -> Iterator[None]:
         """Run the model as the operator must: differentiable, full precision, math kernels,
-        its own RNG stream, and with every buffer it mutates restored afterwards."""
-        if self._buffer_snapshot is None:
-            self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
-        versions = [b._version for b in self._buffers]
+        its own RNG stream, and on private copies of its buffers."""
         cuda = self.device.type == "cuda"
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
@@ -285,18 +280,8 @@ class HessianOperator:
             if cuda:
                 with torch.cuda.device(self.device):
                     torch.cuda.manual_seed(_FORWARD_SEED + batch_index)
-            try:
-                yield
-            finally:
-                # Restore only what the forward pass mutated (BatchNorm running stats in
-                # train mode): rewriting untouched buffers would bump their version and
-                # invalidate graphs that saved them.
-                with torch.no_grad():
-                    for buffer, saved, version in zip(
-                        self._buffers, self._buffer_snapshot, versions, strict=True
-                    ):
-                        if buffer._version != version:
-                            buffer.copy_(saved)
+            stack.enter_context(_private_buffers(self.model))
+            yield
 
     def _batch_loss(self, index: int) -> torch.Tensor:
         return scalar_loss(self.loss_fn(self.model, self.batches[index]))
@@ -403,7 +388,16 @@ class HessianOperator:
             for j in range(block.shape[1]):
                 tangents = self._unflatten(block[:, j])
                 with self._isolated(index):
-                    _, hv = torch.func.jvp(gradient, primals, tangents)
+                    try:
+                        _, hv = torch.func.jvp(gradient, primals, tangents)
+                    except RuntimeError as error:
+                        if "mutate a captured Tensor" not in str(error):
+                            raise
+                        raise RuntimeError(
+                            "hvp_method='forward_over_reverse' cannot run a model whose forward "
+                            "mutates its buffers (BatchNorm in train mode); use "
+                            "hvp_method='reuse_graph', or put the model in eval mode"
+                        ) from error
                 total[:, j] += torch.cat([h.reshape(-1) for h in hv])
         return total / len(self.batches)
 
@@ -413,6 +407,24 @@ class HessianOperator:
             pieces.append(v[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         return tuple(pieces)
+
+
+@contextmanager
+def _private_buffers(model: nn.Module) -> Iterator[None]:
+    """Let the forward pass mutate clones of the buffers (BatchNorm running statistics in
+    train mode), then put the originals back untouched. Swapping, not copying back, leaves
+    the originals' version counters alone, so graphs that saved them stay valid."""
+    originals = []
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                originals.append((module, name, buffer))
+                module._buffers[name] = buffer.clone()
+    try:
+        yield
+    finally:
+        for module, name, buffer in originals:
+            module._buffers[name] = buffer
 
 
 def _empty_cache(device: torch.device) -> None:

@@ -1,0 +1,127 @@
+"""Independent truth for the tests: dense Hessians in float64 and matrices of known spectrum.
+
+Nothing here uses the package: the dense Hessian comes from ``torch.func.hessian`` of the
+loss as a function of one flat float64 parameter vector.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def dense_hessian(model: nn.Module, loss_fn, batches, param_names=None) -> torch.Tensor:
+    """The exact Hessian of the mean loss over ``batches``, in float64."""
+    model64 = copy.deepcopy(model).double()
+    named = dict(model64.named_parameters())
+    names = param_names or [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [named[n].shape for n in names]
+    batches64 = [
+        tuple(t.double() if t.is_floating_point() else t for t in b)
+        if isinstance(b, (tuple, list))
+        else b.double()
+        for b in batches
+    ]
+
+    class LossOf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model64
+
+        def forward(self, batch):
+            return loss_fn(self.model, batch)
+
+    wrapper = LossOf()
+
+    def mean_loss(theta: torch.Tensor) -> torch.Tensor:
+        values, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            values["model." + name] = theta[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        losses = [torch.func.functional_call(wrapper, values, (b,)) for b in batches64]
+        return sum(losses) / len(losses)
+
+    theta = torch.cat([named[n].detach().reshape(-1) for n in names])
+    # The math attention kernel: fused ones support neither forward AD nor double backward.
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.hessian(mean_loss)(theta)
+
+
+def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric float64 matrix ``Q diag(λ) Qᵀ`` with a random orthogonal Q."""
+    generator = torch.Generator().manual_seed(seed)
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * eigenvalues.double()) @ q.T
+
+
+def cross_entropy_loss(model: nn.Module, batch) -> torch.Tensor:
+    inputs, targets = batch
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
+def classification_batches(num_batches: int, batch_size: int, shape, num_classes: int, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch_size, *shape, generator=generator),
+            torch.randint(0, num_classes, (batch_size,), generator=generator),
+        )
+        for _ in range(num_batches)
+    ]
+
+
+def tanh_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
+                         nn.Linear(20, 4))
+
+
+def relu_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    """A CNN with BatchNorm; callers put it in eval mode for a deterministic Hessian."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3),
+    )
+    # Non-trivial running statistics, as after some training.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def finite_difference_hvp(model: nn.Module, loss_fn, batches, v: torch.Tensor, eps=1e-5):
+    """``H v`` by central differences of first-order float64 gradients: no double backward
+    and no forward AD, so it is independent of how the package computes products."""
+    model64 = copy.deepcopy(model).double()
+    params = [p for p in model64.parameters() if p.requires_grad]
+    batches64 = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in batches]
+
+    def gradient_at(shift: float) -> torch.Tensor:
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.add_(shift * v[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        loss = sum(loss_fn(model64, b) for b in batches64) / len(batches64)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.sub_(shift * v[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    return (gradient_at(eps) - gradient_at(-eps)) / (2 * eps)
