@@ -107,18 +107,24 @@ def resolve_params(
     if params is None:
         chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not chosen:
-            raise ValueError("params=None selects every parameter with requires_grad, but the "
-                             "model has none: unfreeze some parameters or pass params")
+            raise ValueError(
+                "params=None selects every parameter with requires_grad, but the "
+                "model has none: unfreeze some parameters or pass params"
+            )
     else:
         items = params.values() if isinstance(params, Mapping) else params
         chosen = []
         for p in items:
             if not isinstance(p, torch.Tensor) or id(p) not in names_by_id:
-                raise ValueError("params must be parameters of model (a name->parameter dict "
-                                 "or an iterable of them)")
+                raise ValueError(
+                    "params must be parameters of model (a name->parameter dict "
+                    "or an iterable of them)"
+                )
             if not p.requires_grad:
-                raise ValueError(f"params includes {names_by_id[id(p)]!r}, which does not "
-                                 "require grad; the Hessian is taken over trainable parameters")
+                raise ValueError(
+                    f"params includes {names_by_id[id(p)]!r}, which does not "
+                    "require grad; the Hessian is taken over trainable parameters"
+                )
             chosen.append((names_by_id[id(p)], p))
         if not chosen:
             raise ValueError("params must name at least one parameter, got an empty collection")
@@ -199,7 +205,9 @@ class HessianOperator:
         names, params_list = resolve_params(model, params)
         devices = {p.device for p in params_list}
         if len(devices) != 1:
-            raise ValueError(f"params must all live on one device, found {sorted(map(str, devices))}")
+            raise ValueError(
+                f"params must all live on one device, found {sorted(map(str, devices))}"
+            )
         if any(p.dtype != dtype for p in params_list):
             # Never cast the caller's model: evaluate a cast copy instead.
             model = copy.deepcopy(model).to(dtype)
@@ -356,8 +364,12 @@ class HessianOperator:
         if block.shape[1] > 1 and self._batched_ok:
             try:
                 grads = torch.autograd.grad(
-                    flat_grad, self.params, grad_outputs=block.mT.contiguous(),
-                    retain_graph=True, allow_unused=True, materialize_grads=True,
+                    flat_grad,
+                    self.params,
+                    grad_outputs=block.mT.contiguous(),
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
                     is_grads_batched=True,
                 )
                 return torch.cat([g.reshape(block.shape[1], -1) for g in grads], dim=1).mT
@@ -366,8 +378,12 @@ class HessianOperator:
         columns = []
         for j in range(block.shape[1]):
             grads = torch.autograd.grad(
-                flat_grad, self.params, grad_outputs=block[:, j], retain_graph=True,
-                allow_unused=True, materialize_grads=True,
+                flat_grad,
+                self.params,
+                grad_outputs=block[:, j],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
             )
             columns.append(torch.cat([g.reshape(-1) for g in grads]))
         return torch.stack(columns, dim=1)

@@ -45,8 +45,9 @@ def test_matvec_matches_dense_hessian(make_model, make_batches, method):
     generator = torch.Generator().manual_seed(0)
     block = torch.randn(hessian.shape[0], 3, generator=generator, dtype=torch.float64)
 
-    exact = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64,
-                               hvp_method=method)
+    exact = lc.HessianOperator(
+        model, cross_entropy_loss, batches, dtype=torch.float64, hvp_method=method
+    )
     assert exact.dim == hessian.shape[0]
     assert relative_error(exact.matvec(block[:, 0]), hessian @ block[:, 0]) < 1e-12
     assert relative_error(exact.matmat(block), hessian @ block) < 1e-12
@@ -71,13 +72,15 @@ def test_least_squares_hessian_is_two_over_n_xtx():
     design = torch.cat([inputs, torch.ones(40, 1, dtype=torch.float64)], dim=1)  # weight, bias
     exact = 2 / 40 * design.T @ design
     # Two halves of equal size: the mean of their Hessians is the full-data Hessian.
-    op = lc.HessianOperator(model, mse, [(inputs[:20], targets[:20]), (inputs[20:], targets[20:])],
-                            dtype=torch.float64)
+    op = lc.HessianOperator(
+        model, mse, [(inputs[:20], targets[:20]), (inputs[20:], targets[20:])], dtype=torch.float64
+    )
     identity = torch.eye(7, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(identity), exact, rtol=1e-12, atol=1e-12)
     result = lc.lanczos(op, k=3)
-    torch.testing.assert_close(result.eigenvalues, torch.linalg.eigvalsh(exact).flip(0)[:3],
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        result.eigenvalues, torch.linalg.eigvalsh(exact).flip(0)[:3], rtol=1e-10, atol=0
+    )
 
 
 def test_params_dict_restricts_to_one_block():
@@ -90,15 +93,21 @@ def test_params_dict_restricts_to_one_block():
     start = sum(sizes[:2])
     stop = start + sizes[2] + sizes[3]
     block_params = {n: p for n, p in model.named_parameters() if n.startswith("2.")}
-    op = lc.HessianOperator(model, cross_entropy_loss, batches, params=block_params,
-                            dtype=torch.float64)
+    op = lc.HessianOperator(
+        model, cross_entropy_loss, batches, params=block_params, dtype=torch.float64
+    )
     assert op.param_names == names[2:4]
     assert op.dim == stop - start
-    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)),
-                               full[start:stop, start:stop], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        op.matmat(torch.eye(op.dim, dtype=torch.float64)),
+        full[start:stop, start:stop],
+        rtol=1e-10,
+        atol=1e-12,
+    )
     # An iterable of the same parameters gives the same operator.
-    same = lc.HessianOperator(model, cross_entropy_loss, batches,
-                              params=list(block_params.values()), dtype=torch.float64)
+    same = lc.HessianOperator(
+        model, cross_entropy_loss, batches, params=list(block_params.values()), dtype=torch.float64
+    )
     assert same.param_names == op.param_names
 
 
@@ -128,14 +137,17 @@ def test_default_params_are_only_the_trainable_adapters():
     assert op.param_names == ["down", "up"]
     assert op.dim == 2 * 10 + 20 * 2
     exact = dense_hessian(model, cross_entropy_loss, batches, param_names=["down", "up"])
-    torch.testing.assert_close(op.matmat(torch.eye(op.dim, dtype=torch.float64)), exact,
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        op.matmat(torch.eye(op.dim, dtype=torch.float64)), exact, rtol=1e-10, atol=1e-12
+    )
 
 
 def snapshot(model):
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "modes": [m.training for m in model.modules()],
         "cpu_rng": torch.get_rng_state(),
     }
@@ -201,15 +213,17 @@ def test_train_mode_dropout_gives_one_fixed_symmetric_operator():
     model = DropoutBatchNormNet().train()
     batches = classification_batches(1, 8, (1, 8, 8), 3)
     for method in ["reuse_graph", "recompute"]:
-        op = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64,
-                                hvp_method=method)
+        op = lc.HessianOperator(
+            model, cross_entropy_loss, batches, dtype=torch.float64, hvp_method=method
+        )
         matrix = op.matmat(torch.eye(op.dim, dtype=torch.float64))
         again = op.matmat(torch.eye(op.dim, dtype=torch.float64))
         torch.testing.assert_close(matrix, again, rtol=0, atol=0)
         torch.testing.assert_close(matrix, matrix.T, rtol=1e-9, atol=1e-12)
     reused = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64)
-    recomputed = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64,
-                                    hvp_method="recompute")
+    recomputed = lc.HessianOperator(
+        model, cross_entropy_loss, batches, dtype=torch.float64, hvp_method="recompute"
+    )
     v = torch.ones(reused.dim, dtype=torch.float64)
     torch.testing.assert_close(reused.matvec(v), recomputed.matvec(v), rtol=1e-12, atol=1e-12)
 
@@ -297,8 +311,7 @@ def test_a_bf16_model_is_measured_in_float32_on_a_copy():
     assert product.dtype == torch.float32 and bool(torch.isfinite(product).all())
     for key, value in model.state_dict().items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, before[key])
-    exact = dense_hessian(model.float(), cross_entropy_loss,
-                          [(x.float(), y) for x, y in batches])
+    exact = dense_hessian(model.float(), cross_entropy_loss, [(x.float(), y) for x, y in batches])
     assert relative_error(product.double(), exact @ torch.ones(op.dim, dtype=torch.float64)) < 1e-4
 
 
@@ -345,8 +358,7 @@ def test_bad_arguments_fail_at_construction_naming_the_argument(kwargs, argument
 def test_frozen_parameters_cannot_be_selected_explicitly():
     model = AdapterModel()
     with pytest.raises(ValueError, match="does not require grad"):
-        lc.HessianOperator(model, cross_entropy_loss, mlp_batches(),
-                           params=[model.base[0].weight])
+        lc.HessianOperator(model, cross_entropy_loss, mlp_batches(), params=[model.base[0].weight])
 
 
 def test_wrong_vector_shape_is_rejected():
@@ -379,5 +391,6 @@ def test_products_on_gpu_match_cpu_and_stay_on_the_device():
     assert relative_error(product.cpu(), cpu.matvec(v)) < 1e-10
     result = lc.lanczos(gpu, k=3, return_eigenvectors=True)
     assert result.eigenvectors.device.type == "cuda"
-    torch.testing.assert_close(result.eigenvalues, lc.lanczos(cpu, k=3).eigenvalues, rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(
+        result.eigenvalues, lc.lanczos(cpu, k=3).eigenvalues, rtol=1e-6, atol=0
+    )

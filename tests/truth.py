@@ -76,8 +76,9 @@ def classification_batches(num_batches: int, batch_size: int, shape, num_classes
 
 def tanh_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
-                         nn.Linear(20, 4))
+    return nn.Sequential(
+        nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(), nn.Linear(20, 4)
+    )
 
 
 def relu_mlp(seed: int = 0) -> nn.Module:
@@ -89,9 +90,16 @@ def small_cnn(seed: int = 0) -> nn.Module:
     """A CNN with BatchNorm; callers put it in eval mode for a deterministic Hessian."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 3),
     )
     # Non-trivial running statistics, as after some training.
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Matrix-free estimators. They see only an operator: ``matvec(v)``, ``dim``, ``device``, ``dtype``."""
+"""Matrix-free estimators: they see only an operator (matvec, dim, device, dtype)."""
 
 from lightning_curvature.estimators._common import LinearOperator
 from lightning_curvature.estimators.hutchinson import (

@@ -18,8 +18,8 @@ from lightning_curvature.estimators._common import (
     check_positive_float,
     check_positive_int,
     make_generator,
-    random_unit_vectors,
     raise_if_not_finite,
+    random_unit_vectors,
 )
 
 # Iterations between convergence checks: each check costs one small host sync.
