@@ -6,6 +6,7 @@ and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_
 top of the spectrum, the trace and the spectral density.
 """
 
+from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.estimators import (
     DiagonalResult,
     LanczosResult,
@@ -25,6 +26,7 @@ from lightning_curvature.operators import DenseOperator, HessianOperator
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
     "HessianOperator",

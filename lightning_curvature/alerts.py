@@ -45,7 +45,7 @@ class AlertRules:
     window: int = 20
     warmup: int = 5
     num_mads: float = 6.0
-    rtol: float = 0.3
+    rtol: float = 1.0
     threshold_fraction: float = 0.9
     patience: int = 3
 
