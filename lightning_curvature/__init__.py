@@ -6,7 +6,6 @@ and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_
 top of the spectrum, the trace and the spectral density.
 """
 
-from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.estimators import (
     DiagonalResult,
     LanczosResult,
@@ -24,6 +23,15 @@ from lightning_curvature.estimators import (
 from lightning_curvature.operators import DenseOperator, HessianOperator
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The callback imports Lightning (seconds); the engine alone should not pay for that.
+    if name == "CurvatureMonitor":
+        from lightning_curvature.callback import CurvatureMonitor
+
+        return CurvatureMonitor
+    raise AttributeError(f"module 'lightning_curvature' has no attribute {name!r}")
 
 __all__ = [
     "CurvatureMonitor",

@@ -1,44 +1,87 @@
-r"""Stability thresholds per optimizer, read from torch optimizers without changing them.
+r"""Stability thresholds per optimizer, read from torch optimizers.
 
-On a quadratic with curvature λ, an optimizer with step size η is stable while its relevant
-sharpness times η stays below a threshold (Cohen et al., ICLR 2021 and 2022):
+On a quadratic with curvature λ the iteration of an optimizer with step size η is linear,
+and it converges exactly while sharpness·η stays below a threshold that depends only on the
+optimizer's momentum. This module is the one home of that table (DESIGN.md, "Stability
+thresholds"):
 
-=======================  ==========================  =================================
-optimizer                relevant sharpness          threshold on sharpness·η
-=======================  ==========================  =================================
-SGD                      λmax(H)                     2
-SGD, momentum β          λmax(H)                     2(1+β)
-  (dampening d)          λmax(H)                     2(1+β)/(1−d)
-SGD, Nesterov β          λmax(H)                     2(1+β)/(1+2β)
-Adam / AdamW, β1         λmax(P⁻¹H)                  2(1+β1)/(1−β1)   (38 at β1 = 0.9)
-RMSprop (momentum μ)     λmax(P⁻¹H)                  2(1+μ)
-Adagrad                  λmax(P⁻¹H)                  2
-=======================  ==========================  =================================
+==================================  ======================  ==============================
+optimizer                           sharpness               bound on sharpness·η
+==================================  ======================  ==============================
+SGD                                 λmax(H)                 2
+SGD, heavy-ball momentum β          λmax(H)                 2(1+β)
+SGD, momentum β, dampening d        λmax(H)                 2(1+β)/(1−d)
+SGD, Nesterov momentum β            λmax(H)                 2(1+β)/(1+2β)
+Adam / AdamW (β1)                   λmax(P⁻¹H)              2(1+β1)/(1−β1)  (38 at β1=0.9)
+RMSprop (momentum μ, 0 by default)  λmax(P⁻¹H)              2(1+μ)
+Adagrad                             λmax(P⁻¹H)              2
+anything else                       λmax(H), known=False    2 (the plain-SGD rule)
+==================================  ======================  ==============================
 
-with P the optimizer's diagonal preconditioner: Adam's :math:`(1-β_1^t)(\sqrt{\hat v}+ε)`
-(the bias correction of the first moment folded in), RMSprop's :math:`\sqrt{v}+ε` and
-Adagrad's :math:`\sqrt{\sum g^2}+ε`. Any other optimizer gets the plain-SGD rule, marked
-``known=False``.
+P is the diagonal the adaptive optimizer divides its step by, so that its last update was
+``x ← x − η·P⁻¹·u`` (u the gradient, or the momentum buffer/first moment):
+
+* Adam/AdamW: ``P = (1−β1ᵗ)·(√v̂ + ε)``, ``v̂ = v/(1−β2ᵗ)``, v = ``exp_avg_sq`` (or
+  ``max_exp_avg_sq`` with ``amsgrad=True``);
+* RMSprop: ``P = √v + ε`` with v = ``square_avg``, or ``square_avg − grad_avg²`` when
+  ``centered=True``;
+* Adagrad: ``P = (1 + (t−1)·lr_decay)·(√Σg² + ε)``: the learning-rate decay is folded
+  into P, as Adam's first bias correction is, so η stays the group's ``lr``.
+
+t is the ``step`` in the optimizer's state: P is exactly the preconditioner of the
+optimizer's most recent update. Everything here reads optimizers without changing them.
+
+Not modelled: L2 ``weight_decay`` (adds wd to every eigenvalue the update feels, usually
+negligible against λmax), ``maximize=True``, and the first, undamped SGD step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
+
+__all__ = [
+    "StabilityRule",
+    "adaptive_threshold",
+    "preconditioner_diagonal",
+    "sgd_threshold",
+    "stability_ratio",
+    "stability_rule",
+]
+
+# Most derived first: AdamW subclasses Adam. A subclass of one of these is assumed to keep
+# its base class's update.
+_FAMILIES: dict[type, str] = {
+    AdamW: "AdamW",
+    Adam: "Adam",
+    RMSprop: "RMSprop",
+    Adagrad: "Adagrad",
+    SGD: "SGD",
+}
+_PRECONDITIONED = frozenset({"Adam", "AdamW", "RMSprop", "Adagrad"})
 
 
 @dataclass(frozen=True)
 class StabilityRule:
-    """The stability rule of one optimizer's param group.
+    """The stability edge of one optimizer's param group.
+
+    Training on a quadratic converges while ``sharpness·learning_rate < threshold``, with
+    sharpness λmax(H) for SGD-like optimizers and λmax(P⁻¹H) when ``preconditioned``.
 
     Attributes:
-        optimizer: a readable name with the hyper-parameters that matter.
-        threshold: the bound on sharpness·learning rate.
-        learning_rate: the group's learning rate η.
-        preconditioned: the sharpness is λmax(P⁻¹H) rather than λmax(H).
-        known: False when the optimizer is unknown and the plain-SGD rule stands in.
-        note: one readable line stating the rule.
+        optimizer: what was read, e.g. ``"SGD"``, ``"SGD(momentum=0.9)"``,
+            ``"SGD(nesterov, momentum=0.9)"``, ``"Adam"``, ``"AdamW"``, ``"RMSprop"``,
+            ``"Adagrad"``, or the class name of an optimizer that is not known.
+        threshold: the bound on sharpness·η (may be ``inf`` for SGD with dampening 1).
+        learning_rate: η, the ``lr`` of the param group read.
+        preconditioned: True for Adam/AdamW/RMSprop/Adagrad, whose sharpness is λmax(P⁻¹H)
+            with P from :func:`preconditioner_diagonal`.
+        known: False when the optimizer is not known and the plain-SGD rule stands in.
+        note: one line for a user, e.g. ``"Adam: λmax(P⁻¹H)·η < 2(1+β1)/(1−β1) = 38"``.
     """
 
     optimizer: str
@@ -50,139 +93,296 @@ class StabilityRule:
 
 
 def sgd_threshold(momentum: float = 0.0, nesterov: bool = False, dampening: float = 0.0) -> float:
-    """Threshold on λ·η for PyTorch's SGD.
+    r"""The bound on λ·η under which torch's SGD converges on a quadratic of curvature λ.
 
-    PyTorch's heavy ball is ``b ← βb + (1−d)g``, ``x ← x − ηb``: on a quadratic its
-    iteration matrix is stable while ``(1−d)λη < 2(1+β)``. Nesterov uses ``g + βb`` as the
-    step, which is stable while ``λη < 2(1+β)/(1+2β)`` (for d = 0).
+    With a = λη and PyTorch's update ``b ← βb + (1−d)g``, ``x ← x − η(g + βb)`` (Nesterov)
+    or ``x ← x − ηb`` (heavy ball), the iteration matrix has the characteristic polynomial
+    ``z² − Tz + D`` and the Jury conditions give:
+
+    * β = 0: a < 2 (torch then uses neither momentum nor dampening);
+    * heavy ball: a(1−d) < 2(1+β), i.e. heavy ball with step (1−d)η; 2(1+β) when d = 0;
+    * Nesterov: a < 2(1+β)/(1+β(2−d)), which is 2(1+β)/(1+2β) for torch (d must be 0).
+
+    Args:
+        momentum: β, in [0, 1).
+        nesterov: Nesterov momentum instead of heavy ball.
+        dampening: d, in [0, 1]; d = 1 without Nesterov never moves after the first step
+            (threshold ``inf``).
     """
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if not 0 <= dampening < 1:
-        raise ValueError(f"dampening must be in [0, 1), got {dampening!r}")
+    momentum, dampening = _scalar(momentum), _scalar(dampening)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1) for a stable iteration, got {momentum}")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening}")
+    if momentum == 0.0:
+        return 2.0
     if nesterov:
-        return 2 * (1 + momentum) / (1 + 2 * momentum)
-    return 2 * (1 + momentum) / (1 - dampening)
+        return 2.0 * (1.0 + momentum) / (1.0 + momentum * (2.0 - dampening))
+    if dampening == 1.0:
+        return math.inf
+    return 2.0 * (1.0 + momentum) / (1.0 - dampening)
 
 
 def adaptive_threshold(beta1: float) -> float:
-    """Threshold on λmax(P⁻¹H)·η for Adam-family optimizers: 2(1+β1)/(1−β1)."""
-    if not 0 <= beta1 < 1:
-        raise ValueError(f"beta1 must be in [0, 1), got {beta1!r}")
-    return 2 * (1 + beta1) / (1 - beta1)
+    r"""The bound on λmax(P⁻¹H)·η for Adam-like optimizers with first-moment decay β1.
+
+    With P frozen, Adam's ``m ← β1·m + (1−β1)g``, ``x ← x − ηP⁻¹m`` is heavy ball with
+    momentum β1 and step (1−β1)η on P⁻¹H, so it converges while
+    ``λ(P⁻¹H)·η < 2(1+β1)/(1−β1)``: 38 at β1 = 0.9, 2 at β1 = 0 (RMSprop, Adagrad).
+
+    Args:
+        beta1: β1, in [0, 1).
+    """
+    beta1 = _scalar(beta1)
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
+    return 2.0 * (1.0 + beta1) / (1.0 - beta1)
 
 
-def _group(optimizer: torch.optim.Optimizer, param_group: int) -> dict:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    groups = optimizer.param_groups
-    if (
-        isinstance(param_group, bool)
-        or not isinstance(param_group, int)
-        or not (0 <= param_group < len(groups))
-    ):
-        raise ValueError(f"param_group must be an index in [0, {len(groups)}), got {param_group!r}")
-    return groups[param_group]
+def stability_rule(optimizer: Optimizer, param_group: int = 0) -> StabilityRule:
+    """The stability rule of ``optimizer``, read from the hyper-parameters of one param group.
 
+    Known: ``torch.optim.SGD`` (momentum, dampening, Nesterov), ``Adam``, ``AdamW``,
+    ``RMSprop`` (momentum), ``Adagrad`` and their subclasses. Any other optimizer gets the
+    plain-SGD rule (λmax·η < 2) with ``known=False``; the caller should warn once. A
+    Lightning ``LightningOptimizer`` wrapper is read through to the optimizer it wraps.
 
-def _adam_family(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam))
-
-
-def stability_rule(optimizer: torch.optim.Optimizer, param_group: int = 0) -> StabilityRule:
-    """The rule for ``optimizer``'s param group ``param_group``, from its own hyper-parameters."""
+    Args:
+        optimizer: a ``torch.optim.Optimizer``; it is not changed.
+        param_group: index of the param group whose ``lr`` and momentum are read.
+    """
+    optimizer = _unwrap(optimizer)
     group = _group(optimizer, param_group)
-    lr = float(group["lr"])
-    name = type(optimizer).__name__
-    if type(optimizer) is torch.optim.SGD:
-        momentum, nesterov = float(group["momentum"]), bool(group["nesterov"])
-        dampening = float(group["dampening"])
-        threshold = sgd_threshold(momentum, nesterov, dampening)
-        label = (
-            "SGD"
-            if momentum == 0
-            else (
-                f"SGD(nesterov, momentum={momentum:g})"
-                if nesterov
-                else f"SGD(momentum={momentum:g}"
-                + (f", dampening={dampening:g})" if dampening else ")")
-            )
-        )
+    lr = _scalar(group.get("lr", math.nan))
+    family = _family(optimizer)
+    if family is None:
+        name = type(optimizer).__name__
         return StabilityRule(
-            label, threshold, lr, False, True, f"{label}: λmax·η < {threshold:.4g}"
+            optimizer=name,
+            threshold=2.0,
+            learning_rate=lr,
+            preconditioned=False,
+            known=False,
+            note=(
+                f"{name} is not an optimizer with a known stability threshold; using the "
+                "plain-SGD rule λmax·η < 2, which may not be its edge of stability"
+            ),
         )
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        beta1 = float(group["betas"][0])
+    if family == "SGD":
+        name, threshold, bound = _sgd_rule(group)
+        sharpness = "λmax·η"
+    elif family == "Adagrad":
+        name, threshold, bound = "Adagrad", 2.0, "2"
+        sharpness = "λmax(P⁻¹H)·η"
+    elif family == "RMSprop":
+        mu = _scalar(group.get("momentum", 0.0))
+        flags = (["centered"] if group.get("centered", False) else []) + (
+            [f"momentum={mu:g}"] if mu else []
+        )
+        name = "RMSprop" + (f"({', '.join(flags)})" if flags else "")
+        threshold = sgd_threshold(mu)
+        bound = "2(1+μ)" if mu else "2"
+        sharpness = "λmax(P⁻¹H)·η"
+    else:  # Adam, AdamW
+        beta1 = _scalar(group["betas"][0])
+        name = family + ("(amsgrad)" if group.get("amsgrad", False) else "")
         threshold = adaptive_threshold(beta1)
-        return StabilityRule(
-            name,
-            threshold,
-            lr,
-            True,
-            True,
-            f"{name}: λmax(P⁻¹H)·η < 2(1+β1)/(1−β1) = {threshold:.4g}",
-        )
-    if isinstance(optimizer, torch.optim.RMSprop):
-        momentum = float(group["momentum"])
-        threshold = 2 * (1 + momentum)
-        return StabilityRule(
-            name, threshold, lr, True, True, f"{name}: λmax(P⁻¹H)·η < 2(1+μ) = {threshold:.4g}"
-        )
-    if isinstance(optimizer, torch.optim.Adagrad):
-        return StabilityRule(name, 2.0, lr, True, True, f"{name}: λmax(P⁻¹H)·η < 2")
+        bound = "2(1+β1)/(1−β1)"
+        sharpness = "λmax(P⁻¹H)·η"
+    if bound != "2":
+        bound = f"{bound} = {threshold:.4g}"
     return StabilityRule(
-        name,
-        2.0,
-        lr,
-        False,
-        False,
-        f"no stability rule is known for {name}: the plain-SGD threshold λmax·η < 2 is shown",
+        optimizer=name,
+        threshold=threshold,
+        learning_rate=lr,
+        preconditioned=family in _PRECONDITIONED,
+        known=True,
+        note=f"{name}: {sharpness} < {bound}",
     )
 
 
-def _preconditioner_of(optimizer: torch.optim.Optimizer, group: dict, state: dict) -> torch.Tensor:
-    eps = float(group["eps"])
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        beta1, beta2 = (float(b) for b in group["betas"])
-        step = float(state["step"])
-        second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        v_hat = second / (1 - beta2**step)
-        return (1 - beta1**step) * (v_hat.sqrt() + eps)
-    if isinstance(optimizer, torch.optim.RMSprop):
-        average = state["square_avg"]
-        if group.get("centered"):
-            average = average - state["grad_avg"] ** 2
-        return average.sqrt() + eps
-    return state["sum"].sqrt() + eps  # Adagrad
-
-
 def preconditioner_diagonal(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+    optimizer: Optimizer, params: list[torch.Tensor], param_group: int = 0
 ) -> torch.Tensor | None:
-    """P's diagonal for ``params`` (flat, in their order), read from the optimizer's state.
+    r"""The diagonal of P, the preconditioner of an adaptive optimizer's last update.
 
-    None when the optimizer has no preconditioner or has not stepped yet. The state is only
-    read: nothing is created or modified.
+    λmax(P⁻¹H)·η, compared with :func:`stability_rule`'s threshold, is the stability ratio of
+    Adam, AdamW, RMSprop and Adagrad; P is defined in the module docstring. Each
+    parameter's ε, betas and lr_decay come from the param group that owns it. When groups
+    have different learning rates, P is also scaled by ``η_ref/η_group`` (η_ref the ``lr``
+    of ``param_group``), so that λmax(P⁻¹H)·η_ref is the sharpness·lr every update feels;
+    with a single learning rate (the usual case) that factor is 1, and a group with lr 0
+    gets P = inf (it does not move).
+
+    The state is only read: no state is created and no state tensor is changed.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``.
+        params: the parameters of the Hessian, in the order of its flat vectors.
+        param_group: the group whose ``lr`` is η_ref (as in :func:`stability_rule`).
+
+    Returns:
+        P's diagonal, flat (``params`` concatenated in order), float32, on the device of
+        ``params[0]``; ``None`` when the optimizer is not preconditioned (SGD, unknown) or
+        has not stepped yet.
+
+    Raises:
+        ValueError: a parameter in ``params`` that the optimizer does not update or has no
+            state for (frozen, no gradient yet), or bad arguments.
     """
-    if not stability_rule(optimizer).preconditioned:
+    optimizer = _unwrap(optimizer)
+    reference = _group(optimizer, param_group)
+    params = _check_params(params)
+    family = _family(optimizer)
+    if family not in _PRECONDITIONED:
         return None
-    owner = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    owners = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    if not any(_stepped(optimizer.state.get(p)) for p in _all_params(optimizer)):
+        return None
+    lr_ref = _scalar(reference.get("lr", 1.0))
+    device = params[0].device
     pieces = []
-    for p in params:
-        if id(p) not in owner:
+    for index, p in enumerate(params):
+        group = owners.get(id(p))
+        if group is None:
             raise ValueError(
-                "params must be parameters of the optimizer; one is not in any of its param groups"
+                f"params[{index}] (shape {tuple(p.shape)}) is not in any param group of the "
+                f"{type(optimizer).__name__} optimizer: pass only the parameters it updates"
             )
         state = optimizer.state.get(p)
-        if not state:
-            return None  # before the first step
-        with torch.no_grad():
-            pieces.append(_preconditioner_of(optimizer, owner[id(p)], state).reshape(-1).float())
+        if not _stepped(state):
+            raise ValueError(
+                f"params[{index}] (shape {tuple(p.shape)}) has no {family} state: it has not "
+                "been updated yet (frozen, or no gradient so far); pass only the parameters "
+                "the optimizer has stepped"
+            )
+        diagonal = _diagonal(family, group, state)
+        lr = _scalar(group.get("lr", lr_ref))
+        if lr != lr_ref and lr_ref != 0.0:
+            diagonal = (
+                diagonal * (lr_ref / lr) if lr != 0.0 else torch.full_like(diagonal, math.inf)
+            )
+        pieces.append(diagonal.reshape(-1).to(device=device, dtype=torch.float32))
     return torch.cat(pieces)
 
 
 def stability_ratio(sharpness: float, rule: StabilityRule) -> float:
-    """Sharpness·η over the threshold: 1 is the edge of stability."""
-    return sharpness * rule.learning_rate / rule.threshold
+    """``sharpness·η / threshold``: 1 is the edge of stability, above 1 a quadratic diverges.
+
+    ``sharpness`` is λmax(H), or λmax(P⁻¹H) when ``rule.preconditioned``.
+    """
+    if not isinstance(rule, StabilityRule):
+        raise ValueError(f"rule must be a StabilityRule, got {type(rule).__name__}")
+    return float(sharpness) * rule.learning_rate / rule.threshold
+
+
+# --------------------------------------------------------------------------- helpers
+def _scalar(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().item())
+    return float(value)
+
+
+def _unwrap(optimizer: Any) -> Optimizer:
+    inner = getattr(optimizer, "_optimizer", None)  # Lightning's LightningOptimizer
+    if isinstance(inner, Optimizer):
+        optimizer = inner
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(
+            f"optimizer must be a torch.optim.Optimizer (e.g. SGD, Adam, AdamW, RMSprop, "
+            f"Adagrad), got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _group(optimizer: Optimizer, param_group: Any) -> dict:
+    count = len(optimizer.param_groups)
+    if (
+        isinstance(param_group, bool)
+        or not isinstance(param_group, int)
+        or not 0 <= param_group < count
+    ):
+        raise ValueError(
+            f"param_group must be an int from 0 to {count - 1} (the optimizer has {count} "
+            f"param group{'s' if count != 1 else ''}), got {param_group!r}"
+        )
+    return optimizer.param_groups[param_group]
+
+
+def _check_params(params: Any) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        raise ValueError("params must be a list of parameter tensors, got a single tensor")
+    try:
+        params = list(params)
+    except TypeError:
+        raise ValueError(
+            f"params must be a list of parameter tensors, got {type(params).__name__}"
+        ) from None
+    if not params:
+        raise ValueError("params must be a non-empty list of parameter tensors, got []")
+    for index, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(
+                f"params must be a list of parameter tensors; params[{index}] is a "
+                f"{type(p).__name__}"
+            )
+    return params
+
+
+def _family(optimizer: Optimizer) -> str | None:
+    for cls in type(optimizer).__mro__:
+        if cls in _FAMILIES:
+            return _FAMILIES[cls]
+    return None
+
+
+def _sgd_rule(group: dict) -> tuple[str, float, str]:
+    beta = _scalar(group.get("momentum", 0.0))
+    damp = _scalar(group.get("dampening", 0.0))
+    nesterov = bool(group.get("nesterov", False))
+    threshold = sgd_threshold(beta, nesterov, damp)
+    if beta == 0.0:
+        return "SGD", threshold, "2"
+    flags = (["nesterov"] if nesterov else []) + [f"momentum={beta:g}"]
+    if damp:
+        flags.append(f"dampening={damp:g}")
+    if nesterov:
+        bound = "2(1+β)/(1+2β)" if not damp else "2(1+β)/(1+β(2−d))"
+    else:
+        bound = "2(1+β)" if not damp else "2(1+β)/(1−d)"
+    return f"SGD({', '.join(flags)})", threshold, bound
+
+
+def _all_params(optimizer: Optimizer):
+    for group in optimizer.param_groups:
+        yield from group["params"]
+
+
+def _stepped(state: Any) -> bool:
+    return bool(state) and "step" in state and _scalar(state["step"]) > 0
+
+
+def _diagonal(family: str, group: dict, state: dict) -> torch.Tensor:
+    """P for one parameter, out of place (the state tensors are only read)."""
+    eps = _scalar(group.get("eps", 0.0))
+    t = _scalar(state["step"])
+    if family in ("Adam", "AdamW"):
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+        v = _real(state[key])
+        return (1.0 - beta1**t) * (torch.sqrt(v / (1.0 - beta2**t)) + eps)
+    if family == "RMSprop":
+        v = _real(state["square_avg"])
+        if group.get("centered", False):
+            v = torch.clamp_min(v - _real(state["grad_avg"]) ** 2, 0.0)
+        return torch.sqrt(v) + eps
+    # Adagrad
+    decay = 1.0 + (t - 1.0) * _scalar(group.get("lr_decay", 0.0))
+    return decay * (torch.sqrt(_real(state["sum"])) + eps)
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    return tensor.to(torch.float32)
