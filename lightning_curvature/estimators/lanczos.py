@@ -33,7 +33,7 @@ from lightning_curvature.estimators._common import (
 )
 
 # Iterations between convergence checks: each check costs one small host sync.
-CHECK_EVERY = 4
+CHECK_EVERY = 3
 
 Which = Literal["largest", "smallest"]
 
