@@ -30,10 +30,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402  (benchmarks/peers.py, beside this file)
+import itertools
 
-import lightning_curvature as lc  # noqa: E402
-from lightning_curvature.estimators.lanczos import lanczos_tridiagonal  # noqa: E402
+import peers
+
+import lightning_curvature as lc
+from lightning_curvature.estimators.lanczos import lanczos_tridiagonal
 
 CRITERION = nn.CrossEntropyLoss()
 
@@ -54,7 +56,7 @@ def digits(batch_size: int, seed: int = 0):
 def trained_mlp(widths: list[int], steps: int = 300, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(widths):
         layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
     model = nn.Sequential(*layers[:-1])
     inputs, targets = digits(0)
@@ -87,8 +89,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.machine()}"
+    )
 
 
 def relative(a: float, b: float) -> float:
@@ -120,8 +124,13 @@ def hvp_cost(model, batch, repeats):
         return lc.HessianOperator(model, loss_fn, [batch]).matvec(v)
 
     seconds, _ = timed(first_product, repeats)
-    rows.append(("first matvec incl. building the graph, `reuse_graph`", seconds,
-                 seconds / gradient_seconds))
+    rows.append(
+        (
+            "first matvec incl. building the graph, `reuse_graph`",
+            seconds,
+            seconds / gradient_seconds,
+        )
+    )
     print("\n### Cost of one Hessian-vector product against one gradient\n")
     print("| what | ms | × gradient |\n|---|---:|---:|")
     for label, seconds, ratio in rows:
@@ -136,14 +145,17 @@ def matvecs_to_accuracy(model, batch, reference):
     tri = lanczos_tridiagonal(op, start, 60, generator, restart_on_breakdown=True)
     curve = {}
     for m in range(1, tri.alpha.size + 1):
-        theta = np.linalg.eigvalsh(np.diag(tri.alpha[:m]) + np.diag(tri.beta[: m - 1], 1)
-                                   + np.diag(tri.beta[: m - 1], -1))
+        theta = np.linalg.eigvalsh(
+            np.diag(tri.alpha[:m]) + np.diag(tri.beta[: m - 1], 1) + np.diag(tri.beta[: m - 1], -1)
+        )
         curve[m] = relative(float(theta[-1]), reference)
     first_lanczos = next((m for m, e in curve.items() if e <= 1e-3), None)
     print("\n### Matvecs for λmax: Lanczos against power iteration\n")
     print(f"Reference λmax = {reference:.6f} (float64 Lanczos, 150 steps, residual < 1e-10).\n")
-    print("Lanczos relative error after m matvecs (one run, no early stop): "
-          + ", ".join(f"m={m}: {curve[m]:.1e}" for m in (5, 10, 15, 20, 25, 30) if m in curve))
+    print(
+        "Lanczos relative error after m matvecs (one run, no early stop): "
+        + ", ".join(f"m={m}: {curve[m]:.1e}" for m in (5, 10, 15, 20, 25, 30) if m in curve)
+    )
     print(f"\nFirst m with error ≤ 1e-3: **{first_lanczos}**.\n")
     print("| method | tol | matvecs | relative error | converged |\n|---|---:|---:|---:|---|")
     rows = []
@@ -153,8 +165,15 @@ def matvecs_to_accuracy(model, batch, reference):
         rows.append(("lanczos", tol, result.num_matvecs, error, result.converged))
     for tol in (1e-2, 1e-3, 1e-4, 1e-5):
         result = lc.power_iteration(op, num_iters=1000, tol=tol)
-        rows.append(("power_iteration", tol, result.num_matvecs,
-                     relative(result.eigenvalue, reference), result.converged))
+        rows.append(
+            (
+                "power_iteration",
+                tol,
+                result.num_matvecs,
+                relative(result.eigenvalue, reference),
+                result.converged,
+            )
+        )
     for method, tol, matvecs, error, converged in rows:
         print(f"| {method} | {tol:g} | {matvecs} | {error:.1e} | {converged} |")
     return first_lanczos, rows
@@ -188,13 +207,30 @@ def eigenthings_tuned(model, batch, top_n, truth, target, repeats):
     error is within ``target``: its 'tuned to the same accuracy' setting."""
     for steps in (3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 35, 40, 50, 60, 80):
         result = peers.eigenthings_top_eigenvalues(
-            model, CRITERION, *batch, top_n=top_n, max_iter=steps, which="LA",
-            reorthogonalize=True, seed=0)
+            model,
+            CRITERION,
+            *batch,
+            top_n=top_n,
+            max_iter=steps,
+            which="LA",
+            reorthogonalize=True,
+            seed=0,
+        )
         errors = [relative(a, b) for a, b in zip(result.eigenvalues, truth, strict=False)]
         if max(errors) <= target:
-            seconds, result = timed(lambda steps=steps: peers.eigenthings_top_eigenvalues(
-                model, CRITERION, *batch, top_n=top_n, max_iter=steps, which="LA",
-                reorthogonalize=True, seed=0), repeats)
+            seconds, result = timed(
+                lambda steps=steps: peers.eigenthings_top_eigenvalues(
+                    model,
+                    CRITERION,
+                    *batch,
+                    top_n=top_n,
+                    max_iter=steps,
+                    which="LA",
+                    reorthogonalize=True,
+                    seed=0,
+                ),
+                repeats,
+            )
             return seconds, result, steps, max(errors)
     raise RuntimeError("eigenthings did not reach the target accuracy")
 
@@ -204,51 +240,126 @@ def side_by_side(model, batch, truth, trace_truth, repeats, label):
     rows = []
     seconds, ours = timed(lambda: ours_top(model, batch, 1), repeats)
     ours_error = relative(float(ours.eigenvalues[0]), truth[0])
-    rows.append(("λmax", "lightning_curvature `lanczos(op, k=1)` (defaults)", seconds,
-                 ours.num_matvecs, ours_error))
+    rows.append(
+        (
+            "λmax",
+            "lightning_curvature `lanczos(op, k=1)` (defaults)",
+            seconds,
+            ours.num_matvecs,
+            ours_error,
+        )
+    )
     ours_lmax_seconds = seconds
-    seconds, peer = timed(lambda: peers.pyhessian_top_eigenvalues(model, CRITERION, x, y, seed=0),
-                          repeats)
-    rows.append(("λmax", "PyHessian `eigenvalues()` (defaults)", seconds, peer.num_hvps,
-                 relative(peer.eigenvalues[0], truth[0])))
+    seconds, peer = timed(
+        lambda: peers.pyhessian_top_eigenvalues(model, CRITERION, x, y, seed=0), repeats
+    )
+    rows.append(
+        (
+            "λmax",
+            "PyHessian `eigenvalues()` (defaults)",
+            seconds,
+            peer.num_hvps,
+            relative(peer.eigenvalues[0], truth[0]),
+        )
+    )
     pyhessian_lmax_seconds = seconds
     target = max(ours_error, 1e-3)
     seconds, peer, steps, error = eigenthings_tuned(model, batch, 1, truth, target, repeats)
-    rows.append(("λmax", f"hessian-eigenthings `lanczos(k=1, which='LA', max_iter={steps})`",
-                 seconds, peer.num_hvps, error))
+    rows.append(
+        (
+            "λmax",
+            f"hessian-eigenthings `lanczos(k=1, which='LA', max_iter={steps})`",
+            seconds,
+            peer.num_hvps,
+            error,
+        )
+    )
     eigenthings_lmax_seconds = seconds
     default_peer = peers.eigenthings_top_eigenvalues(model, CRITERION, x, y, top_n=1, seed=0)
-    rows.append(("λmax", "hessian-eigenthings `lanczos(k=1)` (defaults, not timed)", float("nan"),
-                 default_peer.num_hvps, relative(default_peer.eigenvalues[0], truth[0])))
+    rows.append(
+        (
+            "λmax",
+            "hessian-eigenthings `lanczos(k=1)` (defaults, not timed)",
+            float("nan"),
+            default_peer.num_hvps,
+            relative(default_peer.eigenvalues[0], truth[0]),
+        )
+    )
 
     seconds, ours5 = timed(lambda: ours_top(model, batch, 5), repeats)
-    ours5_error = max(relative(a, b) for a, b in zip(ours5.eigenvalues.tolist(), truth,
-                                                      strict=True))
-    rows.append(("top-5", "lightning_curvature `lanczos(op, k=5)` (defaults)", seconds,
-                 ours5.num_matvecs, ours5_error))
+    ours5_error = max(
+        relative(a, b) for a, b in zip(ours5.eigenvalues.tolist(), truth, strict=True)
+    )
+    rows.append(
+        (
+            "top-5",
+            "lightning_curvature `lanczos(op, k=5)` (defaults)",
+            seconds,
+            ours5.num_matvecs,
+            ours5_error,
+        )
+    )
     ours_top5_seconds = seconds
-    seconds, peer = timed(lambda: peers.pyhessian_top_eigenvalues(model, CRITERION, x, y,
-                                                                  top_n=5, seed=0), repeats)
-    rows.append(("top-5", "PyHessian `eigenvalues(top_n=5)` (defaults)", seconds, peer.num_hvps,
-                 max(relative(a, b) for a, b in zip(peer.eigenvalues, truth, strict=True))))
+    seconds, peer = timed(
+        lambda: peers.pyhessian_top_eigenvalues(model, CRITERION, x, y, top_n=5, seed=0), repeats
+    )
+    rows.append(
+        (
+            "top-5",
+            "PyHessian `eigenvalues(top_n=5)` (defaults)",
+            seconds,
+            peer.num_hvps,
+            max(relative(a, b) for a, b in zip(peer.eigenvalues, truth, strict=True)),
+        )
+    )
     pyhessian_top5_seconds = seconds
-    seconds, peer, steps, error = eigenthings_tuned(model, batch, 5, truth,
-                                                    max(ours5_error, 1e-2), repeats)
-    rows.append(("top-5", f"hessian-eigenthings `lanczos(k=5, which='LA', max_iter={steps})`",
-                 seconds, peer.num_hvps, error))
+    seconds, peer, steps, error = eigenthings_tuned(
+        model, batch, 5, truth, max(ours5_error, 1e-2), repeats
+    )
+    rows.append(
+        (
+            "top-5",
+            f"hessian-eigenthings `lanczos(k=5, which='LA', max_iter={steps})`",
+            seconds,
+            peer.num_hvps,
+            error,
+        )
+    )
     eigenthings_top5_seconds = seconds
 
     exact, exact_stderr = trace_truth
     seconds, ours_tr = timed(lambda: ours_trace(model, batch, 30), repeats)
-    rows.append(("trace", "lightning_curvature `hutchinson_trace(op)` (30 probes)", seconds,
-                 ours_tr.num_matvecs, relative(ours_tr.estimate, exact)))
+    rows.append(
+        (
+            "trace",
+            "lightning_curvature `hutchinson_trace(op)` (30 probes)",
+            seconds,
+            ours_tr.num_matvecs,
+            relative(ours_tr.estimate, exact),
+        )
+    )
     seconds, peer = timed(lambda: peers.pyhessian_trace(model, CRITERION, x, y, seed=0), repeats)
-    rows.append(("trace", "PyHessian `trace()` (defaults)", seconds, peer.num_hvps,
-                 relative(peer.trace, exact)))
-    seconds, peer = timed(lambda: peers.eigenthings_trace(model, CRITERION, x, y, seed=0),
-                          max(1, repeats // 2))
-    rows.append(("trace", "hessian-eigenthings `trace()` (defaults: Hutch++, 100 matvecs)",
-                 seconds, peer.num_hvps, relative(peer.trace, exact)))
+    rows.append(
+        (
+            "trace",
+            "PyHessian `trace()` (defaults)",
+            seconds,
+            peer.num_hvps,
+            relative(peer.trace, exact),
+        )
+    )
+    seconds, peer = timed(
+        lambda: peers.eigenthings_trace(model, CRITERION, x, y, seed=0), max(1, repeats // 2)
+    )
+    rows.append(
+        (
+            "trace",
+            "hessian-eigenthings `trace()` (defaults: Hutch++, 100 matvecs)",
+            seconds,
+            peer.num_hvps,
+            relative(peer.trace, exact),
+        )
+    )
 
     print(f"\n### Side by side on {label}\n")
     print("| quantity | tool and call | seconds | matvecs | relative error |")
@@ -256,16 +367,20 @@ def side_by_side(model, batch, truth, trace_truth, repeats, label):
     for quantity, tool, seconds, matvecs, error in rows:
         shown = "—" if seconds != seconds else f"{seconds:.3f}"
         print(f"| {quantity} | {tool} | {shown} | {matvecs} | {error:.1e} |")
-    print(f"\nOur trace: {ours_tr.estimate:.4f} ± {ours_tr.stderr:.4f} (stderr); "
-          f"reference {exact:.4f} ± {exact_stderr:.4f}.")
+    print(
+        f"\nOur trace: {ours_tr.estimate:.4f} ± {ours_tr.stderr:.4f} (stderr); "
+        f"reference {exact:.4f} ± {exact_stderr:.4f}."
+    )
     ratios = {
         "λmax vs PyHessian": ours_lmax_seconds / pyhessian_lmax_seconds,
         "λmax vs eigenthings (tuned)": ours_lmax_seconds / eigenthings_lmax_seconds,
         "top-5 vs PyHessian": ours_top5_seconds / pyhessian_top5_seconds,
         "top-5 vs eigenthings (tuned)": ours_top5_seconds / eigenthings_top5_seconds,
     }
-    print("\nWall-time ratios (ours / peer; below 1 means we are faster): "
-          + "; ".join(f"{k}: **{v:.2f}×**" for k, v in ratios.items()))
+    print(
+        "\nWall-time ratios (ours / peer; below 1 means we are faster): "
+        + "; ".join(f"{k}: **{v:.2f}×**" for k, v in ratios.items())
+    )
     return rows, ratios
 
 
@@ -282,12 +397,17 @@ def main() -> None:
 
     small = trained_mlp([64, 32, 10])
     small64 = copy.deepcopy(small).double()
-    hessian = torch.func.hessian(
-        lambda theta: _flat_loss(small64, theta, batch))(_flat(small64))
+    hessian = torch.func.hessian(lambda theta: _flat_loss(small64, theta, batch))(_flat(small64))
     dense = torch.linalg.eigvalsh(hessian).flip(0)
     print(f"## Small MLP 64→32→10 ({_flat(small).numel():,} parameters), dense float64 truth")
-    side_by_side(small, batch, [float(v) for v in dense[:5]], (float(dense.sum()), 0.0),
-                 repeats, "the small MLP (errors against the dense Hessian)")
+    side_by_side(
+        small,
+        batch,
+        [float(v) for v in dense[:5]],
+        (float(dense.sum()), 0.0),
+        repeats,
+        "the small MLP (errors against the dense Hessian)",
+    )
 
     model = trained_mlp([64, 256, 256, 10])
     dim = _flat(model).numel()
@@ -296,9 +416,15 @@ def main() -> None:
     truth = reference_top(model, batch)
     matvecs_to_accuracy(model, batch, truth[0])
     trace_truth = reference_trace(model, batch, 400 if not args.quick else 40)
-    side_by_side(model, batch, truth, trace_truth, repeats,
-                 "the 85k MLP (errors against float64 Lanczos, 150 steps; trace against "
-                 "float64 Hutchinson with 400 probes)")
+    side_by_side(
+        model,
+        batch,
+        truth,
+        trace_truth,
+        repeats,
+        "the 85k MLP (errors against float64 Lanczos, 150 steps; trace against "
+        "float64 Hutchinson with 400 probes)",
+    )
 
 
 def _flat(model):
@@ -310,7 +436,7 @@ def _flat_loss(model64, theta, batch):
     shapes = [p.shape for p in model64.parameters()]
     values, offset = {}, 0
     for name, shape in zip(names, shapes, strict=True):
-        values[name] = theta[offset: offset + shape.numel()].view(shape)
+        values[name] = theta[offset : offset + shape.numel()].view(shape)
         offset += shape.numel()
     out = torch.func.functional_call(model64, values, (batch[0].double(),))
     return CRITERION(out, batch[1])
