@@ -419,3 +419,82 @@ def test_overhead_budget_skips_measurements_and_logs_its_fraction(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CurvatureMonitor(**kwargs)
+
+
+class _TanhBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, y):
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # What PyTorch raises for kernels without a double backward (fused attention).
+        raise RuntimeError("derivative for custom_tanh_backward is not implemented")
+
+
+class _TanhWithoutDoubleBackward(torch.autograd.Function):
+    """An op with a first derivative but no second, like fused attention kernels."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _TanhBackward.apply(grad, y)
+
+
+class NoDoubleBackward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.second(_TanhWithoutDoubleBackward.apply(self.first(x)))
+
+
+@pytest.mark.parametrize(
+    ("make_module", "loss_fn", "cause", "fix"),
+    [
+        (lambda: Classifier(NoDoubleBackward()), None, "RuntimeError", "double backward"),
+        (
+            lambda: Classifier(mlp()),
+            lambda module, batch: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")),
+            "OutOfMemoryError",
+            "fewer or smaller probe batches",
+        ),
+    ],
+    ids=["op_without_double_backward", "out_of_memory"],
+)
+def test_failures_name_the_cause_and_the_fix_and_training_goes_on(
+    tmp_path, make_module, loss_fn, cause, fix
+):
+    monitor = CurvatureMonitor(
+        every_n_steps=2, log_spaced=False, loss_fn=loss_fn, max_overhead=None
+    )
+    with pytest.warns(UserWarning) as record:
+        run = fit(tmp_path, make_module(), loader(classification_data()), monitor, max_steps=6)
+    failures = [str(w.message) for w in record if "a measurement failed" in str(w.message)]
+    assert len(failures) == 1
+    assert cause in failures[0] and fix in failures[0]
+    assert run.global_step == 6
+
+
+def test_lr_factor_on_alert_reduces_every_learning_rate(tmp_path):
+    monitor = CurvatureMonitor(
+        every_n_steps=1,
+        log_spaced=False,
+        threshold_fraction=0.01,
+        threshold_patience=2,
+        lr_factor_on_alert=0.5,
+        max_overhead=None,
+    )
+    module = Classifier(mlp(), "sgd", lr=0.4)
+    with pytest.warns(UserWarning, match="Edge of stability"):
+        run = fit(tmp_path, module, loader(classification_data()), monitor, max_steps=4)
+    fired = [a for a in monitor.alerts.fired if a.kind == "stability_threshold"]
+    assert [a.step for a in fired] == [2]  # fires once, then stays quiet while above
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2)
