@@ -71,7 +71,7 @@ class LanczosResult:
 class _Tridiagonal:
     """The output of the Lanczos process: the basis and T's coefficients on the host."""
 
-    basis: torch.Tensor  # (dim, m), on the device
+    basis: torch.Tensor  # (m, dim): one Lanczos vector per row, on the device
     alpha: np.ndarray  # (m,) diagonal of T
     beta: np.ndarray  # (m,) beta[i] couples q_i and q_{i+1}; beta[m-1] is the residual norm
     num_matvecs: int
@@ -80,9 +80,9 @@ class _Tridiagonal:
 def _orthonormalize_against(basis: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     # Classical Gram-Schmidt applied twice ("twice is enough"): one matrix-vector product
     # per pass keeps it fast on a GPU, and the second pass restores orthogonality to
-    # working precision.
+    # working precision. ``basis`` holds orthonormal rows.
     for _ in range(2):
-        vector = vector - basis @ (basis.mT @ vector)
+        vector = vector - basis.mT @ (basis @ vector)
     return vector / torch.linalg.vector_norm(vector)
 
 
@@ -112,28 +112,29 @@ def lanczos_tridiagonal(
     """
     dim, device, dtype = op.dim, op.device, op.dtype
     max_iters = min(max_iters, dim)
-    basis = torch.empty((dim, max_iters), device=device, dtype=dtype)
+    # Rows, not columns: each step reads a contiguous (size, dim) block, with no copy.
+    basis = torch.empty((max_iters, dim), device=device, dtype=dtype)
     alpha = torch.zeros(max_iters, device=device, dtype=dtype)
     beta = torch.zeros(max_iters, device=device, dtype=dtype)
-    basis[:, 0] = start / torch.linalg.vector_norm(start)
+    basis[0] = start / torch.linalg.vector_norm(start)
     breakdown_threshold = 1e3 * torch.finfo(dtype).eps
 
     size, num_matvecs, next_check, checked = 0, 0, first_check, 0
     while size < max_iters:
-        q = basis[:, size]
+        q = basis[size]
         w = op.matvec(q)
         num_matvecs += 1
-        previous = basis[:, : size + 1]
-        coefficients = previous.mT @ w
-        w = w - previous @ coefficients
-        correction = previous.mT @ w
-        w = w - previous @ correction
+        previous = basis[: size + 1]
+        coefficients = previous @ w
+        w = w - previous.mT @ coefficients
+        correction = previous @ w
+        w = w - previous.mT @ correction
         alpha[size] = coefficients[size] + correction[size]
         norm = torch.linalg.vector_norm(w)
         beta[size] = norm
         size += 1
         if size < max_iters:
-            basis[:, size] = w / norm
+            basis[size] = w / norm
         if size < next_check and size < max_iters:
             continue
 
@@ -157,7 +158,7 @@ def lanczos_tridiagonal(
             if not restart_on_breakdown or size >= max_iters:
                 break
             fresh = random_unit_vectors(op, 1, generator)[:, 0]
-            basis[:, size] = _orthonormalize_against(basis[:, :size], fresh)
+            basis[size] = _orthonormalize_against(basis[:size], fresh)
             checked = size
             next_check = size + CHECK_EVERY
             continue
@@ -168,7 +169,7 @@ def lanczos_tridiagonal(
 
     a = alpha[:size].double().cpu().numpy()
     b = beta[:size].double().cpu().numpy()
-    return _Tridiagonal(basis=basis[:, :size], alpha=a, beta=b, num_matvecs=num_matvecs)
+    return _Tridiagonal(basis=basis[:size], alpha=a, beta=b, num_matvecs=num_matvecs)
 
 
 def _ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +306,7 @@ def lanczos(
     eigenvectors = None
     if return_eigenvectors:
         coefficients = torch.from_numpy(np.ascontiguousarray(vectors[:, wanted]))
-        eigenvectors = tri.basis @ coefficients.to(device=op.device, dtype=op.dtype)
+        eigenvectors = tri.basis.mT @ coefficients.to(device=op.device, dtype=op.dtype)
     return LanczosResult(
         eigenvalues=torch.from_numpy(theta[wanted].copy()),
         eigenvectors=eigenvectors,
