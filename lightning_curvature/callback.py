@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -509,7 +508,3 @@ def measurement_to_dict(record: Measurement) -> dict[str, Any]:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
     }
-
-
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)

@@ -13,7 +13,7 @@ import torch
 
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
 from lightning_curvature.operators import PreconditionedOperator
-from lightning_curvature.stability import StabilityRule
+from lightning_curvature.stability import StabilityRule, stability_ratio
 
 TAG_PREFIX = "curvature"
 
@@ -146,7 +146,7 @@ def measure(
         # relevant sharpness is unknown, and λmax·η against 38 would mislead.
         if not rule.preconditioned or preconditioner is not None:
             extra.update(
-                sharpness_x_lr=sharpness * lr, stability_ratio=sharpness * lr / rule.threshold
+                sharpness_x_lr=sharpness * lr, stability_ratio=stability_ratio(sharpness, rule)
             )
     record = Measurement(
         step=step,
