@@ -33,6 +33,7 @@ def __getattr__(name: str):
         return CurvatureMonitor
     raise AttributeError(f"module 'lightning_curvature' has no attribute {name!r}")
 
+
 __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
