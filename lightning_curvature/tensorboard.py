@@ -19,18 +19,24 @@ ALERT_TEXT_TAG = f"{TAG_PREFIX}/alerts"
 
 
 def dashboard_layout() -> dict[str, dict[str, list]]:
-    """Charts that overlay related tags: sharpness·η with its threshold, the stability ratio,
-    the eigenvalues, and the trace."""
+    """Charts that overlay related tags: the relevant sharpness·η with its threshold, the
+    stability ratio, the eigenvalues, and the trace.
+
+    Custom-scalars entries are regular expressions matched against tags, so each is anchored
+    (``curvature/trace`` alone would also draw ``curvature/trace_stderr``). λmax·η is not
+    drawn next to ``sharpness_x_lr``: for SGD-family optimizers the two are the same curve,
+    and for adaptive ones raw λmax·η is not what their threshold bounds.
+    """
     p = TAG_PREFIX
     return {
         "Curvature": {
-            "sharpness·lr vs stability threshold": [
+            "sharpness·lr (λmax·lr; preconditioned for Adam) vs stability threshold": [
                 "Multiline",
-                [f"{p}/sharpness_x_lr", f"{p}/lambda_max_x_lr", f"{p}/stability_threshold"],
+                [f"^{p}/sharpness_x_lr$", f"^{p}/stability_threshold$"],
             ],
-            "stability ratio (1 = edge of stability)": ["Multiline", [f"{p}/stability_ratio"]],
-            "top eigenvalues": ["Multiline", [f"{p}/eigenvalue_\\d+", f"{p}/lambda_min"]],
-            "trace": ["Multiline", [f"{p}/trace"]],
+            "stability ratio (1 = edge of stability)": ["Multiline", [f"^{p}/stability_ratio$"]],
+            "top eigenvalues": ["Multiline", [f"^{p}/eigenvalue_\\d+$", f"^{p}/lambda_min$"]],
+            "trace": ["Multiline", [f"^{p}/trace$"]],
         }
     }
 
