@@ -8,11 +8,9 @@ and the alerts.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -23,7 +21,11 @@ from lightning_curvature._lightning import Callback, pl, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import Measurement, MeasureSettings, measure
 from lightning_curvature.operators import AllReduceOperator, HessianOperator, move_batch
-from lightning_curvature.stability import preconditioner_diagonal, stability_rule
+from lightning_curvature.stability import (
+    first_moment_settled,
+    preconditioner_diagonal,
+    stability_rule,
+)
 from lightning_curvature.tensorboard import (
     tensorboard_writers,
     write_alert,
@@ -218,6 +220,8 @@ class CurvatureMonitor(Callback):
         self._previous_vectors: torch.Tensor | None = None
         self._layout_written = False
         self._warned: set[str] = set()
+        # False while Adam's bias correction inflates the stability ratio (no alerts then).
+        self._ratio_trusted = True
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -335,6 +339,7 @@ class CurvatureMonitor(Callback):
                 op = AllReduceOperator(op)
             try:
                 rule = stability_rule(optimizer) if optimizer is not None else None
+                self._ratio_trusted = optimizer is None or first_moment_settled(optimizer)
                 if rule is not None and not rule.known and "unknown optimizer" not in self._warned:
                     self._warned.add("unknown optimizer")
                     rank_zero_warn(f"CurvatureMonitor: {rule.note}")
@@ -383,9 +388,8 @@ class CurvatureMonitor(Callback):
             write_measurement(writer, record, trainer.global_step)
         self._layout_written = self._layout_written or bool(writers)
 
-        alerts = self.alerts.update(
-            record.step, record.lambda_max, record.stability_ratio, record.converged
-        )
+        ratio = record.stability_ratio if self._ratio_trusted else None
+        alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
         # Every rank computed the same numbers; agreeing anyway keeps the ranks in step
         # should they ever differ.
         fired = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
@@ -500,11 +504,3 @@ def _muted_logging(module: nn.Module) -> Iterator[None]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def measurement_to_dict(record: Measurement) -> dict[str, Any]:
-    """A JSON-ready dict of a measurement (for summaries and the CLI)."""
-    values = asdict(record)
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()
-    }

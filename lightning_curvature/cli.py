@@ -22,7 +22,6 @@ import importlib
 import inspect
 import json
 import logging
-import math
 import shlex
 import sys
 import warnings
@@ -374,7 +373,7 @@ def _analyze(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "device": str(device),
         },
-        "measurement": _measurement_dict(record),
+        "measurement": record.to_json(),
     }
     _write_outputs(out, record, summary, step)
     print(_table(record, summary))
@@ -582,17 +581,6 @@ class _CountedOperator:
     def matmat(self, block: torch.Tensor) -> torch.Tensor:
         self.bar.update(block.shape[1])
         return self.op.matmat(block)
-
-
-def _measurement_dict(record: Any) -> dict[str, Any]:
-    from lightning_curvature.callback import measurement_to_dict
-
-    values = measurement_to_dict(record)
-    # Tuples of floats may hold nan/inf too (error bounds); JSON has no spelling for those.
-    return {
-        k: [None if not math.isfinite(x) else x for x in v] if isinstance(v, tuple) else v
-        for k, v in values.items()
-    }
 
 
 def _write_outputs(out: Path, record: Any, summary: dict[str, Any], step: int) -> None:

@@ -6,8 +6,9 @@ the same numbers under the same tags. It knows neither Lightning nor TensorBoard
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -65,6 +66,19 @@ class Measurement:
             "seconds": self.seconds,
         }
         return {f"{TAG_PREFIX}/{k}": float(v) for k, v in values.items() if v is not None}
+
+    def to_json(self) -> dict[str, object]:
+        """Every field as JSON-ready values: tuples become lists, and NaN or inf (which JSON
+        cannot spell) become ``None``, inside the tuples too."""
+
+        def clean(value: object) -> object:
+            if isinstance(value, tuple):
+                return [clean(v) for v in value]
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            return value
+
+        return {key: clean(value) for key, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)

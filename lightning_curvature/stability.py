@@ -47,6 +47,7 @@ from torch.optim import SGD, Adagrad, Adam, AdamW, Optimizer, RMSprop
 __all__ = [
     "StabilityRule",
     "adaptive_threshold",
+    "first_moment_settled",
     "preconditioner_diagonal",
     "sgd_threshold",
     "stability_ratio",
@@ -264,6 +265,30 @@ def preconditioner_diagonal(
             )
         pieces.append(diagonal.reshape(-1).to(device=device, dtype=torch.float32))
     return torch.cat(pieces)
+
+
+def first_moment_settled(optimizer: Optimizer, tolerance: float = 0.1) -> bool:
+    r"""Whether an Adam-family optimizer's first-moment bias correction has settled.
+
+    Adam's P carries the factor :math:`1-\beta_1^t`, which is 0.1 at its first step (β1 =
+    0.9): there P⁻¹H, and so the stability ratio, is inflated ten-fold, although the step
+    itself is not (m is just as small). The frozen-P quadratic model behind the threshold
+    holds once :math:`\beta_1^t \le` ``tolerance`` (t ≥ 22 at β1 = 0.9); before that the
+    ratio is logged but should not raise an alert. Optimizers without a first-moment bias
+    correction (SGD, RMSprop, Adagrad, unknown ones) are always settled.
+    """
+    optimizer = _unwrap(optimizer)
+    if _family(optimizer) not in ("Adam", "AdamW"):
+        return True
+    steps = [
+        _scalar(optimizer.state[p]["step"])
+        for p in _all_params(optimizer)
+        if _stepped(optimizer.state.get(p))
+    ]
+    if not steps:
+        return False
+    beta1 = _scalar(optimizer.param_groups[0]["betas"][0])
+    return beta1 ** max(steps) <= tolerance
 
 
 def stability_ratio(sharpness: float, rule: StabilityRule) -> float:

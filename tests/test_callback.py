@@ -106,6 +106,39 @@ def test_momentum_and_adam_get_their_own_thresholds(tmp_path):
     assert ratio == pytest.approx(sharp * 0.01 / 38.0, rel=1e-6)
 
 
+@pytest.mark.parametrize(("optimizer", "first_alert_step"), [("sgd", 1), ("adam", 22)])
+def test_threshold_alerts_wait_for_adams_bias_correction_to_settle(
+    tmp_path, optimizer, first_alert_step
+):
+    # Adam's P holds 1 - β1ᵗ, which inflates P⁻¹H ten-fold at t = 1: its stability ratio
+    # is logged from the start but trusted for alerts only once β1ᵗ <= 0.1, i.e. from
+    # t = ceil(log 0.1 / log 0.9) = 22. SGD has no such factor and alerts at once.
+    alerts = []
+    monitor = CurvatureMonitor(
+        every_n_steps=1,
+        k=1,
+        trace=False,
+        max_overhead=None,
+        threshold_fraction=1e-9,  # any ratio counts as "at the edge"
+        threshold_patience=1,
+        on_alert=alerts.append,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = fit(
+            tmp_path,
+            Classifier(mlp(), optimizer, lr=0.01),
+            loader(classification_data()),
+            monitor,
+            max_steps=25,
+        )
+    threshold_alerts = [a.step for a in alerts if a.kind == "stability_threshold"]
+    assert threshold_alerts == [first_alert_step]
+    logged = [h["step"] for h in monitor.history if "curvature/stability_ratio" in h]
+    assert logged[0] == 1  # the ratio itself is logged from the first step
+    assert run.global_step == 25
+
+
 def test_adam_preconditioned_lambda_max_matches_a_dense_computation(tmp_path):
     torch.manual_seed(0)
     module = Classifier(mlp(), "adam", lr=0.01)
