@@ -52,6 +52,7 @@ class Measurement:
         """The scalar tags of DESIGN.md (and a few extras), ready for ``log_metrics``."""
         values: dict[str, float | None] = {
             "lambda_max": self.lambda_max,
+            "probe_loss": self.loss,
             **{f"eigenvalue_{i + 1}": v for i, v in enumerate(self.eigenvalues)},
             "trace": self.trace,
             "trace_stderr": self.trace_stderr,

@@ -81,6 +81,9 @@ def test_logged_lambda_max_and_trace_match_the_dense_hessian(tmp_path):
         eigenvalues[-1].item() * 0.2, rel=1e-3
     )
     assert logged["curvature/stability_threshold"].item() == pytest.approx(2.0)
+    with torch.no_grad():
+        probe_loss = cross_entropy_loss(module.net.double(), (probe[0].double(), probe[1]))
+    assert logged["curvature/probe_loss"].item() == pytest.approx(probe_loss.item(), rel=1e-5)
 
 
 def test_momentum_and_adam_get_their_own_thresholds(tmp_path):
