@@ -8,6 +8,7 @@ and the alerts.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,8 +81,10 @@ class CurvatureMonitor(Callback):
             dropout off); ``"train"`` keeps train mode (batch statistics, a fixed dropout
             mask) and still never updates the running statistics.
         warm_start: start each Lanczos run from the previous top eigenvectors.
-        max_overhead: the most measurement time as a fraction of training wall time; a
-            scheduled measurement that would exceed it is skipped. ``None`` disables it.
+        max_overhead: the most measurement time as a fraction of the time spent training
+            without it (0.05: a run at most 5% slower); a scheduled measurement that would
+            exceed it is skipped. The first measurement always runs, so the budget binds
+            from the second on. ``None`` disables it.
         alert_window: measurements of history the spike rule compares against.
         spike_threshold: a spike is λmax above the median by this many robust standard
             deviations and to more than twice the median.
@@ -320,10 +323,16 @@ class CurvatureMonitor(Callback):
         running = 0.0 if self._train_started is None else time.perf_counter() - self._train_started
         return self._train_seconds_before + running
 
+    def _overhead(self) -> float:
+        """Measurement time over the time training spent without it: the run is this
+        fraction slower than it would be without the monitor."""
+        training_alone = self._train_seconds() - self.measure_seconds
+        return self.measure_seconds / training_alone if training_alone > 0 else math.inf
+
     def _over_budget(self) -> bool:
         if self.max_overhead is None or not self.history:
             return False
-        return self.measure_seconds > self.max_overhead * self._train_seconds()
+        return self._overhead() > self.max_overhead
 
     # ------------------------------------------------------------------ measuring
     def _measure(
@@ -374,9 +383,9 @@ class CurvatureMonitor(Callback):
     # ------------------------------------------------------------------ results
     def _publish(self, trainer: pl.Trainer, record: Measurement) -> None:
         metrics = record.scalars()
-        train_seconds = self._train_seconds()
-        if train_seconds > 0:
-            metrics["curvature/overhead"] = self.measure_seconds / train_seconds
+        overhead = self._overhead()
+        if math.isfinite(overhead):
+            metrics["curvature/overhead"] = overhead
         self.history.append({"step": float(record.step), **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
