@@ -72,6 +72,9 @@ class CurvatureMonitor(Callback):
         loss_fn: ``loss_fn(module, batch) -> loss``. By default the module's own
             ``training_step(batch, 0)`` is called (with its ``self.log`` calls muted).
         k: how many top eigenvalues to log (``curvature/eigenvalue_1..k``).
+        num_iters: the most Lanczos steps per measurement; ``None`` allows ``30 + 10·k``.
+            The Lanczos basis holds ``num_iters`` vectors of the parameters' size on the
+            device, so lower it for very large models.
         tol: relative accuracy for the eigenvalues.
         trace: also estimate the trace (Hutchinson, ``num_probes`` probes).
         num_probes: Hutchinson probes per trace estimate.
@@ -122,6 +125,7 @@ class CurvatureMonitor(Callback):
         probe_dataloader: DataLoader | None = None,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         k: int = 5,
+        num_iters: int | None = None,
         tol: float = 1e-3,
         trace: bool = True,
         num_probes: int = 10,
@@ -145,6 +149,8 @@ class CurvatureMonitor(Callback):
         _check_int("every_n_steps", every_n_steps, 1)
         _check_int("num_batches", num_batches, 1)
         _check_int("k", k, 1)
+        if num_iters is not None:
+            _check_int("num_iters", num_iters, k)
         _check_int("num_probes", num_probes, 2)
         _check_int("max_failures", max_failures, 1)
         _check_int("seed", seed, 0)
@@ -193,6 +199,7 @@ class CurvatureMonitor(Callback):
         self.max_failures = max_failures
         self.settings = MeasureSettings(
             k=k,
+            num_iters=num_iters,
             tol=tol,
             trace=trace,
             num_probes=num_probes,

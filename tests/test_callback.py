@@ -441,6 +441,7 @@ def test_overhead_budget_skips_measurements_and_logs_its_fraction(tmp_path):
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"num_batches": -1}, "num_batches"),
         ({"k": 0}, "k"),
+        ({"k": 5, "num_iters": 3}, "num_iters"),
         ({"probe": "random"}, "probe"),
         ({"mode": "test"}, "mode"),
         ({"on_error": "ignore"}, "on_error"),
