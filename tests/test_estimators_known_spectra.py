@@ -83,6 +83,32 @@ def test_lanczos_gives_no_ghost_copies_after_many_iterations():
     assert int((result.ritz_values - 50.0).abs().lt(1.0).sum()) == 1
 
 
+def test_lanczos_basis_memory_follows_the_steps_taken_not_the_most_allowed():
+    # A well-separated λmax converges in a handful of steps; the basis must not hold the
+    # 80 vectors that num_iters allows (80 copies of the parameters on a GPU).
+    import sys
+
+    lanczos_module = sys.modules["lightning_curvature.estimators.lanczos"]
+    spectrum = torch.cat([torch.tensor([100.0]), bulk(999, 0.0, 1.0)])
+    op = op_with_spectrum(spectrum)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(op.dim, generator=generator, dtype=torch.float64)
+    tri = lanczos_module.lanczos_tridiagonal(
+        op,
+        start,
+        80,
+        generator,
+        restart_on_breakdown=True,
+        is_converged=lambda alpha, beta: alpha.size >= 9,
+    )
+    steps = tri.alpha.size
+    assert steps == 9
+    allocated_rows = sum(block.shape[0] for block in tri.basis.blocks)
+    assert allocated_rows == lanczos_module._Basis.BLOCK_ROWS  # one block of 16, not 80
+    rows = torch.stack([tri.basis[i] for i in range(steps)])
+    torch.testing.assert_close(rows @ rows.T, torch.eye(steps, dtype=torch.float64))
+
+
 def test_lanczos_continues_after_breakdown_on_a_low_rank_matrix():
     # Rank 10 in dimension 120: the Krylov space is invariant after 11 steps.
     generator = torch.Generator().manual_seed(3)

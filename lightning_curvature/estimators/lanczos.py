@@ -67,23 +67,67 @@ class LanczosResult:
     converged: bool
 
 
+class _Basis:
+    """The orthonormal Lanczos vectors, one per row, kept on the device in blocks of
+    ``BLOCK_ROWS`` rows allocated as the process reaches them: memory follows the steps
+    actually taken (often 15-30), not the most allowed (80 for k = 5 by default)."""
+
+    BLOCK_ROWS = 16
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, capacity: int):
+        self.dim, self.device, self.dtype, self.capacity = dim, device, dtype, capacity
+        self.blocks: list[torch.Tensor] = []
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.blocks[index // self.BLOCK_ROWS][index % self.BLOCK_ROWS]
+
+    def __setitem__(self, index: int, vector: torch.Tensor) -> None:
+        while index >= len(self.blocks) * self.BLOCK_ROWS:
+            rows = min(self.BLOCK_ROWS, self.capacity - len(self.blocks) * self.BLOCK_ROWS)
+            self.blocks.append(torch.empty((rows, self.dim), device=self.device, dtype=self.dtype))
+        self[index].copy_(vector)
+
+    def _leading(self, size: int) -> list[torch.Tensor]:
+        """The first ``size`` rows, as contiguous views of the blocks."""
+        return [
+            block[: min(self.BLOCK_ROWS, size - start)]
+            for start, block in zip(range(0, size, self.BLOCK_ROWS), self.blocks, strict=False)
+        ]
+
+    def combine(self, size: int, coefficients: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ c`` over the first ``size`` rows: a vector, or a block for a (size, k) c."""
+        total, offset = None, 0
+        for rows in self._leading(size):
+            part = rows.mT @ coefficients[offset : offset + rows.shape[0]]
+            total = part if total is None else total + part
+            offset += rows.shape[0]
+        assert total is not None
+        return total
+
+    def project_out(self, size: int, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vector`` minus its components on the first ``size`` rows, and those components.
+
+        Classical Gram-Schmidt applied twice ("twice is enough"): one matrix-vector product
+        per block and pass keeps it fast on a GPU, and the second pass restores
+        orthogonality to working precision.
+        """
+        total = None
+        for _ in range(2):
+            coefficients = torch.cat([rows @ vector for rows in self._leading(size)])
+            vector = vector - self.combine(size, coefficients)
+            total = coefficients if total is None else total + coefficients
+        assert total is not None
+        return vector, total
+
+
 @dataclass(frozen=True)
 class _Tridiagonal:
     """The output of the Lanczos process: the basis and T's coefficients on the host."""
 
-    basis: torch.Tensor  # (m, dim): one Lanczos vector per row, on the device
+    basis: _Basis  # its first m rows are the Lanczos vectors, on the device
     alpha: np.ndarray  # (m,) diagonal of T
     beta: np.ndarray  # (m,) beta[i] couples q_i and q_{i+1}; beta[m-1] is the residual norm
     num_matvecs: int
-
-
-def _orthonormalize_against(basis: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    # Classical Gram-Schmidt applied twice ("twice is enough"): one matrix-vector product
-    # per pass keeps it fast on a GPU, and the second pass restores orthogonality to
-    # working precision. ``basis`` holds orthonormal rows.
-    for _ in range(2):
-        vector = vector - basis.mT @ (basis @ vector)
-    return vector / torch.linalg.vector_norm(vector)
 
 
 def lanczos_tridiagonal(
@@ -112,8 +156,7 @@ def lanczos_tridiagonal(
     """
     dim, device, dtype = op.dim, op.device, op.dtype
     max_iters = min(max_iters, dim)
-    # Rows, not columns: each step reads a contiguous (size, dim) block, with no copy.
-    basis = torch.empty((max_iters, dim), device=device, dtype=dtype)
+    basis = _Basis(dim, device, dtype, capacity=max_iters)
     alpha = torch.zeros(max_iters, device=device, dtype=dtype)
     beta = torch.zeros(max_iters, device=device, dtype=dtype)
     basis[0] = start / torch.linalg.vector_norm(start)
@@ -124,12 +167,8 @@ def lanczos_tridiagonal(
         q = basis[size]
         w = op.matvec(q)
         num_matvecs += 1
-        previous = basis[: size + 1]
-        coefficients = previous @ w
-        w = w - previous.mT @ coefficients
-        correction = previous @ w
-        w = w - previous.mT @ correction
-        alpha[size] = coefficients[size] + correction[size]
+        w, coefficients = basis.project_out(size + 1, w)
+        alpha[size] = coefficients[size]
         norm = torch.linalg.vector_norm(w)
         beta[size] = norm
         size += 1
@@ -158,7 +197,8 @@ def lanczos_tridiagonal(
             if not restart_on_breakdown or size >= max_iters:
                 break
             fresh = random_unit_vectors(op, 1, generator)[:, 0]
-            basis[size] = _orthonormalize_against(basis[:size], fresh)
+            fresh, _ = basis.project_out(size, fresh)
+            basis[size] = fresh / torch.linalg.vector_norm(fresh)
             checked = size
             next_check = size + CHECK_EVERY
             continue
@@ -169,7 +209,7 @@ def lanczos_tridiagonal(
 
     a = alpha[:size].double().cpu().numpy()
     b = beta[:size].double().cpu().numpy()
-    return _Tridiagonal(basis=basis[:size], alpha=a, beta=b, num_matvecs=num_matvecs)
+    return _Tridiagonal(basis=basis, alpha=a, beta=b, num_matvecs=num_matvecs)
 
 
 def _ritz(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +346,9 @@ def lanczos(
     eigenvectors = None
     if return_eigenvectors:
         coefficients = torch.from_numpy(np.ascontiguousarray(vectors[:, wanted]))
-        eigenvectors = tri.basis.mT @ coefficients.to(device=op.device, dtype=op.dtype)
+        eigenvectors = tri.basis.combine(
+            tri.alpha.size, coefficients.to(device=op.device, dtype=op.dtype)
+        )
     return LanczosResult(
         eigenvalues=torch.from_numpy(theta[wanted].copy()),
         eigenvectors=eigenvectors,
