@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_engine import machine  # one home for naming the machine
 
 from lightning_curvature._lightning import Callback, TensorBoardLogger, pl
 from lightning_curvature.alerts import SPIKE, THRESHOLD
@@ -34,15 +35,6 @@ from lightning_curvature.demo import DigitsDataModule
 THREADS = 1
 FIGURES = Path(__file__).resolve().parent / "figures"
 MAX_FIGURE_BYTES = 150_000
-
-
-def machine() -> str:
-    """The line that names where the numbers were taken."""
-    threads = torch.get_num_threads()
-    return (
-        f"2-core AMD EPYC CPU, torch {torch.__version__}, {threads} "
-        f"thread{'s' if threads != 1 else ''}"
-    )
 
 
 def configure_torch() -> None:

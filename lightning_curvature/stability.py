@@ -280,12 +280,9 @@ def first_moment_settled(optimizer: Optimizer, tolerance: float = 0.1) -> bool:
     optimizer = _unwrap(optimizer)
     if _family(optimizer) not in ("Adam", "AdamW"):
         return True
-    steps = [
-        _scalar(optimizer.state[p]["step"])
-        for p in _all_params(optimizer)
-        if _stepped(optimizer.state.get(p))
-    ]
-    if not steps:
+    # One read of each state's step count (a tensor, on the device for capturable Adam).
+    steps = [_scalar(state["step"]) for state in optimizer.state.values() if "step" in state]
+    if not steps or max(steps) <= 0:
         return False
     beta1 = _scalar(optimizer.param_groups[0]["betas"][0])
     return beta1 ** max(steps) <= tolerance

@@ -8,6 +8,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_curvature._lightning import pl
 
+# DESIGN.md's scalar tags that every optimizer gets (preconditioned_lambda_max is
+# Adam-family only; eigenvalue_{i} depends on k).
+DESIGN_TAGS = {
+    "curvature/lambda_max",
+    "curvature/trace",
+    "curvature/lambda_max_x_lr",
+    "curvature/stability_threshold",
+    "curvature/stability_ratio",
+}
+
 
 def classification_data(n=256, features=10, classes=4, seed=0):
     generator = torch.Generator().manual_seed(seed)

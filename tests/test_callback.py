@@ -10,6 +10,7 @@ from torch import nn
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
 from tests.lightning_models import (
+    DESIGN_TAGS,
     Classifier,
     classification_data,
     cnn_with_batchnorm_and_dropout,
@@ -20,14 +21,6 @@ from tests.lightning_models import (
     trainer,
 )
 from tests.truth import cross_entropy_loss, dense_hessian
-
-DESIGN_TAGS = {
-    "curvature/lambda_max",
-    "curvature/trace",
-    "curvature/lambda_max_x_lr",
-    "curvature/stability_threshold",
-    "curvature/stability_ratio",
-}
 
 
 def fit(tmp_path, module, data, monitor=None, max_steps=20, **kwargs):

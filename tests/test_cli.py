@@ -36,29 +36,12 @@ from lightning_curvature.demo import (
     DigitsDataModule,
     run_demo,
 )
-from tests.lightning_models import read_events
+from tests.lightning_models import DESIGN_TAGS, read_events
 from tests.truth import dense_hessian
 
 pytest.importorskip("sklearn")
 
 MODEL = "lightning_curvature.demo.DigitsClassifier"
-SGD_TAGS = {
-    "curvature/lambda_max",
-    "curvature/trace",
-    "curvature/lambda_max_x_lr",
-    "curvature/stability_threshold",
-    "curvature/stability_ratio",
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a busy 2-core machine, two threads per op are many times
-    # slower than one (the demo itself trains on one thread for the same reason).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------- truth
@@ -145,7 +128,7 @@ def test_demo_lambda_max_rises_and_every_sgd_tag_is_logged(sharpening_demo):
     _, log_dir, _ = sharpening_demo
     events = read_events(log_dir)
     tags = set(events.Tags()["scalars"])
-    assert SGD_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
+    assert DESIGN_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
     assert "curvature/preconditioned_lambda_max" not in tags  # plain SGD
     curve = [value for _, value in scalars(events, "curvature/lambda_max")]
     assert len(curve) >= 5
@@ -177,7 +160,7 @@ def test_edge_of_stability_demo_hovers_at_lambda_max_lr_2(tmp_path):
     log_dir = run_demo(tmp_path, edge_of_stability=True, max_steps=1600, progress=False)
     events = read_events(log_dir)
     tags = set(events.Tags()["scalars"])
-    assert SGD_TAGS | {"curvature/eigenvalue_1", "curvature/eigenvalue_2"} <= tags
+    assert DESIGN_TAGS | {"curvature/eigenvalue_1", "curvature/eigenvalue_2"} <= tags
     sharpness_lr = scalars(events, "curvature/lambda_max_x_lr")
     early = [v for step, v in sharpness_lr if step <= 200]
     late = [v for step, v in sharpness_lr if step >= 1100]
@@ -276,7 +259,7 @@ def test_analyze_on_the_demo_checkpoint_matches_arpack(sharpening_demo, tmp_path
     assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = read_events(out)
     tags = set(events.Tags()["scalars"])
-    assert SGD_TAGS | {"curvature/lambda_min", "curvature/eigenvalue_5"} <= tags
+    assert DESIGN_TAGS | {"curvature/lambda_min", "curvature/eigenvalue_5"} <= tags
     assert scalars(events, "curvature/lambda_max") == [
         (1500, pytest.approx(measured["lambda_max"], rel=1e-6))
     ]

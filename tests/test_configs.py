@@ -17,30 +17,13 @@ from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
 from lightning_curvature.cli import main
 from lightning_curvature.demo import DigitsDataModule
-from tests.lightning_models import read_events
+from tests.lightning_models import DESIGN_TAGS, read_events
 from tests.truth import dense_hessian
 
 pytest.importorskip("sklearn")
 pytest.importorskip("jsonargparse")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SGD_TAGS = {
-    "curvature/lambda_max",
-    "curvature/eigenvalue_1",
-    "curvature/trace",
-    "curvature/lambda_max_x_lr",
-    "curvature/stability_threshold",
-    "curvature/stability_ratio",
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a busy 2-core machine: one thread per op is many times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_config(tmp_path, *configs: str, max_steps: int, extra: tuple[str, ...] = ()):
@@ -105,7 +88,7 @@ def test_monitor_yaml_adds_the_monitor_to_any_model(tmp_path):
     monitor = monitor_of(cli.trainer)
     assert monitor.every_n_steps == 100 and monitor.settings.k == 5
     tags = set(read_events(cli.trainer.logger.log_dir).Tags()["scalars"])
-    assert SGD_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
+    assert DESIGN_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
 
 
 def test_demo_yaml_logs_lambda_max_of_the_dense_hessian(tmp_path):
@@ -115,7 +98,7 @@ def test_demo_yaml_logs_lambda_max_of_the_dense_hessian(tmp_path):
     )
     trainer, model = cli.trainer, cli.model
     tags = set(read_events(trainer.logger.log_dir).Tags()["scalars"])
-    assert SGD_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
+    assert DESIGN_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
     assert "curvature/preconditioned_lambda_max" not in tags
     # Measured at step 1 on the first training batch, the model as it is now.
     hessian = dense_hessian(model.net, mse, [probe_batch(batch_size=64, targets="onehot")])
@@ -134,7 +117,8 @@ def test_adam_yaml_logs_the_preconditioned_sharpness_against_38(tmp_path):
     trainer, model = cli.trainer, cli.model
     events = read_events(trainer.logger.log_dir)
     tags = set(events.Tags()["scalars"])
-    assert SGD_TAGS | {"curvature/preconditioned_lambda_max", "curvature/sharpness_x_lr"} <= tags
+    adam_tags = {"curvature/preconditioned_lambda_max", "curvature/sharpness_x_lr"}
+    assert DESIGN_TAGS | {"curvature/eigenvalue_1"} | adam_tags <= tags
     assert [e.step for e in events.Scalars("curvature/preconditioned_lambda_max")] == [1, 2, 4]
     assert {e.value for e in events.Scalars("curvature/stability_threshold")} == {38.0}
 
@@ -162,7 +146,7 @@ def test_adapters_yaml_measures_only_the_adapters(tmp_path):
     assert trainable and all(n.endswith((".down", ".up")) for n in trainable)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1320
     tags = set(read_events(trainer.logger.log_dir).Tags()["scalars"])
-    assert SGD_TAGS <= tags
+    assert DESIGN_TAGS | {"curvature/eigenvalue_1"} <= tags
 
     def cross_entropy(net, batch):
         return F.cross_entropy(net(batch[0]), batch[1])
