@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -20,8 +19,15 @@ from torch.utils.data import DataLoader
 
 from lightning_curvature._lightning import Callback, pl, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
+from lightning_curvature.batches import detached_copy, move_batch
 from lightning_curvature.measurement import Measurement, MeasureSettings, measure
-from lightning_curvature.operators import AllReduceOperator, HessianOperator, move_batch
+from lightning_curvature.monitor.objective import (
+    Mode,
+    measurement_mode,
+    muted_logging,
+    training_step_loss,
+)
+from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.stability import (
     first_moment_settled,
     preconditioner_diagonal,
@@ -35,7 +41,6 @@ from lightning_curvature.tensorboard import (
 )
 
 ProbeKind = Literal["fixed", "current"]
-Mode = Literal["eval", "train"]
 OnError = Literal["warn", "raise"]
 
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
@@ -261,7 +266,7 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if self.probe == "fixed" and len(self._probe_batches) < self.num_batches:
             # A detached copy of a batch training has already drawn: no RNG is consumed.
-            self._probe_batches.append(_detached_copy(batch, pl_module.device))
+            self._probe_batches.append(detached_copy(batch, pl_module.device))
 
     def on_train_batch_end(
         self,
@@ -346,9 +351,9 @@ class CurvatureMonitor(Callback):
         self, trainer: pl.Trainer, module: pl.LightningModule, batches: list, step: int
     ) -> Measurement:
         batches = [move_batch(b, module.device) for b in batches]
-        loss_fn = self.loss_fn or _training_step_loss
+        loss_fn = self.loss_fn or training_step_loss
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        with _measurement_mode(module, self.mode), _muted_logging(module):
+        with measurement_mode(module, self.mode), muted_logging(module):
             op: Any = HessianOperator(module, loss_fn, batches)
             params = op.params
             if trainer.world_size > 1 and torch.distributed.is_initialized():
@@ -369,7 +374,7 @@ class CurvatureMonitor(Callback):
                     op, step, self.settings, rule=rule, preconditioner=preconditioner, init=init
                 )
             finally:
-                (op.op if isinstance(op, AllReduceOperator) else op).release()
+                op.release()
             error = getattr(op, "last_error", None)
             if error is not None:
                 raise error
@@ -380,7 +385,7 @@ class CurvatureMonitor(Callback):
         batches = []
         with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move our RNG
             for batch in loader:
-                batches.append(_detached_copy(batch, module.device))
+                batches.append(detached_copy(batch, module.device))
                 if len(batches) == self.num_batches:
                     break
         if not batches:
@@ -469,54 +474,3 @@ def _fix_for(error: BaseException) -> str:
             "Hessian to parameters that avoid it."
         )
     return "Fix: pass on_error='raise' to see the full traceback."
-
-
-def _detached_copy(batch: Any, device: torch.device) -> Any:
-    moved = move_batch(batch, device)
-    if isinstance(moved, torch.Tensor):
-        return moved.detach().clone()
-    if isinstance(moved, dict):
-        return {key: _detached_copy(value, device) for key, value in moved.items()}
-    if isinstance(moved, (list, tuple)) and not hasattr(moved, "_fields"):
-        return type(moved)(_detached_copy(value, device) for value in moved)
-    return moved
-
-
-def _training_step_loss(module: pl.LightningModule, batch: Any) -> torch.Tensor:
-    output = module.training_step(batch, 0)
-    if output is None:
-        raise ValueError(
-            "training_step returned None for a probe batch, so it gives no loss: "
-            "pass CurvatureMonitor(loss_fn=...)"
-        )
-    return output
-
-
-@contextmanager
-def _measurement_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
-    """Put the module in the measurement's mode, and every submodule back as it was."""
-    modes = [(m, m.training) for m in module.modules()]
-    try:
-        if mode == "eval":
-            module.eval()
-        yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
-
-
-@contextmanager
-def _muted_logging(module: nn.Module) -> Iterator[None]:
-    """``training_step`` calls ``self.log``; during a measurement those calls must add
-    nothing to the module's logged metrics."""
-    module.log = _ignore  # instance attributes shadow the methods
-    module.log_dict = _ignore
-    try:
-        yield
-    finally:
-        del module.log
-        del module.log_dict
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    return None

@@ -322,8 +322,8 @@ def _analyze(args: argparse.Namespace) -> int:
         raise CliError(f"--data {data_class.__name__} has no train_dataloader()")
     out = args.out or _unused_dir(Path("runs/analyze") / args.checkpoint.stem)
     # Imported after the cheap checks: bad paths are reported before Lightning loads.
-    from lightning_curvature.callback import _muted_logging, _training_step_loss
     from lightning_curvature.measurement import MeasureSettings, measure
+    from lightning_curvature.monitor.objective import muted_logging, training_step_loss
     from lightning_curvature.operators import HessianOperator
 
     step = int(checkpoint.get("global_step", 0))
@@ -342,9 +342,9 @@ def _analyze(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     op = None
-    with _muted_logging(model), _hvp_progress(not args.no_progress) as count:
+    with muted_logging(model), _hvp_progress(not args.no_progress) as count:
         try:
-            op = HessianOperator(model, _training_step_loss, batches)
+            op = HessianOperator(model, training_step_loss, batches)
             rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
             record, _ = measure(count(op), step, settings, rule=rule, preconditioner=preconditioner)
         except Exception as error:  # the model's own code ran: report it, not a traceback

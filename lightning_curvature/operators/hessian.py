@@ -26,44 +26,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_curvature.batches import move_batch
+from lightning_curvature.operators.base import CurvatureOperator
+from lightning_curvature.operators.context import isolated_evaluation
 
 LossFn = Callable[[nn.Module, Any], Any]
 HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse"]
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse")
-
-# Seed for the RNG inside the operator's forward passes: dropout masks (if the model is in
-# train mode) are the same for every product, so the operator is one fixed matrix.
-_FORWARD_SEED = 20_210_226
-
-
-class DenseOperator:
-    """An explicit symmetric matrix as an operator: for tests and small exact checks."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
-            raise ValueError("matrix must be a square 2-D tensor")
-        if matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
-        self.matrix = matrix
-        self.dim = matrix.shape[0]
-        self.device = matrix.device
-        self.dtype = matrix.dtype
-        self.num_matvecs = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.num_matvecs += 1
-        return self.matrix @ v
-
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        self.num_matvecs += block.shape[1]
-        return self.matrix @ block
 
 
 def scalar_loss(output: Any) -> torch.Tensor:
@@ -77,20 +53,6 @@ def scalar_loss(output: Any) -> torch.Tensor:
             + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
         )
     return output.reshape(())
-
-
-def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; cast floating ones to ``dtype``."""
-    if isinstance(batch, torch.Tensor):
-        target = dtype if (dtype is not None and batch.is_floating_point()) else batch.dtype
-        return batch.to(device=device, dtype=target)
-    if isinstance(batch, Mapping):
-        return type(batch)({key: move_batch(value, device, dtype) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_batch(value, device, dtype) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_batch(value, device, dtype) for value in batch)
-    return batch
 
 
 def resolve_params(
@@ -146,7 +108,7 @@ class _LossModule(nn.Module):
         return scalar_loss(self.loss_fn(self.model, batch))
 
 
-class HessianOperator:
+class HessianOperator(CurvatureOperator):
     r"""The Hessian of the mean loss over probe batches, as a matrix-free operator.
 
     Args:
@@ -216,16 +178,13 @@ class HessianOperator:
             batch_dtype: torch.dtype | None = dtype
         else:
             batch_dtype = None
+        super().__init__(sum(p.numel() for p in params_list), next(iter(devices)), dtype)
         self.model = model
         self.loss_fn = loss_fn
         self.params = params_list
         self.param_names = names
-        self.device = next(iter(devices))
-        self.dtype = dtype
-        self.dim = sum(p.numel() for p in params_list)
         self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
         self.hvp_method: str = hvp_method
-        self.num_matvecs = 0
         self._flat_grad: torch.Tensor | None = None  # mean gradient, with its graph
         self._loss: float | None = None
         self._batched_ok = True
@@ -239,19 +198,9 @@ class HessianOperator:
         assert self._loss is not None
         return self._loss
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``H v`` for a flat vector ``v`` of length ``dim``, on the operator's device."""
-        if v.shape != (self.dim,):
-            raise ValueError(f"v must have shape ({self.dim},), got {tuple(v.shape)}")
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
-        if block.ndim != 2 or block.shape[0] != self.dim:
-            raise ValueError(f"block must have shape ({self.dim}, m), got {tuple(block.shape)}")
-        block = block.to(device=self.device, dtype=self.dtype)
         self._ensure_ready()
-        self.num_matvecs += block.shape[1]
         if self.hvp_method == "reuse_graph":
             return self._products_from_graph(self._flat_grad, block)
         if self.hvp_method == "recompute":
@@ -265,31 +214,9 @@ class HessianOperator:
         """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""
         self._flat_grad = None
 
-    def __enter__(self) -> HessianOperator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
     # ------------------------------------------------------------------ internals
-    @contextmanager
-    def _isolated(self, batch_index: int) -> Iterator[None]:
-        """Run the model as the operator must: differentiable, full precision, math kernels,
-        its own RNG stream, and on private copies of its buffers."""
-        cuda = self.device.type == "cuda"
-        with ExitStack() as stack:
-            stack.enter_context(torch.enable_grad())
-            stack.enter_context(torch.autocast(self.device.type, enabled=False))
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
-            cuda_ids = [self.device.index if self.device.index is not None else 0] if cuda else []
-            stack.enter_context(torch.random.fork_rng(devices=cuda_ids))
-            torch.random.default_generator.manual_seed(_FORWARD_SEED + batch_index)
-            if cuda:
-                with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(_FORWARD_SEED + batch_index)
-            stack.enter_context(_private_buffers(self.model))
-            yield
+    def _isolated(self, batch_index: int) -> AbstractContextManager[None]:
+        return isolated_evaluation(self.model, self.device, batch_index)
 
     def _batch_loss(self, index: int) -> torch.Tensor:
         return scalar_loss(self.loss_fn(self.model, self.batches[index]))
@@ -423,95 +350,6 @@ class HessianOperator:
             pieces.append(v[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         return tuple(pieces)
-
-
-class PreconditionedOperator:
-    r"""The symmetric form :math:`P^{-1/2} H P^{-1/2}` of a diagonally preconditioned Hessian.
-
-    It has the eigenvalues of :math:`P^{-1} H` (the matrices are similar), which is the
-    sharpness that adaptive optimizers (Adam, RMSprop, Adagrad) feel, but it stays
-    symmetric, so Lanczos applies. ``diagonal`` is P's diagonal as a flat tensor.
-    """
-
-    def __init__(self, op: Any, diagonal: torch.Tensor) -> None:
-        if diagonal.shape != (op.dim,):
-            raise ValueError(f"diagonal must have shape ({op.dim},), got {tuple(diagonal.shape)}")
-        if not bool((diagonal > 0).all()):
-            raise ValueError("diagonal must be positive: P is a preconditioner")
-        self.op = op
-        self.dim, self.device, self.dtype = op.dim, op.device, op.dtype
-        self.scale = diagonal.to(device=op.device, dtype=op.dtype).rsqrt()
-        self.num_matvecs = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        self.num_matvecs += block.shape[1]
-        scale = self.scale[:, None]
-        return scale * self.op.matmat(scale * block)
-
-
-class AllReduceOperator:
-    """The mean of an operator over the ranks of a process group (data-parallel training).
-
-    Every rank holds the Hessian of its own probe batches; averaging the products gives the
-    Hessian of the union of the ranks' batches. A rank whose product fails still joins the
-    collective (with NaN), so no rank is left waiting and every rank sees the failure.
-    """
-
-    def __init__(self, op: Any, group: Any = None) -> None:
-        self.op = op
-        self.group = group
-        self.dim, self.device, self.dtype = op.dim, op.device, op.dtype
-        self.num_matvecs = 0
-        self.last_error: BaseException | None = None
-
-    @property
-    def loss(self) -> float:
-        """The mean loss over every rank's probe batches (a collective: all ranks call it)."""
-        import torch.distributed as dist
-
-        try:
-            value = torch.tensor(self.op.loss, device=self.device, dtype=torch.float64)
-        except Exception as error:  # joins the collective anyway; reported by the caller
-            value = torch.tensor(float("nan"), device=self.device, dtype=torch.float64)
-            self.last_error = error
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.group)
-        return float(value) / dist.get_world_size(self.group)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v[:, None])[:, 0]
-
-    def matmat(self, block: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        self.num_matvecs += block.shape[1]
-        try:
-            product = self.op.matmat(block)
-        except Exception as error:  # joins the collective anyway; reported by the caller
-            product = torch.full_like(block, float("nan"))
-            self.last_error = error
-        dist.all_reduce(product, op=dist.ReduceOp.SUM, group=self.group)
-        return product / dist.get_world_size(self.group)
-
-
-@contextmanager
-def _private_buffers(model: nn.Module) -> Iterator[None]:
-    """Let the forward pass mutate clones of the buffers (BatchNorm running statistics in
-    train mode), then put the originals back untouched. Swapping, not copying back, leaves
-    the originals' version counters alone, so graphs that saved them stay valid."""
-    originals = []
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                originals.append((module, name, buffer))
-                module._buffers[name] = buffer.clone()
-    try:
-        yield
-    finally:
-        for module, name, buffer in originals:
-            module._buffers[name] = buffer
 
 
 def _empty_cache(device: torch.device) -> None:
