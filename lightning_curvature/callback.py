@@ -1,110 +1,99 @@
-"""CurvatureMonitor: measure the loss curvature while a Lightning Trainer trains.
+"""CurvatureMonitor: a thin adapter from Lightning's hooks onto the monitor's parts.
 
-When to measure, on what, and where the results go. The numbers come from
-:mod:`lightning_curvature.measurement` (one HVP operator, the estimators); this module
-adds the schedule, the probe batches, the safety around the training run, the loggers
-and the alerts.
+When to measure is :mod:`~lightning_curvature.monitor.schedule`'s business, on what
+:mod:`~lightning_curvature.monitor.probes`', how :mod:`~lightning_curvature.monitor.measuring`'s
+and where the numbers go :mod:`~lightning_curvature.monitor.publish`'s. This module reads the
+trainer, keeps the run's state for checkpoints, and handles failures.
 """
 
 from __future__ import annotations
 
-import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_curvature._lightning import Callback, pl, rank_zero_warn
+from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
-from lightning_curvature.batches import detached_copy, move_batch
-from lightning_curvature.measurement import Measurement, MeasureSettings, measure
-from lightning_curvature.monitor.objective import (
-    Mode,
-    measurement_mode,
-    muted_logging,
-    training_step_loss,
+from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.monitor.measuring import Context, flat_parameters, measure_module
+from lightning_curvature.monitor.objective import Mode, training_step_loss
+from lightning_curvature.monitor.probes import ProbeKind, ProbeSet
+from lightning_curvature.monitor.publish import Publisher
+from lightning_curvature.monitor.schedule import Schedule
+from lightning_curvature.monitor.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
 )
-from lightning_curvature.operators import AllReduceOperator, HessianOperator
-from lightning_curvature.stability import (
-    first_moment_settled,
-    preconditioner_diagonal,
-    stability_rule,
-)
-from lightning_curvature.tensorboard import (
-    tensorboard_writers,
-    write_alert,
-    write_layout,
-    write_measurement,
-)
+from lightning_curvature.tensorboard import tensorboard_writers
 
-ProbeKind = Literal["fixed", "current"]
 OnError = Literal["warn", "raise"]
-
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
 # Hessian-vector product of one rank is not defined.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class CurvatureMonitor(Callback):
-    r"""Log the Hessian's top eigenvalues, trace and sharpness·lr while training.
+    r"""Log the Hessian's sharpness, top eigenvalues and trace, and sharpness·lr, while training.
 
-    Every ``every_n_steps`` optimizer steps (and at steps 1, 2, 4, 8, ... before that when
-    ``log_spaced=True``), the monitor takes the probe batches, builds the Hessian of their
-    mean loss over the trainable parameters, and runs Lanczos (λmax and the top ``k``),
-    Hutchinson (the trace) and, for adaptive optimizers, Lanczos on the preconditioned
-    Hessian :math:`P^{-1/2} H P^{-1/2}`. It logs ``curvature/*`` scalars to every logger
-    and into ``trainer.callback_metrics``, adds a dashboard to TensorBoard, and raises
-    alerts when sharpness spikes or sharpness·lr sits at the optimizer's stability edge.
+    At every scheduled step a cheap *track* measurement logs the sharpness that matters for
+    the optimizer (λmax, and λmax(P⁻¹H) for Adam, RMSprop and Adagrad), λmax·η against the
+    optimizer's stability threshold, the learning rate, and the sharpness along the last
+    update and of each probe batch's gradient. Every ``full_every`` measurements a *full*
+    one adds the top ``k``, the trace, and optionally λmin and the spectral density. Scalars
+    go to every logger and ``trainer.callback_metrics``; TensorBoard also gets a dashboard.
+    Alerts fire when sharpness jumps or sits at the optimizer's edge of stability.
 
     Measuring never changes training: parameters, gradients, optimizer state, BatchNorm
-    statistics, RNG streams and train/eval modes are exactly as they would be without it
-    (unless you opt into ``stop_on_alert`` or ``lr_factor_on_alert``, which act on training
-    by design).
+    statistics, RNG streams, modes and the module's own Python state are exactly as they would
+    be without it (unless you opt into ``stop_on_alert`` or ``lr_factor_on_alert``).
 
     Args:
-        every_n_steps: measure every this many optimizer steps.
-        log_spaced: also measure at steps 1, 2, 4, 8, ... below ``every_n_steps``, where
-            curvature changes fastest.
+        every_n_steps: measure every this many optimizer steps, exactly (never skipped; one
+            warning if it costs more than ``max_overhead``). ``None`` (default): calibrate a
+            power-of-two cadence once, from a timed measurement, to fit ``max_overhead``, and
+            keep it for the run.
+        full_every: every this many measurements is a full one (the first one is full too).
+        log_spaced: also measure at steps 1, 2, 4, 8, ... below the cadence.
+        max_overhead: the measurement time the calibration aims at, as a fraction of the
+            training time without it (0.05: a run about 5% slower). ``None``: no warning,
+            and the default cadence without calibration.
+        params: which parameters' Hessian: ``None`` (every trainable one), a regular
+            expression matched with ``re.search`` against parameter names, or names.
+        tag_prefix: replaces ``"curvature"`` in every tag, so monitors can run side by side.
         num_batches: probe batches averaged in each measurement.
-        probe: ``"fixed"``: the first ``num_batches`` training batches, kept on the device
-            and reused, so curves are comparable across steps (capturing them consumes no
-            RNG); ``"current"``: the batch just trained on.
-        probe_dataloader: a DataLoader to draw the fixed probe batches from instead of the
-            training data (drawn once, with the global RNG forked so training is untouched).
+        probe: ``"fixed"``: the first ``num_batches`` training batches, copied once, so curves
+            are comparable; ``"current"``: the batch about to be trained on.
+        probe_dataloader: draw the fixed probe batches from this DataLoader instead.
         loss_fn: ``loss_fn(module, batch) -> loss``. By default the module's own
-            ``training_step(batch, 0)`` is called (with its ``self.log`` calls muted).
-        k: how many top eigenvalues to log (``curvature/eigenvalue_1..k``).
-        num_iters: the most Lanczos steps per measurement; ``None`` allows ``30 + 10·k``.
-            The Lanczos basis holds ``num_iters`` vectors of the parameters' size on the
-            device, so lower it for very large models.
-        tol: relative accuracy for the eigenvalues.
-        trace: also estimate the trace (Hutchinson, ``num_probes`` probes).
+            ``training_step(batch, 0)`` is called (its ``self.log`` muted and its side effects
+            on the module, optimizers, schedulers and Python/numpy RNG undone afterwards);
+            with ``loss_fn`` given, ``training_step`` is never called.
+        k: how many top eigenvalues a full measurement logs.
+        num_iters: the most Lanczos steps per run; ``None`` allows ``30 + 10·k``.
+        tol: relative accuracy of the eigenvalues.
+        trace: full measurements also estimate the trace.
         num_probes: Hutchinson probes per trace estimate.
-        spectral_density: also estimate the spectral density (SLQ) and draw it in TensorBoard.
-        lambda_min: also estimate the most negative eigenvalue.
-        mode: ``"eval"`` measures the model in eval mode (BatchNorm running statistics,
-            dropout off); ``"train"`` keeps train mode (batch statistics, a fixed dropout
-            mask) and still never updates the running statistics.
-        warm_start: start each Lanczos run from the previous top eigenvectors.
-        max_overhead: the most measurement time as a fraction of the time spent training
-            without it (0.05: a run at most 5% slower); a scheduled measurement that would
-            exceed it is skipped. The first measurement always runs, so the budget binds
-            from the second on. ``None`` disables it.
-        alert_window: measurements of history the spike rule compares against.
-        spike_threshold: a spike is λmax above the median by this many robust standard
-            deviations and to more than twice the median.
-        threshold_fraction: the stability alert fires when sharpness·lr is at least this
-            fraction of the threshold ...
-        threshold_patience: ... for this many measurements in a row.
+        spectral_density: full measurements also estimate the spectral density (SLQ).
+        lambda_min: full measurements also estimate the most negative eigenvalue.
+        mode: ``"train"`` (default) measures the objective the optimizer descends:
+            normalization layers use batch statistics (running statistics untouched) and
+            dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
+        dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
+        warm_start: start each Lanczos run from the previous Ritz vectors.
+        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.alerts.AlertRules`).
         on_alert: called with each :class:`~lightning_curvature.alerts.Alert`.
         stop_on_alert: stop training at the first alert (changes training).
         lr_factor_on_alert: multiply every learning rate by this at each alert (changes
             training).
-        on_error: ``"warn"``: a failed measurement warns once, is skipped, and training
-            goes on; ``"raise"``: it raises.
+        on_error: ``"warn"``: a failed measurement warns once, is skipped, and training goes
+            on; ``"raise"``: it raises.
         max_failures: failures in a row after which the monitor switches itself off.
         seed: seeds the estimators' random vectors.
 
@@ -116,15 +105,19 @@ class CurvatureMonitor(Callback):
         from pytorch_lightning import Trainer
         from lightning_curvature import CurvatureMonitor
 
-        trainer = Trainer(max_epochs=10, callbacks=[CurvatureMonitor(every_n_steps=50)])
+        trainer = Trainer(max_epochs=10, callbacks=[CurvatureMonitor()])
         trainer.fit(model, datamodule)
         # tensorboard --logdir lightning_logs
     """
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | None = None,
+        full_every: int = 8,
         log_spaced: bool = True,
+        max_overhead: float | None = 0.05,
+        params: str | Iterable[str] | None = None,
+        tag_prefix: str = TAG_PREFIX,
         num_batches: int = 1,
         probe: ProbeKind = "fixed",
         probe_dataloader: DataLoader | None = None,
@@ -136,13 +129,14 @@ class CurvatureMonitor(Callback):
         num_probes: int = 10,
         spectral_density: bool = False,
         lambda_min: bool = False,
-        mode: Mode = "eval",
+        mode: Mode = "train",
+        dropout: bool = False,
         warm_start: bool = True,
-        max_overhead: float | None = 0.05,
-        alert_window: int = 20,
-        spike_threshold: float = 6.0,
-        threshold_fraction: float = 0.9,
-        threshold_patience: int = 3,
+        spike_window: int = 20,
+        spike_factor: float = 2.0,
+        spike_warmup: int = 5,
+        edge_fraction: float = 0.9,
+        edge_patience: int = 3,
         on_alert: Callable[[Alert], None] | None = None,
         stop_on_alert: bool = False,
         lr_factor_on_alert: float | None = None,
@@ -151,17 +145,23 @@ class CurvatureMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("every_n_steps", every_n_steps, 1)
-        _check_int("num_batches", num_batches, 1)
-        _check_int("k", k, 1)
+        num_batches = check_int("num_batches", num_batches, 1)
+        k = check_int("k", k, 1)
         if num_iters is not None:
-            _check_int("num_iters", num_iters, k)
-        _check_int("num_probes", num_probes, 2)
-        _check_int("max_failures", max_failures, 1)
-        _check_int("seed", seed, 0)
-        _check_choice("probe", probe, ("fixed", "current"))
-        _check_choice("mode", mode, ("eval", "train"))
-        _check_choice("on_error", on_error, ("warn", "raise"))
+            num_iters = check_int("num_iters", num_iters, k)
+        check_choice("probe", probe, ("fixed", "current"))
+        check_choice("mode", mode, ("train", "eval"))
+        check_choice("on_error", on_error, ("warn", "raise"))
+        for name, value in (
+            ("log_spaced", log_spaced),
+            ("trace", trace),
+            ("spectral_density", spectral_density),
+            ("lambda_min", lambda_min),
+            ("dropout", dropout),
+            ("warm_start", warm_start),
+            ("stop_on_alert", stop_on_alert),
+        ):
+            check_bool(name, value)
         if probe_dataloader is not None and probe != "fixed":
             raise ValueError(
                 "probe_dataloader needs probe='fixed' (its batches are the fixed "
@@ -172,101 +172,110 @@ class CurvatureMonitor(Callback):
                 "probe_dataloader must be a torch DataLoader or None, got "
                 f"{type(probe_dataloader).__name__}"
             )
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError("loss_fn must be callable as loss_fn(module, batch) or None")
-        if on_alert is not None and not callable(on_alert):
-            raise ValueError("on_alert must be callable as on_alert(alert) or None")
-        if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-            raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-        if max_overhead is not None and not (
-            isinstance(max_overhead, (int, float)) and 0 < max_overhead <= 1
-        ):
-            raise ValueError(f"max_overhead must be in (0, 1] or None, got {max_overhead!r}")
-        if lr_factor_on_alert is not None and not (
-            isinstance(lr_factor_on_alert, (int, float)) and 0 < lr_factor_on_alert < 1
-        ):
+        for name, value in (("loss_fn", loss_fn), ("on_alert", on_alert)):
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be callable or None, got {type(value).__name__}")
+        if not isinstance(tag_prefix, str) or not re.fullmatch(r"[\w.\-/]+", tag_prefix):
             raise ValueError(
-                f"lr_factor_on_alert must be in (0, 1) or None, got {lr_factor_on_alert!r}"
+                "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
+                f"'/', got {tag_prefix!r}"
             )
-        self.every_n_steps = every_n_steps
-        self.log_spaced = log_spaced
-        self.num_batches = num_batches
-        self.probe = probe
-        self.probe_dataloader = probe_dataloader
+        if lr_factor_on_alert is not None:
+            check_number("lr_factor_on_alert", lr_factor_on_alert, 0, 1, open_high=True)
+        self.params = _check_params(params)
+        self.tag_prefix = tag_prefix
         self.loss_fn = loss_fn
-        self.mode = mode
-        self.warm_start = warm_start
-        self.max_overhead = max_overhead
+        self.mode: Mode = mode
+        self.dropout = bool(dropout)
+        self.warm_start = bool(warm_start)
         self.on_alert = on_alert
-        self.stop_on_alert = stop_on_alert
+        self.stop_on_alert = bool(stop_on_alert)
         self.lr_factor_on_alert = lr_factor_on_alert
         self.on_error = on_error
-        self.max_failures = max_failures
+        self.max_failures = check_int("max_failures", max_failures, 1)
         self.settings = MeasureSettings(
             k=k,
             num_iters=num_iters,
-            tol=tol,
-            trace=trace,
-            num_probes=num_probes,
-            density=spectral_density,
-            lambda_min=lambda_min,
-            seed=seed,
+            tol=check_number("tol", tol, 0, 1, open_low=True, open_high=True),
+            trace=bool(trace),
+            num_probes=check_int("num_probes", num_probes, 2),
+            density=bool(spectral_density),
+            lambda_min=bool(lambda_min),
+            seed=check_int("seed", seed, 0),
+        )
+        self.schedule = Schedule(
+            every_n_steps=every_n_steps,
+            full_every=full_every,
+            log_spaced=bool(log_spaced),
+            max_overhead=max_overhead,
         )
         self.alerts = AlertTracker(
             AlertRules(
-                window=alert_window,
-                warmup=min(5, alert_window),
-                num_mads=spike_threshold,
-                threshold_fraction=threshold_fraction,
-                patience=threshold_patience,
+                window=spike_window,
+                warmup=min(spike_warmup, spike_window),
+                rtol=spike_factor - 1,
+                threshold_fraction=edge_fraction,
+                patience=edge_patience,
             )
         )
+        self.probes = ProbeSet(probe, num_batches, probe_dataloader)
+        self.publisher = Publisher(tag_prefix)
         # State that survives checkpoint and resume.
         self.history: list[dict[str, float]] = []
-        self.last_measured_step = -1
         self.failures_in_a_row = 0
         self.disabled_reason: str | None = None
-        self.measure_seconds = 0.0
-        self.skipped_for_budget = 0
-        self._probe_batches: list[Any] = []
+        self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
         # Per-run scratch.
-        self._train_seconds_before = 0.0
-        self._train_started: float | None = None
-        self._previous_vectors: torch.Tensor | None = None
-        self._layout_written = False
+        self._param_names: list[str] = []
+        self._warm: WarmStart | None = None
+        self._previous_params: tuple[int, torch.Tensor] | None = None
+        self._checked = False
         self._warned: set[str] = set()
-        # False while Adam's bias correction inflates the stability ratio (no alerts then).
         self._ratio_trusted = True
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tag_prefix=self.tag_prefix, params=self.params)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.disabled_reason = None  # a reused instance starts afresh (resume reloads it)
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in _SHARDED_STRATEGIES):
             self._disable(
                 f"{strategy} shards the parameters across ranks, and CurvatureMonitor needs "
                 "the whole model on every rank: it is switched off for this run (use DDP)"
             )
-        elif self.loss_fn is None and not pl_module.automatic_optimization:
+            return
+        if self.loss_fn is None and not pl_module.automatic_optimization:
             self._disable(
                 "the module uses manual optimization, so its training_step is not a loss "
                 "function: pass CurvatureMonitor(loss_fn=...) to measure it"
             )
+            return
+        self._param_names = _select(pl_module, self.params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_started = time.perf_counter()
         if trainer.fast_dev_run:
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
-        if self.probe_dataloader is not None and not self._probe_batches:
-            self._probe_batches = self._draw_probe_batches(self.probe_dataloader, pl_module)
+            return
+        self.probes.draw(pl_module.device)
+        self.schedule.start()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.probe == "fixed" and len(self._probe_batches) < self.num_batches:
-            # A detached copy of a batch training has already drawn: no RNG is consumed.
-            self._probe_batches.append(detached_copy(batch, pl_module.device))
+        if self.disabled_reason is not None:
+            return
+        upcoming = self.schedule.peek(trainer.global_step + 1)
+        self.probes.offer(batch, pl_module.device, upcoming is not None)
+        if upcoming is not None and self._param_names:
+            # θ_{s−1}, for the sharpness along the update that produces step s.
+            flat = flat_parameters(pl_module, self._param_names)
+            self._previous_params = (trainer.global_step, flat)
+        self.schedule.batch_started()
 
     def on_train_batch_end(
         self,
@@ -276,148 +285,136 @@ class CurvatureMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self.schedule.batch_ended()
+        if self.disabled_reason is not None or trainer.sanity_checking:
+            return
         step = trainer.global_step
-        if self.disabled_reason is not None or trainer.sanity_checking or not self._due(step):
+        if self.schedule.needs_agreement(step):
+            # The calibrated cadence is the one clock-derived decision: rank 0's holds.
+            self.schedule.agree(trainer.strategy.broadcast(self.schedule.proposal, src=0))
+        tier = self.schedule.decide(step, ready=self.probes.ready)
+        if tier is None:
             return
-        if self.probe == "fixed" and len(self._probe_batches) < self.num_batches:
-            return  # still collecting the probe set
-        if self._over_budget():
-            self.skipped_for_budget += 1
-            self.last_measured_step = step
-            return
-        self.last_measured_step = step
-        batches = list(self._probe_batches) if self.probe == "fixed" else [batch]
         started = time.perf_counter()
         try:
-            record = self._measure(trainer, pl_module, batches, step)
-        except Exception as error:
+            outcome = measure_module(
+                self._context(trainer, pl_module),
+                self.probes.batches(pl_module.device),
+                step,
+                tier,
+                self.settings,
+                warm=self._warm if self.warm_start else None,
+                update=self._update(pl_module, step),
+                hvp_method=self._hvp_method,
+                verify=not self._checked or tier == "full",
+            )
+            error = None
+        except Exception as caught:
+            error = caught
+        finally:
+            self.schedule.measured(tier, time.perf_counter() - started)
+        error = self._agree_on_failure(trainer, error)
+        if error is not None:
             self._failed(error)
             return
-        finally:
-            self.measure_seconds += time.perf_counter() - started
         self.failures_in_a_row = 0
-        self._publish(trainer, record)
+        self._after(trainer, outcome)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.disabled_reason is not None and not self.history:
+            return
+        ratios = [
+            (h[f"{self.tag_prefix}/stability_ratio"], int(h["step"]))
+            for h in self.history
+            if f"{self.tag_prefix}/stability_ratio" in h
+        ]
+        peak = max(ratios, default=None)
+        rank_zero_info(
+            f"CurvatureMonitor[{self.tag_prefix}]: {self.schedule.summary()}"
+            + (f", peak stability ratio {peak[0]:.3g} at step {peak[1]}" if peak else "")
+            + f", {len(self.alerts.fired)} alert(s)."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history,
             "alerts": self.alerts.state_dict(),
-            "last_measured_step": self.last_measured_step,
+            "schedule": self.schedule.state_dict(),
             "failures_in_a_row": self.failures_in_a_row,
             "disabled_reason": self.disabled_reason,
-            "measure_seconds": self.measure_seconds,
-            "train_seconds": self._train_seconds(),
-            "skipped_for_budget": self.skipped_for_budget,
-            "probe_batches": [move_batch(b, torch.device("cpu")) for b in self._probe_batches],
+            "hvp_method": self._hvp_method,
+            "probe_batches": self.probes.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # .get() defaults: checkpoints from older versions still load.
         self.history = list(state_dict.get("history", []))
         self.alerts.load_state_dict(state_dict.get("alerts", {}))
-        self.last_measured_step = int(state_dict.get("last_measured_step", -1))
+        self.schedule.load_state_dict(state_dict.get("schedule", {}))
         self.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
         self.disabled_reason = state_dict.get("disabled_reason")
-        self.measure_seconds = float(state_dict.get("measure_seconds", 0.0))
-        self._train_seconds_before = float(state_dict.get("train_seconds", 0.0))
-        self.skipped_for_budget = int(state_dict.get("skipped_for_budget", 0))
-        self._probe_batches = list(state_dict.get("probe_batches", []))
-
-    # ------------------------------------------------------------------ scheduling
-    def _due(self, step: int) -> bool:
-        if step <= 0 or step == self.last_measured_step:
-            return False
-        if step % self.every_n_steps == 0:
-            return True
-        return self.log_spaced and step < self.every_n_steps and (step & (step - 1)) == 0
-
-    def _train_seconds(self) -> float:
-        running = 0.0 if self._train_started is None else time.perf_counter() - self._train_started
-        return self._train_seconds_before + running
-
-    def _overhead(self) -> float:
-        """Measurement time over the time training spent without it: the run is this
-        fraction slower than it would be without the monitor."""
-        training_alone = self._train_seconds() - self.measure_seconds
-        return self.measure_seconds / training_alone if training_alone > 0 else math.inf
-
-    def _over_budget(self) -> bool:
-        if self.max_overhead is None or not self.history:
-            return False
-        return self._overhead() > self.max_overhead
+        self._hvp_method = state_dict.get("hvp_method", "auto")
+        self.probes.load_state_dict(state_dict.get("probe_batches", []))
 
     # ------------------------------------------------------------------ measuring
-    def _measure(
-        self, trainer: pl.Trainer, module: pl.LightningModule, batches: list, step: int
-    ) -> Measurement:
-        batches = [move_batch(b, module.device) for b in batches]
-        loss_fn = self.loss_fn or training_step_loss
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        with measurement_mode(module, self.mode), muted_logging(module):
-            op: Any = HessianOperator(module, loss_fn, batches)
-            params = op.params
-            if trainer.world_size > 1 and torch.distributed.is_initialized():
-                op = AllReduceOperator(op)
-            try:
-                rule = stability_rule(optimizer) if optimizer is not None else None
-                self._ratio_trusted = optimizer is None or first_moment_settled(optimizer)
-                if rule is not None and not rule.known and "unknown optimizer" not in self._warned:
-                    self._warned.add("unknown optimizer")
-                    rank_zero_warn(f"CurvatureMonitor: {rule.note}")
-                preconditioner = None
-                if rule is not None and rule.preconditioned:
-                    preconditioner = preconditioner_diagonal(optimizer, params)
-                init = self._previous_vectors if self.warm_start else None
-                if init is not None and init.shape[0] != op.dim:
-                    init = None
-                record, vectors = measure(
-                    op, step, self.settings, rule=rule, preconditioner=preconditioner, init=init
-                )
-            finally:
-                op.release()
-            error = getattr(op, "last_error", None)
-            if error is not None:
-                raise error
-        self._previous_vectors = vectors
-        return record
+    def _context(self, trainer: pl.Trainer, module: pl.LightningModule) -> Context:
+        return Context(
+            module=module,
+            loss_fn=self.loss_fn or training_step_loss,
+            param_names=self._param_names,
+            optimizers=trainer.optimizers,
+            lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
+            mode=self.mode,
+            dropout=self.dropout,
+            distributed=trainer.world_size > 1 and torch.distributed.is_initialized(),
+        )
 
-    def _draw_probe_batches(self, loader: DataLoader, module: nn.Module) -> list[Any]:
-        batches = []
-        with torch.random.fork_rng(devices=[]):  # a shuffling loader must not move our RNG
-            for batch in loader:
-                batches.append(detached_copy(batch, module.device))
-                if len(batches) == self.num_batches:
-                    break
-        if not batches:
-            raise ValueError("probe_dataloader yielded no batches")
-        return batches
+    def _update(self, module: nn.Module, step: int) -> torch.Tensor | None:
+        """θ_s − θ_{s−1}, when θ_{s−1} was captured just before this step's update."""
+        previous, self._previous_params = self._previous_params, None
+        if previous is None or previous[0] >= step:
+            return None
+        return flat_parameters(module, self._param_names) - previous[1]
 
-    # ------------------------------------------------------------------ results
-    def _publish(self, trainer: pl.Trainer, record: Measurement) -> None:
-        metrics = record.scalars()
-        overhead = self._overhead()
-        if math.isfinite(overhead):
-            metrics["curvature/overhead"] = overhead
-        self.history.append({"step": float(record.step), **metrics})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    def _after(self, trainer: pl.Trainer, outcome: Any) -> None:
+        record = outcome.record
+        self._warm = outcome.warm
+        self._checked = True
+        self._ratio_trusted = outcome.ratio_trusted
+        if outcome.fallback_reason and self._hvp_method != "finite_difference":
+            self._hvp_method = "finite_difference"
+            self._warn_once("fallback", f"CurvatureMonitor: {outcome.fallback_reason}")
+        for note in outcome.notes:
+            self._warn_once(note, f"CurvatureMonitor: {note}")
+        if not record.converged:
+            self._warn_once(
+                "not converged",
+                f"CurvatureMonitor: the sharpness did not converge at step {record.step} "
+                f"within {record.num_matvecs} products, so it is not logged there (raise "
+                "num_iters, or loosen tol).",
+            )
+        message = self.schedule.message()
+        if message:
+            (rank_zero_warn if self.schedule.is_warning else rank_zero_info)(
+                f"CurvatureMonitor: {message}"
+            )
         writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
-        for writer in writers:
-            if not self._layout_written:
-                write_layout(writer)
-            write_measurement(writer, record, trainer.global_step)
-        self._layout_written = self._layout_written or bool(writers)
-
+        metrics = self.publisher.publish(
+            record,
+            trainer.global_step,
+            loggers=trainer.loggers,
+            callback_metrics=trainer.callback_metrics,
+            writers=writers,
+            extra={"overhead": self.schedule.overhead()},
+        )
+        self.history.append({"step": float(record.step), **metrics})
         ratio = record.stability_ratio if self._ratio_trusted else None
         alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
-        # Every rank computed the same numbers; agreeing anyway keeps the ranks in step
-        # should they ever differ.
+        # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
         fired = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
         for alert in alerts:
             rank_zero_warn(f"CurvatureMonitor: {alert.message}")
-            for writer in writers:
-                write_alert(writer, alert)
+            self.publisher.alert(alert, writers)
             if self.on_alert is not None:
                 self.on_alert(alert)
         if fired and self.stop_on_alert:
@@ -427,36 +424,100 @@ class CurvatureMonitor(Callback):
                 for group in optimizer.param_groups:
                     group["lr"] = group["lr"] * self.lr_factor_on_alert
 
+    # ------------------------------------------------------------------ failures
+    def _agree_on_failure(
+        self, trainer: pl.Trainer, error: BaseException | None
+    ) -> BaseException | None:
+        """Under DDP every rank skips when any rank failed, and reports the real cause: a NaN
+        on one rank reaches the others as a FloatingPointError from the all-reduce."""
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return error
+        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+            return None
+        own = getattr(error, "__cause__", None) or error
+        causes: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(
+            causes, None if own is None else (type(own).__name__, str(own))
+        )
+        first = next(
+            (c for c in causes if c is not None and c[0] != "FloatingPointError"),
+            next(c for c in causes if c is not None),
+        )
+        rank = causes.index(first)
+        if error is not None and (type(error).__name__, str(error)) == first:
+            return error
+        return RuntimeError(f"on rank {rank}: {first[0]}: {first[1]}")
+
     def _failed(self, error: BaseException) -> None:
         if self.on_error == "raise":
             raise error
         if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._previous_vectors = None
+        self._warm = None
         self.failures_in_a_row += 1
         cause = type(error).__name__
-        if cause not in self._warned:
-            self._warned.add(cause)
-            rank_zero_warn(
-                f"CurvatureMonitor: a measurement failed and was skipped; training goes on. "
-                f"Cause: {cause}: {error}. {_fix_for(error)}"
-            )
+        self._warn_once(
+            cause,
+            "CurvatureMonitor: a measurement failed and was skipped; training goes on. "
+            f"Cause: {cause}: {error}. {_fix_for(error)}",
+        )
         if self.failures_in_a_row >= self.max_failures:
             self._disable(f"{self.failures_in_a_row} measurements in a row failed (last: {cause})")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _check_params(params: Any) -> str | tuple[str, ...] | None:
+    if params is None:
+        return None
+    if isinstance(params, str):
+        try:
+            re.compile(params)
+        except re.error as error:
+            raise ValueError(f"params is not a valid regular expression: {error}") from None
+        return params
+    try:
+        names = tuple(params)
+    except TypeError:
+        names = None
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            "params must be None (every trainable parameter), a regular expression, or a "
+            f"non-empty list of parameter names, got {params!r}"
+        )
+    return names
 
 
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def _select(module: nn.Module, params: str | tuple[str, ...] | None) -> list[str]:
+    """The names of the parameters a monitor measures, in the module's order."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = trainable
+    elif isinstance(params, str):
+        chosen = [name for name in trainable if re.search(params, name)]
+    else:
+        unknown = sorted(set(params) - set(trainable))
+        if unknown:
+            raise ValueError(
+                f"params names {unknown} that are not trainable parameters of "
+                f"{type(module).__name__}; choose from {trainable[:10]}"
+                + (" ..." if len(trainable) > 10 else "")
+            )
+        chosen = [name for name in trainable if name in set(params)]
+    if not chosen:
+        raise ValueError(
+            f"params={params!r} selects no trainable parameter of {type(module).__name__}; "
+            f"its trainable parameters are {trainable[:10]}"
+            + (" ..." if len(trainable) > 10 else "")
+        )
+    return chosen
 
 
 def _fix_for(error: BaseException) -> str:
@@ -471,6 +532,6 @@ def _fix_for(error: BaseException) -> str:
     if "derivative for" in text and "not implemented" in text:
         return (
             "Fix: an op in the model has no double backward; replace it, or restrict the "
-            "Hessian to parameters that avoid it."
+            "Hessian to parameters that avoid it (params=)."
         )
     return "Fix: pass on_error='raise' to see the full traceback."

@@ -1,14 +1,33 @@
-"""One curvature measurement: the estimators run on an operator, gathered in one record.
+r"""One curvature measurement, in two tiers, gathered in one record.
 
-This is shared by the training callback and the offline checkpoint analysis, so both log
-the same numbers under the same tags. It knows neither Lightning nor TensorBoard.
+- **track** (every scheduled step, a handful of products): the stability-relevant sharpness
+  — λmax, and λmax(P⁻¹H) for adaptive optimizers — warm-started from the previous Ritz
+  vectors, with λmax·η, the stability ratio and the learning rate, plus two directional
+  quantities:
+
+  * directional sharpness :math:`u^\top H u / u^\top u`, u the last update
+    :math:`\theta_s - \theta_{s-1}` (Pan & Li 2023): one product;
+  * batch sharpness, the mean over probe batches b of
+    :math:`g_b^\top H_b g_b / g_b^\top g_b` at :math:`\theta_s` (Andreyev & Beneventano,
+    "Edge of Stochastic Stability", 2024): one product per batch.
+
+- **full** (a sparser cadence): the track tier plus the top k, the trace (Hutchinson on the
+  complement of the top Ritz space, the Ritz space itself taken exactly), λmin and the
+  spectral density.
+
+Both tiers fill the same :class:`Measurement`, so curves join up. A number is only shown with
+its evidence: :meth:`Measurement.scalars` leaves out every eigenvalue whose Lanczos run did
+not converge. This module is shared by the training callback and the offline checkpoint
+analysis; it knows neither Lightning nor TensorBoard.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -17,26 +36,34 @@ from lightning_curvature.operators import PreconditionedOperator
 from lightning_curvature.stability import StabilityRule, stability_ratio
 
 TAG_PREFIX = "curvature"
+Tier = Literal["track", "full"]
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """Everything one measurement found, as plain numbers (cheap to log, store and compare).
+    """Everything one measurement found, as plain numbers with their evidence.
 
-    ``sharpness_x_lr`` is the sharpness that matters for the optimizer times η: λmax·η for
-    SGD-family optimizers, the preconditioned λmax·η for adaptive ones.
+    ``converged`` says whether the stability-relevant sharpness converged (λmax, and the
+    preconditioned λmax for adaptive optimizers); λmax, the top k and λmin each carry their
+    own flag and error bound too. ``sharpness_x_lr`` is that sharpness times η.
     """
 
     step: int
-    loss: float
+    tier: str
+    probe_loss: float
     lambda_max: float
-    eigenvalues: tuple[float, ...]
-    error_bounds: tuple[float, ...]
+    lambda_max_error_bound: float
+    lambda_max_converged: bool
     converged: bool
-    ritz_values: tuple[float, ...]
     num_matvecs: int
     seconds: float
+    eigenvalues: tuple[float, ...] = ()
+    error_bounds: tuple[float, ...] = ()
+    eigenvalues_converged: bool | None = None
+    ritz_values: tuple[float, ...] = ()
     lambda_min: float | None = None
+    lambda_min_error_bound: float | None = None
+    lambda_min_converged: bool | None = None
     trace: float | None = None
     trace_stderr: float | None = None
     preconditioned_lambda_max: float | None = None
@@ -45,28 +72,50 @@ class Measurement:
     lambda_max_x_lr: float | None = None
     sharpness_x_lr: float | None = None
     stability_ratio: float | None = None
+    directional_sharpness: float | None = None
+    directional_sharpness_x_lr: float | None = None
+    batch_sharpness: float | None = None
+    batch_sharpness_x_lr: float | None = None
+    hvp_method: str | None = None
     density_grid: tuple[float, ...] | None = field(default=None, repr=False)
     density: tuple[float, ...] | None = field(default=None, repr=False)
 
-    def scalars(self) -> dict[str, float]:
-        """The scalar tags of DESIGN.md (and a few extras), ready for ``log_metrics``."""
+    def scalars(self, prefix: str = TAG_PREFIX) -> dict[str, float]:
+        """The scalar tags, ready for ``log_metrics``: a value whose estimate did not
+        converge is left out (its ``converged`` tag still says so)."""
         values: dict[str, float | None] = {
-            "lambda_max": self.lambda_max,
-            "probe_loss": self.loss,
-            **{f"eigenvalue_{i + 1}": v for i, v in enumerate(self.eigenvalues)},
-            "trace": self.trace,
-            "trace_stderr": self.trace_stderr,
-            "lambda_min": self.lambda_min,
-            "lambda_max_x_lr": self.lambda_max_x_lr,
-            "stability_threshold": self.stability_threshold,
-            "preconditioned_lambda_max": self.preconditioned_lambda_max,
-            "sharpness_x_lr": self.sharpness_x_lr,
-            "stability_ratio": self.stability_ratio,
+            "probe_loss": self.probe_loss,
             "converged": float(self.converged),
             "num_matvecs": float(self.num_matvecs),
             "seconds": self.seconds,
+            "learning_rate": self.learning_rate,
+            "stability_threshold": self.stability_threshold,
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "directional_sharpness": self.directional_sharpness,
+            "directional_sharpness_x_lr": self.directional_sharpness_x_lr,
+            "batch_sharpness": self.batch_sharpness,
+            "batch_sharpness_x_lr": self.batch_sharpness_x_lr,
         }
-        return {f"{TAG_PREFIX}/{k}": float(v) for k, v in values.items() if v is not None}
+        if self.lambda_max_converged:
+            values.update(
+                lambda_max=self.lambda_max,
+                lambda_max_error_bound=self.lambda_max_error_bound,
+                lambda_max_x_lr=self.lambda_max_x_lr,
+            )
+        if self.converged:
+            values.update(
+                preconditioned_lambda_max=self.preconditioned_lambda_max,
+                sharpness_x_lr=self.sharpness_x_lr,
+                stability_ratio=self.stability_ratio,
+            )
+        if self.eigenvalues_converged:
+            values.update({f"eigenvalue_{i + 1}": v for i, v in enumerate(self.eigenvalues)})
+        if self.lambda_min_converged:
+            values["lambda_min"] = self.lambda_min
+        if self.lambda_min_converged is not None:
+            values["lambda_min_converged"] = float(self.lambda_min_converged)
+        return {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None}
 
     def to_json(self) -> dict[str, object]:
         """Every field as JSON-ready values: tuples become lists, and NaN or inf (which JSON
@@ -84,11 +133,11 @@ class Measurement:
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    """What to estimate and how hard to try."""
+    """What to estimate and how hard to try (see :class:`CurvatureMonitor` for each)."""
 
     k: int = 5
     num_iters: int | None = None
-    tol: float = 1e-4
+    tol: float = 1e-3
     trace: bool = True
     num_probes: int = 10
     density: bool = False
@@ -98,81 +147,191 @@ class MeasureSettings:
     seed: int = 0
 
 
+@dataclass(frozen=True, eq=False)
+class WarmStart:
+    """What one measurement hands the next: the top Ritz vectors of H and of P⁻¹ᐟ²HP⁻¹ᐟ²."""
+
+    top: torch.Tensor | None = None
+    preconditioned: torch.Tensor | None = None
+
+
 def measure(
-    op,
+    op: Any,
     step: int,
     settings: MeasureSettings,
     *,
+    tier: Tier = "full",
     rule: StabilityRule | None = None,
     preconditioner: torch.Tensor | None = None,
-    init: torch.Tensor | None = None,
-) -> tuple[Measurement, torch.Tensor | None]:
-    """Run the estimators on ``op``; return the record and the top eigenvectors (for the
-    next measurement's warm start).
+    warm: WarmStart | None = None,
+    update: torch.Tensor | None = None,
+    batch_ops: Sequence[Any] | None = None,
+    mean_over_ranks: Callable[[float], float] | None = None,
+) -> tuple[Measurement, WarmStart]:
+    """Run one tier of estimators on ``op``; return the record and the next warm start.
 
-    ``rule`` (from :func:`~lightning_curvature.stability.stability_rule`) adds λmax·η and
-    the stability ratio; ``preconditioner`` (P's diagonal) adds the preconditioned λmax.
+    Args:
+        op: the curvature operator (e.g. a HessianOperator on the probe batches).
+        step: the training step the record is for.
+        settings: what to estimate.
+        tier: ``"track"`` or ``"full"`` (module docstring).
+        rule: the optimizer's stability rule (adds η, λmax·η, the threshold and the ratio).
+        preconditioner: P's diagonal for adaptive optimizers (adds the preconditioned λmax).
+        warm: the previous measurement's :class:`WarmStart`.
+        update: θ_s − θ_{s−1} as a flat vector over the operator's parameters (adds the
+            directional sharpness).
+        batch_ops: one operator per probe batch, each with ``gradient()`` (adds the batch
+            sharpness); ``[op]`` when there is a single probe batch.
+        mean_over_ranks: averages a local number across data-parallel ranks (batch
+            sharpness is a mean over every rank's probe batches).
     """
+    if tier not in ("track", "full"):
+        raise ValueError(f"tier must be 'track' or 'full', got {tier!r}")
+    warm = warm or WarmStart()
     started = time.perf_counter()
     matvecs_before = op.num_matvecs
+    extra_matvecs = 0
+    full = tier == "full"
+    k = min(settings.k if full else 1, op.dim)
     top = lanczos(
         op,
-        k=min(settings.k, op.dim),
-        num_iters=settings.num_iters,
+        k=k,
+        num_iters=_num_iters(settings, k, op.dim),
         tol=settings.tol,
         seed=settings.seed,
         return_eigenvectors=True,
-        init=init,
+        init=_usable(warm.top, op.dim),
     )
     lambda_max = float(top.eigenvalues[0])
-    converged = top.converged
-    extra: dict = {}
-    if settings.lambda_min:
-        bottom = lanczos(op, k=1, tol=settings.tol, seed=settings.seed + 1, which="smallest")
-        extra["lambda_min"] = float(bottom.eigenvalues[0])
-    if settings.trace:
-        trace = hutchinson_trace(op, num_probes=settings.num_probes, seed=settings.seed + 2)
-        extra["trace"], extra["trace_stderr"] = trace.estimate, trace.stderr
-    if settings.density:
-        sd = spectral_density(
-            op,
-            num_runs=settings.density_runs,
-            num_iters=settings.density_iters,
-            seed=settings.seed + 3,
+    values: dict[str, Any] = {"probe_loss": float(op.loss)}
+    if full:
+        values.update(
+            eigenvalues=tuple(float(v) for v in top.eigenvalues),
+            error_bounds=tuple(float(v) for v in top.error_bounds),
+            eigenvalues_converged=top.converged,
+            ritz_values=tuple(float(v) for v in top.ritz_values),
         )
-        extra["density_grid"] = tuple(sd.grid.tolist())
-        extra["density"] = tuple(sd.density.tolist())
-    sharpness = lambda_max
+        if settings.lambda_min:
+            bottom = lanczos(
+                op,
+                k=1,
+                num_iters=_num_iters(settings, 1, op.dim),
+                tol=settings.tol,
+                seed=settings.seed + 1,
+                which="smallest",
+            )
+            values.update(
+                lambda_min=float(bottom.eigenvalues[0]),
+                lambda_min_error_bound=float(bottom.error_bounds[0]),
+                lambda_min_converged=bottom.converged,
+            )
+        if settings.trace:
+            trace = _deflated_trace(op, settings, top)
+            values.update(trace=trace.estimate, trace_stderr=trace.stderr)
+        if settings.density:
+            sd = spectral_density(
+                op,
+                num_runs=settings.density_runs,
+                num_iters=settings.density_iters,
+                seed=settings.seed + 3,
+            )
+            values.update(density_grid=tuple(sd.grid.tolist()), density=tuple(sd.density.tolist()))
+
+    sharpness, converged = lambda_max, top.converged
+    preconditioned_vectors = None
     if preconditioner is not None:
         scaled = lanczos(
             PreconditionedOperator(op, preconditioner),
             k=1,
+            num_iters=_num_iters(settings, 1, op.dim),
             tol=settings.tol,
             seed=settings.seed + 4,
+            return_eigenvectors=True,
+            init=_usable(warm.preconditioned, op.dim),
         )
-        sharpness = extra["preconditioned_lambda_max"] = float(scaled.eigenvalues[0])
+        sharpness = values["preconditioned_lambda_max"] = float(scaled.eigenvalues[0])
         converged = converged and scaled.converged
+        preconditioned_vectors = scaled.eigenvectors
+
+    if update is not None:
+        values["directional_sharpness"] = directional_sharpness(op, update)
+    if batch_ops:
+        local, spent = batch_sharpness(batch_ops, op)
+        extra_matvecs += spent
+        values["batch_sharpness"] = mean_over_ranks(local) if mean_over_ranks else local
+
     if rule is not None:
         lr = rule.learning_rate
-        extra.update(
-            learning_rate=lr, stability_threshold=rule.threshold, lambda_max_x_lr=lambda_max * lr
+        values.update(
+            learning_rate=lr,
+            stability_threshold=rule.threshold,
+            lambda_max_x_lr=lambda_max * lr,
         )
+        for name in ("directional_sharpness", "batch_sharpness"):
+            if values.get(name) is not None:
+                values[f"{name}_x_lr"] = values[name] * lr
         # An adaptive optimizer before its first step has no preconditioner yet: its
         # relevant sharpness is unknown, and λmax·η against 38 would mislead.
         if not rule.preconditioned or preconditioner is not None:
-            extra.update(
+            values.update(
                 sharpness_x_lr=sharpness * lr, stability_ratio=stability_ratio(sharpness, rule)
             )
     record = Measurement(
         step=step,
-        loss=op.loss,
+        tier=tier,
         lambda_max=lambda_max,
-        eigenvalues=tuple(float(v) for v in top.eigenvalues),
-        error_bounds=tuple(float(v) for v in top.error_bounds),
+        lambda_max_error_bound=float(top.error_bounds[0]),
+        lambda_max_converged=top.converged,
         converged=converged,
-        ritz_values=tuple(float(v) for v in top.ritz_values),
-        num_matvecs=op.num_matvecs - matvecs_before,
+        num_matvecs=op.num_matvecs - matvecs_before + extra_matvecs,
         seconds=time.perf_counter() - started,
-        **extra,
+        hvp_method=getattr(op, "method_used", None),
+        **values,
     )
-    return record, top.eigenvectors
+    return record, WarmStart(top=top.eigenvectors, preconditioned=preconditioned_vectors)
+
+
+def directional_sharpness(op: Any, update: torch.Tensor) -> float | None:
+    """``uᵀHu / uᵀu`` for the last update u (None when the step did not move)."""
+    u = update.to(device=op.device, dtype=op.dtype)
+    norm_sq = float(u @ u)
+    if norm_sq == 0.0:
+        return None
+    return float(u @ op.matvec(u)) / norm_sq
+
+
+def batch_sharpness(batch_ops: Sequence[Any], op: Any) -> tuple[float, int]:
+    """Mean over probe batches of ``g_bᵀH_b g_b / g_bᵀg_b``, and the products it cost
+    outside ``op`` (a batch operator that is ``op`` itself counts there already)."""
+    ratios, spent = [], 0
+    for batch_op in batch_ops:
+        before = batch_op.num_matvecs
+        g = batch_op.gradient()
+        norm_sq = float(g @ g)
+        ratios.append(float(g @ batch_op.matvec(g)) / norm_sq if norm_sq > 0 else 0.0)
+        if batch_op is not op:
+            spent += batch_op.num_matvecs - before
+    return sum(ratios) / len(ratios), spent
+
+
+def _deflated_trace(op: Any, settings: MeasureSettings, top: Any) -> Any:
+    """Hutchinson on the complement of the top Ritz space, whose own trace is exact (the
+    Rayleigh quotients of Ritz vectors are their Ritz values): no products beyond the
+    probes, and a smaller variance when a few eigenvalues dominate."""
+    return hutchinson_trace(
+        op,
+        num_probes=settings.num_probes,
+        seed=settings.seed + 2,
+        deflate=top.eigenvectors,
+        deflate_values=top.eigenvalues,
+    )
+
+
+def _num_iters(settings: MeasureSettings, k: int, dim: int) -> int | None:
+    if settings.num_iters is None:
+        return None
+    return max(min(settings.num_iters, dim), k)
+
+
+def _usable(vectors: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    return vectors if vectors is not None and vectors.shape[0] == dim else None

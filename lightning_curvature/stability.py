@@ -48,6 +48,7 @@ __all__ = [
     "StabilityRule",
     "adaptive_threshold",
     "first_moment_settled",
+    "owning_optimizer",
     "preconditioner_diagonal",
     "sgd_threshold",
     "stability_ratio",
@@ -203,7 +204,11 @@ def stability_rule(optimizer: Optimizer, param_group: int = 0) -> StabilityRule:
 
 
 def preconditioner_diagonal(
-    optimizer: Optimizer, params: list[torch.Tensor], param_group: int = 0
+    optimizer: Optimizer,
+    params: list[torch.Tensor],
+    param_group: int = 0,
+    *,
+    missing: str = "raise",
 ) -> torch.Tensor | None:
     r"""The diagonal of P, the preconditioner of an adaptive optimizer's last update.
 
@@ -221,6 +226,10 @@ def preconditioner_diagonal(
         optimizer: a ``torch.optim.Optimizer``.
         params: the parameters of the Hessian, in the order of its flat vectors.
         param_group: the group whose ``lr`` is η_ref (as in :func:`stability_rule`).
+        missing: what to do with a parameter the optimizer has no state for (unused so
+            far, frozen late, just added, or owned by another optimizer): ``"raise"`` a
+            ValueError, or ``"exclude"`` it by giving it P = inf, which removes its rows and
+            columns from P⁻¹ᐟ²HP⁻¹ᐟ² (this optimizer does not move it).
 
     Returns:
         P's diagonal, flat (``params`` concatenated in order), float32, on the device of
@@ -234,6 +243,8 @@ def preconditioner_diagonal(
     optimizer = _unwrap(optimizer)
     reference = _group(optimizer, param_group)
     params = _check_params(params)
+    if missing not in ("raise", "exclude"):
+        raise ValueError(f"missing must be 'raise' or 'exclude', got {missing!r}")
     family = _family(optimizer)
     if family not in _PRECONDITIONED:
         return None
@@ -245,12 +256,15 @@ def preconditioner_diagonal(
     pieces = []
     for index, p in enumerate(params):
         group = owners.get(id(p))
+        state = optimizer.state.get(p)
+        if missing == "exclude" and (group is None or not _stepped(state)):
+            pieces.append(torch.full((p.numel(),), math.inf, device=device))
+            continue
         if group is None:
             raise ValueError(
                 f"params[{index}] (shape {tuple(p.shape)}) is not in any param group of the "
                 f"{type(optimizer).__name__} optimizer: pass only the parameters it updates"
             )
-        state = optimizer.state.get(p)
         if not _stepped(state):
             raise ValueError(
                 f"params[{index}] (shape {tuple(p.shape)}) has no {family} state: it has not "
@@ -265,6 +279,22 @@ def preconditioner_diagonal(
             )
         pieces.append(diagonal.reshape(-1).to(device=device, dtype=torch.float32))
     return torch.cat(pieces)
+
+
+def owning_optimizer(
+    optimizers: list[Any], params: list[torch.Tensor]
+) -> tuple[Optimizer, int] | None:
+    """The optimizer, and the index of its param group, that updates the first parameter of
+    ``params`` that any of ``optimizers`` updates: its learning rate and rule are the ones
+    that apply to those parameters (GAN-style training has one optimizer per network).
+    None when no optimizer updates any of them."""
+    unwrapped = [_unwrap(optimizer) for optimizer in optimizers]
+    for p in params:
+        for optimizer in unwrapped:
+            for index, group in enumerate(optimizer.param_groups):
+                if any(q is p for q in group["params"]):
+                    return optimizer, index
+    return None
 
 
 def first_moment_settled(optimizer: Optimizer, tolerance: float = 0.1) -> bool:

@@ -13,12 +13,8 @@ from lightning_curvature._lightning import TensorBoardLogger
 from lightning_curvature.alerts import Alert
 from lightning_curvature.measurement import TAG_PREFIX, Measurement
 
-RITZ_HISTOGRAM_TAG = f"{TAG_PREFIX}/ritz_values"
-DENSITY_FIGURE_TAG = f"{TAG_PREFIX}/spectral_density"
-ALERT_TEXT_TAG = f"{TAG_PREFIX}/alerts"
 
-
-def dashboard_layout() -> dict[str, dict[str, list]]:
+def dashboard_layout(prefix: str = TAG_PREFIX) -> dict[str, dict[str, list]]:
     """Charts that overlay related tags: the relevant sharpness·η with its threshold, the
     stability ratio, the eigenvalues, and the trace.
 
@@ -27,12 +23,21 @@ def dashboard_layout() -> dict[str, dict[str, list]]:
     drawn next to ``sharpness_x_lr``: for SGD-family optimizers the two are the same curve,
     and for adaptive ones raw λmax·η is not what their threshold bounds.
     """
-    p = TAG_PREFIX
+    p = prefix
     return {
-        "Curvature": {
+        p: {
             "sharpness·lr (λmax·lr; preconditioned for Adam) vs stability threshold": [
                 "Multiline",
                 [f"^{p}/sharpness_x_lr$", f"^{p}/stability_threshold$"],
+            ],
+            "sharpness along the way · lr (λmax, batch, directional) vs threshold": [
+                "Multiline",
+                [
+                    f"^{p}/lambda_max_x_lr$",
+                    f"^{p}/batch_sharpness_x_lr$",
+                    f"^{p}/directional_sharpness_x_lr$",
+                    f"^{p}/stability_threshold$",
+                ],
             ],
             "stability ratio (1 = edge of stability)": ["Multiline", [f"^{p}/stability_ratio$"]],
             "top eigenvalues": ["Multiline", [f"^{p}/eigenvalue_\\d+$", f"^{p}/lambda_min$"]],
@@ -46,22 +51,24 @@ def tensorboard_writers(loggers: list[Any]) -> list[Any]:
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
-def write_layout(writer: Any) -> None:
-    writer.add_custom_scalars(dashboard_layout())
+def write_layout(writer: Any, prefix: str = TAG_PREFIX) -> None:
+    writer.add_custom_scalars(dashboard_layout(prefix))
 
 
-def write_measurement(writer: Any, record: Measurement, step: int) -> None:
+def write_measurement(
+    writer: Any, record: Measurement, step: int, prefix: str = TAG_PREFIX
+) -> None:
     """The Ritz-value histogram and, when the density was measured, its figure."""
     if record.ritz_values:
-        writer.add_histogram(RITZ_HISTOGRAM_TAG, np.asarray(record.ritz_values), step)
+        writer.add_histogram(f"{prefix}/ritz_values", np.asarray(record.ritz_values), step)
     if record.density is not None:
         figure = density_figure(record)
         if figure is not None:
-            writer.add_figure(DENSITY_FIGURE_TAG, figure, step, close=True)
+            writer.add_figure(f"{prefix}/spectral_density", figure, step, close=True)
 
 
-def write_alert(writer: Any, alert: Alert) -> None:
-    writer.add_text(ALERT_TEXT_TAG, f"**{alert.kind}** — {alert.message}", alert.step)
+def write_alert(writer: Any, alert: Alert, prefix: str = TAG_PREFIX) -> None:
+    writer.add_text(f"{prefix}/alerts", f"**{alert.kind}** — {alert.message}", alert.step)
 
 
 def density_figure(record: Measurement) -> Any | None:

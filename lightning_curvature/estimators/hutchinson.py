@@ -91,6 +91,8 @@ def hutchinson_trace(
     *,
     method: TraceMethod = "hutchinson",
     probes_per_block: int = 8,
+    deflate: torch.Tensor | None = None,
+    deflate_values: torch.Tensor | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` with Rademacher probes.
 

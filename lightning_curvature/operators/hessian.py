@@ -150,6 +150,7 @@ class HessianOperator(CurvatureOperator):
         *,
         dtype: torch.dtype = torch.float32,
         hvp_method: HvpMethod = "auto",
+        verify: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,6 +210,25 @@ class HessianOperator(CurvatureOperator):
                 total += self._products_from_graph(self._batch_gradient(index), block)
             return total / len(self.batches)
         return self._forward_over_reverse(block)
+
+    @property
+    def method_used(self) -> str:  # shim until the operators branch lands
+        return self.hvp_method
+
+    fallback_reason = None
+
+    def gradient(self) -> torch.Tensor:
+        """The mean gradient over the probe batches, as a detached flat vector."""
+        if self.hvp_method in ("auto", "reuse_graph"):
+            self._ensure_ready()
+            if self._flat_grad is not None:
+                return self._flat_grad.detach().clone()
+        total = None
+        for index in range(len(self.batches)):
+            flat = self._batch_gradient(index).detach()
+            total = flat if total is None else total + flat
+        assert total is not None
+        return total / len(self.batches)
 
     def release(self) -> None:
         """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""

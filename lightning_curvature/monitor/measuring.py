@@ -1,0 +1,188 @@
+"""One measurement of a training module, without disturbing it.
+
+This is where the monitor's parts meet: the objective (the module's own loss in the
+measurement's mode, with ``training_step``'s side effects undone), the operator over the
+chosen parameters (averaged across ranks under data parallelism), the optimizer that owns
+those parameters (its learning rate, its stability rule and, for adaptive optimizers, its
+preconditioner), and one tier of :func:`~lightning_curvature.measurement.measure`. It knows
+torch, not Lightning: the callback hands it the module, its optimizers and schedulers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_curvature.measurement import (
+    Measurement,
+    MeasureSettings,
+    Tier,
+    WarmStart,
+    measure,
+)
+from lightning_curvature.monitor.objective import (
+    Mode,
+    measurement_mode,
+    muted_logging,
+    preserved_python_state,
+)
+from lightning_curvature.operators import AllReduceOperator, HessianOperator
+from lightning_curvature.stability import (
+    StabilityRule,
+    first_moment_settled,
+    owning_optimizer,
+    preconditioner_diagonal,
+    stability_rule,
+)
+
+
+@dataclass
+class Context:
+    """Everything about the training run that a measurement reads (and must not change)."""
+
+    module: nn.Module
+    loss_fn: Callable[[nn.Module, Any], Any]
+    param_names: Sequence[str]
+    optimizers: Sequence[Any] = ()
+    lr_schedulers: Sequence[Any] = ()
+    mode: Mode = "train"
+    dropout: bool = False
+    distributed: bool = False
+
+
+@dataclass
+class Outcome:
+    """A measurement's record, what the next one starts from, and notes for the user."""
+
+    record: Measurement
+    warm: WarmStart
+    rule: StabilityRule | None
+    ratio_trusted: bool
+    method_used: str | None
+    fallback_reason: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_module(
+    context: Context,
+    batches: list[Any],
+    step: int,
+    tier: Tier,
+    settings: MeasureSettings,
+    *,
+    warm: WarmStart | None = None,
+    update: torch.Tensor | None = None,
+    hvp_method: str = "auto",
+    verify: bool = True,
+) -> Outcome:
+    """Measure ``context.module`` on ``batches`` and leave it exactly as it was."""
+    module = context.module
+    notes: list[str] = []
+    target = _float_copy(module)
+    named = dict(target.named_parameters())
+    params = {name: named[name] for name in context.param_names}
+    originals = dict(module.named_parameters())
+    owner = owning_optimizer(list(context.optimizers), [originals[n] for n in params])
+    rule = stability_rule(*owner) if owner is not None else None
+    if rule is not None and not rule.known:
+        notes.append(rule.note)
+    preconditioner = None
+    if owner is not None and rule is not None and rule.preconditioned:
+        preconditioner = preconditioner_diagonal(
+            owner[0], [originals[n] for n in params], owner[1], missing="exclude"
+        )
+        if preconditioner is not None and bool(torch.isinf(preconditioner).any()):
+            notes.append(
+                "some measured parameters have no optimizer state yet (unused, frozen or "
+                "new): they are left out of the preconditioned sharpness"
+            )
+    with (
+        preserved_python_state(module, context.optimizers, context.lr_schedulers),
+        measurement_mode(target, context.mode, context.dropout),
+        muted_logging(target),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        local = HessianOperator(
+            target, context.loss_fn, batches, params, hvp_method=hvp_method, verify=verify
+        )
+        op: Any = AllReduceOperator(local) if context.distributed else local
+        try:
+            record, next_warm = measure(
+                op,
+                step,
+                settings,
+                tier=tier,
+                rule=rule,
+                preconditioner=preconditioner,
+                warm=warm,
+                update=update,
+                batch_ops=[local] if len(batches) == 1 else _batch_operators(local, batches),
+                mean_over_ranks=_mean_over_ranks if context.distributed else None,
+            )
+        finally:
+            op.release()
+        error = getattr(op, "last_error", None)
+        if error is not None:
+            raise error
+    notes.extend(str(w.message) for w in caught)
+    return Outcome(
+        record=record,
+        warm=next_warm,
+        rule=rule,
+        ratio_trusted=owner is None or first_moment_settled(owner[0]),
+        method_used=getattr(local, "method_used", None),
+        fallback_reason=getattr(local, "fallback_reason", None),
+        notes=notes,
+    )
+
+
+def flat_parameters(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
+    """The named parameters as one detached flat vector (for the last update θ_s − θ_{s−1})."""
+    named = dict(module.named_parameters())
+    return torch.cat([named[name].detach().reshape(-1).float() for name in names]).clone()
+
+
+def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:
+    """One operator per probe batch, for the batch sharpness g_bᵀH_b g_b / g_bᵀg_b."""
+    return [
+        HessianOperator(
+            op.model,
+            op.loss_fn,
+            [batch],
+            dict(zip(op.param_names, op.params, strict=True)),
+            hvp_method=op.method_used or "auto",
+            verify=False,
+        )
+        for batch in batches
+    ]
+
+
+def _mean_over_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+def _float_copy(module: nn.Module) -> nn.Module:
+    """The module itself, or, when its parameters are half precision (``bf16-true``,
+    ``16-true``), a float32 copy that is still attached to the module's trainer (so a
+    ``training_step`` calling ``self.optimizers()`` or ``self.log`` works on it)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32, torch.float64}:
+        return module
+    trainer = getattr(module, "_trainer", None)
+    clone = copy.deepcopy(module).float()
+    if trainer is not None and hasattr(type(clone), "trainer"):
+        clone.trainer = trainer
+    return clone
