@@ -25,7 +25,12 @@ def test_warm_and_cold_starts_agree_within_the_numerical_contract(tmp_path):
         module = Classifier(mlp(), "sgd", lr=0.1)
         data = loader(classification_data())
         monitor = CurvatureMonitor(
-            every_n_steps=3, log_spaced=False, warm_start=warm, tol=1e-4, max_overhead=None
+            every_n_steps=3,
+            full_every=1,
+            log_spaced=False,
+            warm_start=warm,
+            tol=1e-4,
+            max_overhead=None,
         )
         trainer(tmp_path / str(warm), [monitor], max_steps=12).fit(module, data)
         hessian = dense_hessian(module.net, cross_entropy_loss, [next(iter(data))])

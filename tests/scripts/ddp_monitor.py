@@ -39,7 +39,7 @@ def main(out_path: str, log_dir: str) -> None:
     result = {
         "rank": rank,
         "lambda_max": monitor.history[-1]["curvature/lambda_max"],
-        "probe": [t.tolist() for t in monitor._probe_batches[0]],
+        "probe": [t.tolist() for t in monitor.probes.stored[0]],
         "state": {k: v.tolist() for k, v in module.net.state_dict().items()},
         "log_dir": trainer.logger.log_dir if rank == 0 else None,
     }
