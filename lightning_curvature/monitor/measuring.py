@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature.batches import move_batch
 from lightning_curvature.measurement import (
     Measurement,
     MeasureSettings,
@@ -85,6 +86,9 @@ def measure_module(
     module = context.module
     notes: list[str] = []
     target = _float_copy(module)
+    if target is not module:
+        device = next(target.parameters()).device
+        batches = [move_batch(batch, device, torch.float32) for batch in batches]
     named = dict(target.named_parameters())
     params = {name: named[name] for name in context.param_names}
     originals = dict(module.named_parameters())
