@@ -1,35 +1,59 @@
-"""Alert rules over the history of curvature measurements.
+r"""Alert rules over the measurements of one training run.
 
-Two rules, both pure and small:
+Two rules, each firing once when its condition starts to hold and re-arming when it stops:
 
-- **Sharpness spike**: λmax far above its recent history. Over a window of the last
-  ``window`` converged measurements (after ``warmup`` of them), a new λmax fires when it
-  exceeds the median by more than ``num_mads`` robust standard deviations
-  (1.4826·MAD) *and* by more than ``rtol`` relative to the median, so a flat history with
-  a tiny MAD does not fire on noise.
-- **Stability threshold**: the stability ratio (relevant sharpness·η / threshold) at or
-  above ``threshold_fraction`` for ``patience`` measurements in a row. It fires once and
-  re-arms when the ratio falls back below the fraction.
+- **Sharpness spike** (``"sharpness_spike"``): λmax is more than ``spike_factor`` times the
+  highest of the previous ``spike_window`` converged measurements,
 
-An estimate that has not converged never fires and never enters the history.
+  .. math:: \lambda_t > f \cdot \max(\lambda_{t-w}, \dots, \lambda_{t-1}),
+
+  and the rule is past its warm-up: at least ``spike_warmup_measurements`` converged
+  measurements before this one, and the step at least ``spike_warmup_steps``. The
+  reference is the last few *measurements*, whatever the steps between them: during
+  progressive sharpening (λmax rising several-fold over a run, a few percent per
+  measurement) it is the previous value, so no flat early point of a log-spaced schedule
+  pins it; a noisy low value cannot lower it; a return to a level seen within the window
+  is no spike. A genuine jump (weights scaled up, a learning-rate raise) fires at the first
+  measurement that sees it, once: the rule stays quiet while λmax stays more than
+  ``spike_factor`` above its reference, and re-arms once it is not (λmax came back down,
+  or stopped rising).
+- **Edge of stability** (``"edge_of_stability"``): the stability ratio (relevant
+  sharpness × η over the optimizer's stability threshold; 1 is the edge) is at least
+  ``edge_ratio`` for ``edge_patience`` measurements in a row. It re-arms when the ratio
+  falls below ``edge_ratio``.
+
+An estimate that has not converged (or is not finite) never fires, never enters the
+history and leaves both rules' state as it was.
+
+Example::
+
+    from lightning_curvature.alerts import AlertRules, AlertTracker
+
+    tracker = AlertTracker(AlertRules(spike_warmup_steps=0))
+    for step, sharpness in enumerate([7.0, 7.1, 6.9, 7.0, 7.2, 43.4, 18.8, 18.3], start=1):
+        for alert in tracker.update(step, sharpness, stability_ratio=None, converged=True):
+            print(alert.message)  # once, at step 6
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_curvature._checks import check_int, check_number
+
 SPIKE = "sharpness_spike"
-THRESHOLD = "stability_threshold"
-# Scales the median absolute deviation to a standard deviation for Gaussian noise.
-MAD_TO_STD = 1.4826
+EDGE = "edge_of_stability"
+# Alert kinds under the names that older checkpoints stored.
+_OLD_KINDS = {"stability_threshold": EDGE}
 
 
 @dataclass(frozen=True)
 class Alert:
-    """One alert: what fired, at which step, on which value, against which reference."""
+    """One alert: what fired (:data:`SPIKE` or :data:`EDGE`), at which step, on which
+    value (λmax, or the stability ratio), against which reference (the highest λmax of the
+    window, or ``edge_ratio``), and a message for the user."""
 
     kind: str
     step: int
@@ -40,113 +64,187 @@ class Alert:
 
 @dataclass(frozen=True)
 class AlertRules:
-    """Settings of the two rules (see the module docstring)."""
+    """Settings of the two rules (see the module docstring for the rules themselves).
 
-    window: int = 20
-    warmup: int = 5
-    num_mads: float = 6.0
-    rtol: float = 1.0
-    threshold_fraction: float = 0.9
-    patience: int = 3
+    Args:
+        spike_factor: a spike is λmax above this many times the highest of the previous
+            ``spike_window`` measurements; a number > 1.
+        spike_window: how many previous converged measurements form the reference.
+        spike_warmup_measurements: converged measurements needed before the spike rule
+            can fire (at least 1).
+        spike_warmup_steps: the spike rule stays quiet before this training step, where
+            curvature changes fastest by nature.
+        edge_ratio: the edge-of-stability rule fires when the stability ratio is at least
+            this (1.0 is the edge itself) ...
+        edge_patience: ... for this many measurements in a row.
+
+    Raises:
+        ValueError: naming the argument, for a value outside the range given above.
+    """
+
+    spike_factor: float = 2.0
+    spike_window: int = 3
+    spike_warmup_measurements: int = 5
+    spike_warmup_steps: int = 100
+    edge_ratio: float = 0.9
+    edge_patience: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("window", "warmup", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.warmup > self.window:
-            raise ValueError(f"warmup must be at most window={self.window}, got {self.warmup}")
-        for name in ("num_mads", "rtol", "threshold_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        # object.__setattr__: the dataclass is frozen, and NumPy numbers become Python ones.
+        set_field = object.__setattr__
+        set_field(
+            self,
+            "spike_factor",
+            check_number("spike_factor", self.spike_factor, above=1.0),
+        )
+        set_field(self, "spike_window", check_int("spike_window", self.spike_window, 1))
+        set_field(
+            self,
+            "spike_warmup_measurements",
+            check_int("spike_warmup_measurements", self.spike_warmup_measurements, 1),
+        )
+        set_field(
+            self,
+            "spike_warmup_steps",
+            check_int("spike_warmup_steps", self.spike_warmup_steps, 0),
+        )
+        set_field(self, "edge_ratio", check_number("edge_ratio", self.edge_ratio, above=0.0))
+        set_field(self, "edge_patience", check_int("edge_patience", self.edge_patience, 1))
 
 
 @dataclass
 class AlertTracker:
-    """Applies :class:`AlertRules` to measurements as they arrive; its state survives resume."""
+    """Applies :class:`AlertRules` to measurements as they arrive; its state survives resume.
+
+    Feed every measurement, in step order, to :meth:`update`; it returns the alerts that
+    measurement fires (usually none). ``fired`` keeps every alert of the run.
+    """
 
     rules: AlertRules = field(default_factory=AlertRules)
+    # The last ``spike_window`` converged λmax values; their maximum is the spike reference.
     history: list[float] = field(default_factory=list)
-    above_threshold_streak: int = 0
-    threshold_alert_active: bool = False
+    # Converged measurements seen in total (the spike rule's warm-up counts them).
+    num_converged: int = 0
+    spike_active: bool = False
+    edge_streak: int = 0
+    edge_active: bool = False
     fired: list[Alert] = field(default_factory=list)
 
     def update(
         self, step: int, lambda_max: float, stability_ratio: float | None, converged: bool
     ) -> list[Alert]:
-        """Feed one measurement; return the alerts it fires (often none)."""
+        """Feed one measurement; return the alerts it fires (often none).
+
+        Args:
+            step: the training step of the measurement.
+            lambda_max: the measured λmax.
+            stability_ratio: relevant sharpness × η over the optimizer's threshold, or
+                ``None`` when there is none to trust (then the edge rule waits).
+            converged: whether the estimate converged; if not, nothing happens.
+        """
+        lambda_max = float(lambda_max)
         if not converged or not math.isfinite(lambda_max):
             return []
-        alerts = []
-        spike = self._spike(step, lambda_max)
-        if spike is not None:
-            alerts.append(spike)
-        self.history = [*self.history, lambda_max][-self.rules.window :]
-        crossing = self._threshold(step, stability_ratio)
-        if crossing is not None:
-            alerts.append(crossing)
+        alerts = [
+            alert
+            for alert in (self._spike(step, lambda_max), self._edge(step, stability_ratio))
+            if alert is not None
+        ]
+        self.history = [*self.history, lambda_max][-self.rules.spike_window :]
+        self.num_converged += 1
         self.fired.extend(alerts)
         return alerts
 
+    def summary(self) -> str:
+        """One line for the end of a run: the alerts fired, by kind, with their steps."""
+        if not self.fired:
+            return "Alerts: none fired."
+        parts = []
+        for kind in (SPIKE, EDGE):
+            steps = [alert.step for alert in self.fired if alert.kind == kind]
+            if steps:
+                shown = ", ".join(str(s) for s in steps[:10]) + (", …" if len(steps) > 10 else "")
+                parts.append(f"{len(steps)} {kind.replace('_', ' ')} (steps {shown})")
+        return f"Alerts: {'; '.join(parts)}."
+
+    # ------------------------------------------------------------------ the two rules
     def _spike(self, step: int, value: float) -> Alert | None:
-        if len(self.history) < self.rules.warmup:
+        rules = self.rules
+        warmed_up = (
+            self.num_converged >= rules.spike_warmup_measurements
+            and step >= rules.spike_warmup_steps
+            and self.history
+        )
+        if not warmed_up:
             return None
-        median = statistics.median(self.history)
-        mad = statistics.median(abs(v - median) for v in self.history)
-        robust_limit = median + self.rules.num_mads * MAD_TO_STD * mad
-        relative_limit = median + self.rules.rtol * abs(median)
-        if value <= max(robust_limit, relative_limit):
+        reference = max(self.history)
+        # A relative rule needs a positive reference: λmax <= 0 has no "times higher".
+        is_spike = reference > 0 and value > rules.spike_factor * reference
+        fires = is_spike and not self.spike_active
+        self.spike_active = is_spike
+        if not fires:
             return None
         return Alert(
             kind=SPIKE,
             step=step,
             value=value,
-            reference=median,
+            reference=reference,
             message=(
-                f"Sharpness spike at step {step}: λmax = {value:.4g}, {value / median:.2f}× the "
-                f"median {median:.4g} of the last {len(self.history)} measurements. Training "
-                "may be about to become unstable: consider a lower learning rate or warm-up."
-                if median > 0
-                else f"Sharpness spike at step {step}: λmax = {value:.4g} (median {median:.4g})."
+                f"Sharpness spike at step {step}: λmax = {value:.4g}, {value / reference:.2f}× "
+                f"the highest {reference:.4g} of the previous {len(self.history)} "
+                f"measurements (spike_factor={rules.spike_factor:g}). Something changed the "
+                "loss landscape abruptly (a learning-rate change, a weight scale, a data "
+                "shift); training may become unstable."
             ),
         )
 
-    def _threshold(self, step: int, ratio: float | None) -> Alert | None:
+    def _edge(self, step: int, ratio: float | None) -> Alert | None:
         if ratio is None or not math.isfinite(ratio):
             return None
-        if ratio < self.rules.threshold_fraction:
-            self.above_threshold_streak = 0
-            self.threshold_alert_active = False
+        ratio = float(ratio)
+        if ratio < self.rules.edge_ratio:
+            self.edge_streak = 0
+            self.edge_active = False
             return None
-        self.above_threshold_streak += 1
-        if self.threshold_alert_active or self.above_threshold_streak < self.rules.patience:
+        self.edge_streak += 1
+        if self.edge_active or self.edge_streak < self.rules.edge_patience:
             return None
-        self.threshold_alert_active = True
+        self.edge_active = True
         return Alert(
-            kind=THRESHOLD,
+            kind=EDGE,
             step=step,
             value=ratio,
-            reference=self.rules.threshold_fraction,
+            reference=self.rules.edge_ratio,
             message=(
-                f"Edge of stability at step {step}: sharpness·lr is {ratio:.2f}× the optimizer's "
-                f"stability threshold for {self.above_threshold_streak} measurements in a row "
-                "(1.0 is the edge). Expect oscillating or rising loss; lower the learning rate "
-                "if that is not what you want."
+                f"Edge of stability at step {step}: sharpness·lr is {ratio:.2f}× the "
+                f"optimizer's stability threshold for {self.edge_streak} measurements in a "
+                "row (1.0 is the edge). Expect oscillating or rising loss; lower the learning "
+                "rate if that is not what you want."
             ),
         )
 
+    # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": list(self.history),
-            "above_threshold_streak": self.above_threshold_streak,
-            "threshold_alert_active": self.threshold_alert_active,
+            "num_converged": self.num_converged,
+            "spike_active": self.spike_active,
+            "edge_streak": self.edge_streak,
+            "edge_active": self.edge_active,
             "fired": [asdict(alert) for alert in self.fired],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # .get() defaults: checkpoints written by older versions still load.
-        self.history = [float(v) for v in state.get("history", [])][-self.rules.window :]
-        self.above_threshold_streak = int(state.get("above_threshold_streak", 0))
-        self.threshold_alert_active = bool(state.get("threshold_alert_active", False))
-        self.fired = [Alert(**alert) for alert in state.get("fired", [])]
+        # .get() defaults, and the key names older versions wrote, so old checkpoints load.
+        history = [float(v) for v in state.get("history", [])]
+        self.history = history[-self.rules.spike_window :]
+        self.num_converged = int(state.get("num_converged", len(history)))
+        self.spike_active = bool(state.get("spike_active", False))
+        self.edge_streak = int(state.get("edge_streak", state.get("above_threshold_streak", 0)))
+        self.edge_active = bool(
+            state.get("edge_active", state.get("threshold_alert_active", False))
+        )
+        self.fired = [
+            Alert(**{**alert, "kind": _OLD_KINDS.get(alert["kind"], alert["kind"])})
+            for alert in state.get("fired", [])
+        ]

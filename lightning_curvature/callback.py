@@ -9,7 +9,6 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_curvature._checks import check_bool, check_choice, check_int, check_number
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
@@ -24,13 +24,7 @@ from lightning_curvature.monitor.measuring import Context, flat_parameters, meas
 from lightning_curvature.monitor.objective import Mode, training_step_loss
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet
 from lightning_curvature.monitor.publish import Publisher
-from lightning_curvature.monitor.schedule import Schedule
-from lightning_curvature.monitor.validation import (
-    check_bool,
-    check_choice,
-    check_int,
-    check_number,
-)
+from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
 
 OnError = Literal["warn", "raise"]
@@ -132,10 +126,11 @@ class CurvatureMonitor(Callback):
         mode: Mode = "train",
         dropout: bool = False,
         warm_start: bool = True,
-        spike_window: int = 20,
         spike_factor: float = 2.0,
-        spike_warmup: int = 5,
-        edge_fraction: float = 0.9,
+        spike_window: int = 3,
+        spike_warmup_measurements: int = 5,
+        spike_warmup_steps: int = 100,
+        edge_ratio: float = 0.9,
         edge_patience: int = 3,
         on_alert: Callable[[Alert], None] | None = None,
         stop_on_alert: bool = False,
@@ -181,7 +176,17 @@ class CurvatureMonitor(Callback):
                 f"'/', got {tag_prefix!r}"
             )
         if lr_factor_on_alert is not None:
-            check_number("lr_factor_on_alert", lr_factor_on_alert, 0, 1, open_high=True)
+            check_number(
+                "lr_factor_on_alert",
+                lr_factor_on_alert,
+                above=0.0,
+                allowed="a number in (0, 1) or None",
+            )
+            if lr_factor_on_alert >= 1:
+                raise ValueError(
+                    f"lr_factor_on_alert must be a number in (0, 1) or None, got "
+                    f"{lr_factor_on_alert!r}"
+                )
         self.params = _check_params(params)
         self.tag_prefix = tag_prefix
         self.loss_fn = loss_fn
@@ -196,26 +201,27 @@ class CurvatureMonitor(Callback):
         self.settings = MeasureSettings(
             k=k,
             num_iters=num_iters,
-            tol=check_number("tol", tol, 0, 1, open_low=True, open_high=True),
+            tol=_check_tol(tol),
             trace=bool(trace),
             num_probes=check_int("num_probes", num_probes, 2),
             density=bool(spectral_density),
             lambda_min=bool(lambda_min),
             seed=check_int("seed", seed, 0),
         )
-        self.schedule = Schedule(
+        self.schedule = MeasurementSchedule(
             every_n_steps=every_n_steps,
-            full_every=full_every,
             log_spaced=bool(log_spaced),
+            full_every=full_every,
             max_overhead=max_overhead,
         )
         self.alerts = AlertTracker(
             AlertRules(
-                window=spike_window,
-                warmup=min(spike_warmup, spike_window),
-                rtol=spike_factor - 1,
-                threshold_fraction=edge_fraction,
-                patience=edge_patience,
+                spike_factor=spike_factor,
+                spike_window=spike_window,
+                spike_warmup_measurements=spike_warmup_measurements,
+                spike_warmup_steps=spike_warmup_steps,
+                edge_ratio=edge_ratio,
+                edge_patience=edge_patience,
             )
         )
         self.probes = ProbeSet(probe, num_batches, probe_dataloader)
@@ -262,20 +268,19 @@ class CurvatureMonitor(Callback):
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
         self.probes.draw(pl_module.device)
-        self.schedule.start()
+        self.schedule.start(trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.disabled_reason is not None:
             return
-        upcoming = self.schedule.peek(trainer.global_step + 1)
+        upcoming = self.schedule.upcoming(trainer.global_step + 1)
         self.probes.offer(batch, pl_module.device, upcoming is not None)
         if upcoming is not None and self._param_names:
             # θ_{s−1}, for the sharpness along the update that produces step s.
             flat = flat_parameters(pl_module, self._param_names)
             self._previous_params = (trainer.global_step, flat)
-        self.schedule.batch_started()
 
     def on_train_batch_end(
         self,
@@ -285,34 +290,33 @@ class CurvatureMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self.schedule.batch_ended()
         if self.disabled_reason is not None or trainer.sanity_checking:
             return
         step = trainer.global_step
-        if self.schedule.needs_agreement(step):
-            # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-            self.schedule.agree(trainer.strategy.broadcast(self.schedule.proposal, src=0))
-        tier = self.schedule.decide(step, ready=self.probes.ready)
-        if tier is None:
+        # The calibrated cadence is the one clock-derived decision: rank 0's holds.
+        decision = self.schedule.decide(step, agree=_rank_zero_value(trainer))
+        if decision.info:
+            rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {decision.info}")
+        if decision.warning:
+            rank_zero_warn(f"CurvatureMonitor[{self.tag_prefix}]: {decision.warning}")
+        if decision.tier is None or not self.probes.ready:
             return
-        started = time.perf_counter()
+        error = None
         try:
-            outcome = measure_module(
-                self._context(trainer, pl_module),
-                self.probes.batches(pl_module.device),
-                step,
-                tier,
-                self.settings,
-                warm=self._warm if self.warm_start else None,
-                update=self._update(pl_module, step),
-                hvp_method=self._hvp_method,
-                verify=not self._checked or tier == "full",
-            )
-            error = None
+            with self.schedule.timed(decision):
+                outcome = measure_module(
+                    self._context(trainer, pl_module),
+                    self.probes.batches(pl_module.device),
+                    step,
+                    decision.tier,
+                    self.settings,
+                    warm=self._warm if self.warm_start else None,
+                    update=self._update(pl_module, step),
+                    hvp_method=self._hvp_method,
+                    verify=not self._checked or decision.full,
+                )
         except Exception as caught:
             error = caught
-        finally:
-            self.schedule.measured(tier, time.perf_counter() - started)
         error = self._agree_on_failure(trainer, error)
         if error is not None:
             self._failed(error)
@@ -331,8 +335,8 @@ class CurvatureMonitor(Callback):
         peak = max(ratios, default=None)
         rank_zero_info(
             f"CurvatureMonitor[{self.tag_prefix}]: {self.schedule.summary()}"
-            + (f", peak stability ratio {peak[0]:.3g} at step {peak[1]}" if peak else "")
-            + f", {len(self.alerts.fired)} alert(s)."
+            + (f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}." if peak else "")
+            + f" {self.alerts.summary()}"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -393,11 +397,6 @@ class CurvatureMonitor(Callback):
                 f"within {record.num_matvecs} products, so it is not logged there (raise "
                 "num_iters, or loosen tol).",
             )
-        message = self.schedule.message()
-        if message:
-            (rank_zero_warn if self.schedule.is_warning else rank_zero_info)(
-                f"CurvatureMonitor: {message}"
-            )
         writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
         metrics = self.publisher.publish(
             record,
@@ -405,7 +404,7 @@ class CurvatureMonitor(Callback):
             loggers=trainer.loggers,
             callback_metrics=trainer.callback_metrics,
             writers=writers,
-            extra={"overhead": self.schedule.overhead()},
+            extra={"overhead": self.schedule.overhead},
         )
         self.history.append({"step": float(record.step), **metrics})
         ratio = record.stability_ratio if self._ratio_trusted else None
@@ -472,6 +471,20 @@ class CurvatureMonitor(Callback):
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
+
+
+def _check_tol(tol: Any) -> float:
+    value = check_number("tol", tol, above=0.0, allowed="a number in (0, 1)")
+    if value >= 1:
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    return value
+
+
+def _rank_zero_value(trainer: pl.Trainer) -> Callable[[int], int]:
+    def agree(value: int) -> int:
+        return int(trainer.strategy.broadcast(value, src=0))
+
+    return agree
 
 
 def _check_params(params: Any) -> str | tuple[str, ...] | None:

@@ -117,7 +117,7 @@ def test_threshold_alerts_wait_for_adams_bias_correction_to_settle(
         k=1,
         trace=False,
         max_overhead=None,
-        edge_fraction=1e-9,  # any ratio counts as "at the edge"
+        edge_ratio=1e-9,  # any ratio counts as "at the edge"
         edge_patience=1,
         on_alert=alerts.append,
     )
@@ -130,7 +130,7 @@ def test_threshold_alerts_wait_for_adams_bias_correction_to_settle(
             monitor,
             max_steps=25,
         )
-    threshold_alerts = [a.step for a in alerts if a.kind == "stability_threshold"]
+    threshold_alerts = [a.step for a in alerts if a.kind == "edge_of_stability"]
     assert threshold_alerts == [first_alert_step]
     logged = [h["step"] for h in monitor.history if "curvature/stability_ratio" in h]
     assert logged[0] == 1  # the ratio itself is logged from the first step
@@ -323,6 +323,7 @@ def test_a_sharpness_spike_alerts_in_tensorboard_and_can_stop_training(tmp_path)
         loss_fn=scaled_loss,
         on_alert=on_alert,
         stop_on_alert=True,
+        spike_warmup_steps=0,
         max_overhead=None,
     )
     torch.manual_seed(0)
@@ -428,8 +429,8 @@ def test_an_explicit_schedule_is_never_skipped_and_warns_once_about_its_cost(tmp
     monitor = CurvatureMonitor(every_n_steps=1, log_spaced=False, max_overhead=0.05)
     with pytest.warns(UserWarning) as caught:
         fit(tmp_path, Classifier(mlp()), loader(classification_data()), monitor, max_steps=30)
-    costly = [str(w.message) for w in caught if "over max_overhead" in str(w.message)]
-    assert len(costly) == 1 and "every_n_steps=1" in costly[0]
+    costly = [str(w.message) for w in caught if "above max_overhead" in str(w.message)]
+    assert len(costly) == 1 and "every 1 steps" in costly[0]
     assert [int(h["step"]) for h in monitor.history] == list(range(1, 31))
     assert monitor.history[-1]["curvature/overhead"] > 0.05
 
@@ -523,7 +524,7 @@ def test_lr_factor_on_alert_reduces_every_learning_rate(tmp_path):
     monitor = CurvatureMonitor(
         every_n_steps=1,
         log_spaced=False,
-        edge_fraction=0.01,
+        edge_ratio=0.01,
         edge_patience=2,
         lr_factor_on_alert=0.5,
         max_overhead=None,
@@ -531,6 +532,6 @@ def test_lr_factor_on_alert_reduces_every_learning_rate(tmp_path):
     module = Classifier(mlp(), "sgd", lr=0.4)
     with pytest.warns(UserWarning, match="Edge of stability"):
         run = fit(tmp_path, module, loader(classification_data()), monitor, max_steps=4)
-    fired = [a for a in monitor.alerts.fired if a.kind == "stability_threshold"]
+    fired = [a for a in monitor.alerts.fired if a.kind == "edge_of_stability"]
     assert [a.step for a in fired] == [2]  # fires once, then stays quiet while above
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2)

@@ -338,7 +338,7 @@ def test_a_monitor_reused_after_fast_dev_run_measures_again(tmp_path):
         ({"log_spaced": None}, "log_spaced"),
         ({"spike_window": 0}, "spike_window"),
         ({"edge_patience": 0}, "edge_patience"),
-        ({"edge_fraction": -1.0}, "edge_fraction"),
+        ({"edge_ratio": -1.0}, "edge_ratio"),
         ({"params": "("}, "params"),
         ({"params": [1, 2]}, "params"),
         ({"tag_prefix": ""}, "tag_prefix"),

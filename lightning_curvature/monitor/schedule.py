@@ -1,20 +1,73 @@
-"""When to measure, and which tier: a schedule that keeps its promises.
+r"""When to measure: a fixed cadence, two tiers, and the same decision on every rank.
 
-- An explicit ``every_n_steps`` is honoured exactly: a measurement at every step where a
-  multiple of it is reached or crossed (``global_step`` can advance by more than one per
-  batch, e.g. two optimizers under manual optimization), never skipped. If it costs more
-  than ``max_overhead``, one warning says so, with the measured overhead.
-- ``every_n_steps=None`` calibrates once: the log-spaced early steps (1, 2, 4, 8) are
-  measured and timed against the training steps, and at step :data:`CALIBRATION_STEP` the
-  densest power-of-two cadence whose overhead fits ``max_overhead`` is fixed for the rest of
-  the run, so curves are comparable and runs reproducible. It is the only decision that
-  reads a clock; under data parallelism the callback agrees it across ranks (rank 0's
-  proposal, broadcast) before it is used, so every rank decides the same steps.
-- ``log_spaced`` adds steps 1, 2, 4, 8, … below the cadence, where curvature moves fastest.
-- The first measurement of a run and every ``full_every``-th after it are *full*; the rest
-  are *track* measurements.
+:class:`MeasurementSchedule` says, after each optimizer step, whether to measure and how:
 
-The clock is injected (``clock``), so the calibration is tested with a fake one.
+- **track**, a cheap measurement (λmax and what hangs on it), at every scheduled step:
+  every multiple of the cadence :math:`n`, and, with ``log_spaced``, the steps
+  1, 2, 4, 8, ... below :math:`n`, where curvature changes fastest;
+- **full** (top-k, trace, density, ...) at the first measurement of the run and at every
+  multiple of ``full_every``·:math:`n`, i.e. every ``full_every``-th point of the cadence.
+
+A step is scheduled when the training step *crosses* it: when ``global_step`` advances by
+two per batch (two optimizers under manual optimization), the multiple of :math:`n` that
+falls between two calls is measured at the later one. No step is measured twice.
+
+**The cadence** is either the user's ``every_n_steps``, honoured exactly (never skipped;
+if it costs more than ``max_overhead``, one warning says so and how to lower it), or,
+with ``every_n_steps=None``, calibrated once and then fixed for the whole run, so curves
+are comparable and reruns reproducible. Calibration measures at steps
+:math:`s_0 + 1, 2, 4, 8` (:math:`s_0` the step training started from, so on a fresh run
+the log-spaced steps themselves), times a full measurement :math:`t_f` (the first), a
+track one :math:`t_t` (the median of the others) and a training step :math:`t_s` (the
+median step time between calls), and picks the smallest power of two :math:`n` with
+
+.. math:: \frac{(F - 1)\,t_t + t_f}{F \cdot n \cdot t_s} \le \text{max\_overhead},
+
+the measurement time per ``full_every`` = :math:`F` cadence points over the training
+time between them (the first, cold, full measurement makes the estimate conservative).
+With ``max_overhead=None`` the cadence is :data:`DEFAULT_EVERY_N_STEPS`.
+
+**Ranks.** Decisions depend only on steps and counters, never on a clock, except the
+calibrated cadence: the clock-derived number is passed through ``agree`` (e.g. a
+broadcast of rank 0's value) in the one :meth:`~MeasurementSchedule.decide` call that
+calibrates. That call comes at the same step on every rank, so a collective is safe there.
+
+**Calling protocol** (what :class:`~lightning_curvature.CurvatureMonitor` does)::
+
+    schedule = MeasurementSchedule(every_n_steps=None, max_overhead=0.05)
+    schedule.start(trainer.global_step)                       # on_train_start
+    # on_train_batch_end, on every rank, every batch (even while the monitor waits for
+    # its probe batches: the calls time the training steps):
+    decision = schedule.decide(trainer.global_step, agree=broadcast_from_rank_zero)
+    if decision.info: rank_zero_info(decision.info)           # the calibration line
+    if decision.warning: rank_zero_warn(decision.warning)     # overhead above budget
+    if decision.tier is not None:                             # "track" or "full"
+        try:
+            with schedule.timed(decision):                    # times it; counts it if
+                record = measure(..., full=decision.full)     # no exception escapes
+        except Exception: ...                                 # counted as failed
+    schedule.summary()                                        # on_train_end
+    schedule.state_dict() / schedule.load_state_dict(state)   # checkpoints
+
+A decision that is not timed (the monitor skipped it, say for want of probe batches) is
+not counted; the first full measurement is retried at the next scheduled step until one
+completes.
+
+Example::
+
+    >>> schedule = MeasurementSchedule(every_n_steps=5, full_every=2, max_overhead=None)
+    >>> for step in range(1, 21):
+    ...     decision = schedule.decide(step)
+    ...     if decision.measure:
+    ...         with schedule.timed(decision):
+    ...             print(step, decision.tier)  # measure here
+    1 full
+    2 track
+    4 track
+    5 track
+    10 full
+    15 track
+    20 full
 """
 
 from __future__ import annotations
@@ -22,207 +75,397 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from lightning_curvature.measurement import Tier
-from lightning_curvature.monitor.validation import check_int, check_number
+from lightning_curvature._checks import check_int, check_number
 
-# The calibration is fixed at the first decision at or after this step: by then the
-# log-spaced steps 1, 2, 4 and 8 have timed a full and three track measurements, and
-# fifteen training steps after the first (which pays for warm-up) have been timed.
-CALIBRATION_STEP = 16
-# The cadence without calibration (max_overhead=None) and the calibration's upper limit.
-DEFAULT_CADENCE = 64
-MAX_CADENCE = 2**14
+Tier = Literal["track", "full"]
+TRACK: Tier = "track"
+FULL: Tier = "full"
+
+# The cadence when every_n_steps=None and max_overhead=None: nothing to calibrate against.
+DEFAULT_EVERY_N_STEPS = 100
+# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, 8).
+CALIBRATION_SPAN = 8
+# The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
+MAX_CALIBRATED_EVERY_N_STEPS = 2**16
+# Samples kept for an estimate: bounded, so the state stays small.
+_MAX_SAMPLES = 64
 
 
-class Schedule:
-    """Decides, step by step, whether to measure and which tier (see the module docstring).
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`MeasurementSchedule.decide` says for one step.
 
-    The callback's protocol: ``start()`` when training starts; ``batch_started()`` and
-    ``batch_ended()`` around every training batch (they time the steps); at each batch end,
-    if ``needs_agreement(step)``, ``agree(value)`` with rank 0's ``proposal``, then
-    ``decide(step, ready)`` gives ``"track"``, ``"full"`` or None; after a measurement,
-    ``measured(tier, seconds)``, then ``message()`` (a calibration note or the one overhead
-    warning, once). ``peek(step)`` answers "would ``step`` be measured?" without deciding.
+    ``tier`` is ``"track"``, ``"full"`` or ``None`` (no measurement). ``info`` is the
+    one-time calibration line, ``warning`` the one-time overhead warning; both are ready
+    to show to the user, and ``None`` at every other step.
+    """
+
+    step: int
+    tier: Tier | None
+    info: str | None = None
+    warning: str | None = None
+
+    @property
+    def measure(self) -> bool:
+        return self.tier is not None
+
+    @property
+    def full(self) -> bool:
+        return self.tier == FULL
+
+
+class MeasurementSchedule:
+    """Decides at which steps to measure, track or full (see the module docstring).
+
+    Args:
+        every_n_steps: the cadence in optimizer steps, honoured exactly; ``None``
+            calibrates it once to ``max_overhead`` and then keeps it.
+        log_spaced: also measure at steps 1, 2, 4, 8, ... below the cadence.
+        full_every: every this-many-th cadence point is a full measurement (steps that are
+            multiples of ``full_every · cadence``); the first measurement is always full.
+        max_overhead: the measurement time the cadence may cost, as a fraction of the
+            training time, in (0, 1]. With ``every_n_steps=None`` it sets the calibrated
+            cadence; with an integer it only warns (once) when exceeded. ``None``: no
+            warning, and :data:`DEFAULT_EVERY_N_STEPS` when ``every_n_steps=None``.
+        clock: seconds as a float; injected so tests can use a fake clock.
+
+    Raises:
+        ValueError: naming the argument, for ``every_n_steps`` or ``full_every`` that is
+            not an integer >= 1 (``None`` allowed for ``every_n_steps``), ``max_overhead``
+            outside (0, 1], ``log_spaced`` that is not a bool, or a ``clock`` that is not
+            callable.
     """
 
     def __init__(
         self,
         every_n_steps: int | None = None,
-        full_every: int = 8,
         log_spaced: bool = True,
+        full_every: int = 8,
         max_overhead: float | None = 0.05,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if every_n_steps is not None:
-            every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+            every_n_steps = _check_cadence(every_n_steps)
+        if not isinstance(log_spaced, bool):
+            raise ValueError(f"log_spaced must be True or False, got {log_spaced!r}")
         if max_overhead is not None:
-            max_overhead = check_number("max_overhead", max_overhead, 0, 1, open_low=True)
-        self.full_every = check_int("full_every", full_every, 1)
-        self.requested = every_n_steps
+            max_overhead = check_number(
+                "max_overhead",
+                max_overhead,
+                above=0.0,
+                at_most=1.0,
+                allowed="a number in (0, 1] or None",
+            )
+        if not callable(clock):
+            raise ValueError(f"clock must be callable as clock() -> seconds, got {clock!r}")
+        self.every_n_steps = every_n_steps
         self.log_spaced = log_spaced
+        self.full_every = check_int("full_every", full_every, 1)
         self.max_overhead = max_overhead
         self.clock = clock
+
+        # The cadence in force: fixed now, or by calibration.
         self.cadence: int | None = every_n_steps
         if every_n_steps is None and max_overhead is None:
-            self.cadence = DEFAULT_CADENCE
+            self.cadence = DEFAULT_EVERY_N_STEPS
+        self.calibration_start = 0
         self.last_step = 0
-        self.counts = {"track": 0, "full": 0}
+        self.num_track = 0
+        self.num_full = 0
+        self.num_failed = 0
         self.measure_seconds = 0.0
         self.train_seconds = 0.0
-        self.step_times: list[float] = []
-        self.tier_times: dict[str, list[float]] = {"track": [], "full": []}
-        self.proposal: int | None = None
-        self.is_warning = False
-        self._pending: str | None = None
-        self._warned_overhead = False
-        self._batch_started: float | None = None
+        self.train_steps = 0
+        # The projected overhead of the cadence, from the calibration samples.
+        self.estimated_overhead: float | None = None
+        self._samples: dict[str, list[float]] = {"step": [], TRACK: [], FULL: []}
+        # The clock at the last call or measurement end; None: the next call only reads it.
+        self._mark: float | None = None
+        self._unassigned_seconds = 0.0  # training time not yet spread over a step
 
-    # ------------------------------------------------------------------ timing
-    def start(self) -> None:
-        self._batch_started = None
+    # ------------------------------------------------------------------ protocol
+    def start(self, step: int) -> None:
+        """Start (or resume) training at ``step`` (``trainer.global_step``); call it at
+        train start, after any checkpoint was loaded."""
+        step = check_int("step", step, 0)
+        if self.cadence is None and not self._samples[FULL] and not self._samples[TRACK]:
+            self.calibration_start = step  # after a resume, calibrate from here
+        self.last_step = step
+        self._mark = None
+        self._unassigned_seconds = 0.0
 
-    def batch_started(self) -> None:
-        self._batch_started = self.clock()
+    def decide(self, step: int, agree: Callable[[int], int] | None = None) -> Decision:
+        """Call after every optimizer step (every batch) with the global step; returns
+        whether and how to measure at it.
 
-    def batch_ended(self) -> None:
-        if self._batch_started is None:
-            return
-        seconds = self.clock() - self._batch_started
-        self._batch_started = None
-        self.train_seconds += seconds
-        if self.cadence is None:
-            self.step_times.append(seconds)
+        Args:
+            step: ``trainer.global_step``, non-decreasing between calls.
+            agree: called once, at the call that calibrates, with this rank's proposed
+                cadence; it must return the cadence every rank uses (rank 0's, e.g. a
+                broadcast). ``None``: the proposal is used as is (one process).
+        """
+        step = check_int("step", step, 0)
+        self._time_training(step)
+        info = warning = None
+        if self.cadence is None and self._calibration_due():
+            info = self._calibrate(agree)
+        elif self._overhead_check_due():
+            warning = self._overhead_warning()
+        tier = self._tier(self.last_step, step)
+        self.last_step = max(self.last_step, step)
+        return Decision(step=step, tier=tier, info=info, warning=warning)
 
-    def measured(self, tier: Tier, seconds: float) -> None:
-        self.measure_seconds += seconds
-        self.tier_times[tier].append(seconds)
-        if (
-            self.requested is not None
-            and self.max_overhead is not None
-            and not self._warned_overhead
-            and sum(self.counts.values()) >= 3
-            and self.overhead() > self.max_overhead
-        ):
-            self._warned_overhead = True
-            self._say(
-                f"every_n_steps={self.requested} costs {self.overhead():.1%} of the training "
-                f"time, over max_overhead={self.max_overhead:g}. Every scheduled step is still "
-                "measured; to lower the cost, raise every_n_steps or full_every, or measure "
-                "less in full measurements (k, trace=False, num_probes).",
-                warning=True,
+    def upcoming(self, step: int) -> Tier | None:
+        """The tier :meth:`decide` would give at ``step`` now, without deciding or timing
+        (the monitor keeps θ_{s−1} only before a step that will be measured)."""
+        return self._tier(self.last_step, step)
+
+    @contextmanager
+    def timed(self, decision: Decision) -> Iterator[None]:
+        """Time the measurement ``decision`` asked for; it counts (and, while calibrating,
+        serves as a timing sample) unless an exception escapes, which counts as failed."""
+        if decision.tier is None:
+            raise ValueError(f"timed() needs a decision that measures, got {decision!r}")
+        started = self.clock()
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            ended = self.clock()
+            self.measure_seconds += ended - started
+            self._mark = ended  # the measurement is not training time
+            if completed:
+                if decision.tier == FULL:
+                    self.num_full += 1
+                else:
+                    self.num_track += 1
+                if self._collecting():
+                    _append(self._samples[decision.tier], ended - started)
+            else:
+                self.num_failed += 1
+
+    def fix_cadence(self, every_n_steps: int) -> None:
+        """Fix the calibrated cadence (as :meth:`decide` does with the agreed value)."""
+        if self.every_n_steps is not None:
+            raise ValueError(
+                f"fix_cadence is for a calibrated cadence; every_n_steps={self.every_n_steps} "
+                "was given explicitly and is honoured as it is"
             )
+        self.cadence = _check_cadence(every_n_steps)
+        self._samples = {"step": [], TRACK: [], FULL: []}
 
+    # ------------------------------------------------------------------ reporting
+    @property
+    def calibrating(self) -> bool:
+        return self.cadence is None
+
+    @property
     def overhead(self) -> float:
-        """Measurement time over training time without it (0.05: 5% slower)."""
+        """Measurement time over training time so far (NaN before any training time)."""
         return self.measure_seconds / self.train_seconds if self.train_seconds > 0 else math.nan
 
-    # ------------------------------------------------------------------ decisions
-    def needs_agreement(self, step: int) -> bool:
-        """True once, at the calibration step: the callback must ``agree`` on the cadence."""
-        if self.cadence is not None or step < CALIBRATION_STEP:
-            return False
-        self.proposal = self._calibrated_cadence()
-        return True
-
-    def agree(self, cadence: int) -> None:
-        """Fix the cadence (rank 0's proposal under data parallelism)."""
-        self.cadence = int(cadence)
-        track, full = _median(self.tier_times["track"]), _median(self.tier_times["full"])
-        self._say(
-            f"measuring every {self.cadence} steps (calibrated once and kept: a track "
-            f"measurement takes {track:.3g} s, a full one {full:.3g} s, every "
-            f"{self.full_every}th measurement is full, a training step takes "
-            f"{_median(self.step_times[1:] or self.step_times):.3g} s, max_overhead="
-            f"{self.max_overhead:g}). Pass every_n_steps to choose it yourself."
-        )
-
-    def peek(self, step: int) -> Tier | None:
-        """The tier ``decide(step)`` would give, without deciding."""
-        if step <= self.last_step:
-            return None
-        if self._log_spaced_due(step) or self._crossed(step):
-            return "full" if self._next_is_full() else "track"
-        return None
-
-    def decide(self, step: int, ready: bool = True) -> Tier | None:
-        """Whether ``step`` is measured, and which tier; records the decision."""
-        if self.cadence is None and step >= CALIBRATION_STEP:
-            self.agree(self._calibrated_cadence())  # single process: no one to agree with
-        tier = self.peek(step) if ready else None
-        if step > self.last_step:
-            self.last_step = step
-        if tier is not None:
-            self.counts[tier] += 1
-        return tier
-
-    def message(self) -> str | None:
-        """The calibration note or the overhead warning, once each (then None)."""
-        message, self._pending = self._pending, None
-        return message
-
     def summary(self) -> str:
-        how = "given" if self.requested is not None else "calibrated"
-        cadence = f"every {self.cadence} steps ({how})" if self.cadence else "not calibrated"
-        return (
-            f"{self.counts['track'] + self.counts['full']} measurements "
-            f"({self.counts['track']} track, {self.counts['full']} full), {cadence}, "
-            f"overhead {self.overhead():.1%}"
-        )
+        """A few sentences for the end of a run: points logged, cadence, overhead."""
+        points = self.num_track + self.num_full
+        failed = f", {self.num_failed} failed" if self.num_failed else ""
+        tiers = f"{self.num_track} track, {self.num_full} full{failed}"
+        text = f"Curvature measurements: {points} ({tiers})"
+        if self.cadence is None:
+            text += " while calibrating the cadence"
+        else:
+            if self.every_n_steps is not None:
+                how = "as asked"
+            elif self.max_overhead is not None:
+                how = "calibrated"
+            else:
+                how = "the default"
+            text += f", every {self.cadence} steps ({how})"
+            if self.log_spaced and self.cadence > 1:
+                text += " and at steps 1, 2, 4, … below it"
+            text += f", full every {self.full_every * self.cadence} steps"
+        text += "."
+        if math.isfinite(self.overhead):
+            budget = "" if self.max_overhead is None else f" (max_overhead {self.max_overhead:.0%})"
+            text += f" Measuring took {self.overhead:.1%} of the training time{budget}."
+        return text
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        calibrated = self.every_n_steps is None and self.max_overhead is not None
         return {
-            "cadence": self.cadence,
+            "calibrated_every_n_steps": self.cadence if calibrated else None,
+            "calibration_start": self.calibration_start,
             "last_step": self.last_step,
-            "counts": dict(self.counts),
+            "num_track": self.num_track,
+            "num_full": self.num_full,
+            "num_failed": self.num_failed,
             "measure_seconds": self.measure_seconds,
             "train_seconds": self.train_seconds,
-            "warned_overhead": self._warned_overhead,
+            "train_steps": self.train_steps,
+            "estimated_overhead": self.estimated_overhead,
+            "samples": {kind: list(values) for kind, values in self._samples.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("cadence") is not None and self.requested is None:
-            self.cadence = int(state["cadence"])
-        self.last_step = int(state.get("last_step", 0))
-        self.counts.update(state.get("counts", {}))
+        # .get() defaults: checkpoints written before these keys existed still load.
+        calibrated = state.get("calibrated_every_n_steps")
+        if calibrated is not None and self.every_n_steps is None and self.max_overhead is not None:
+            self.cadence = int(calibrated)
+        self.calibration_start = int(state.get("calibration_start", 0))
+        self.last_step = int(state.get("last_step", self.last_step))
+        self.num_track = int(state.get("num_track", 0))
+        self.num_full = int(state.get("num_full", 0))
+        self.num_failed = int(state.get("num_failed", 0))
         self.measure_seconds = float(state.get("measure_seconds", 0.0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self._warned_overhead = bool(state.get("warned_overhead", False))
+        self.train_steps = int(state.get("train_steps", 0))
+        estimated = state.get("estimated_overhead")
+        self.estimated_overhead = None if estimated is None else float(estimated)
+        samples = state.get("samples", {})
+        self._samples = {
+            kind: [float(v) for v in samples.get(kind, [])] for kind in ("step", TRACK, FULL)
+        }
 
     # ------------------------------------------------------------------ internals
-    def _log_spaced_due(self, step: int) -> bool:
-        below = self.cadence is None or step < self.cadence
-        return self.log_spaced and below and (step & (step - 1)) == 0
+    def _time_training(self, step: int) -> None:
+        """Add the time since the last call (or measurement) to the training time; spread
+        it over the steps it covers (none under gradient accumulation: kept for later)."""
+        now = self.clock()
+        if self._mark is not None:
+            self._unassigned_seconds += now - self._mark
+            if step > self.last_step:
+                steps = step - self.last_step
+                self.train_seconds += self._unassigned_seconds
+                self.train_steps += steps
+                if self._collecting():
+                    _append(self._samples["step"], self._unassigned_seconds / steps)
+                self._unassigned_seconds = 0.0
+        self._mark = now
 
-    def _crossed(self, step: int) -> bool:
-        if self.cadence is None:
-            return False
-        return step // self.cadence > self.last_step // self.cadence
+    def _collecting(self) -> bool:
+        """Whether timings are still wanted: to calibrate, or for the one overhead check."""
+        return self.max_overhead is not None and self.estimated_overhead is None
 
-    def _next_is_full(self) -> bool:
-        return sum(self.counts.values()) % self.full_every == 0
+    def _tier(self, last: int, step: int) -> Tier | None:
+        """The tier for the steps in (last, step], or None if none of them is scheduled."""
+        if step <= last:
+            return None
+        n = self.cadence
+        if n is None:  # calibrating: s0 + 1, 2, 4, 8, ...
+            start = self.calibration_start
+            scheduled = _crosses_power_of_two(last - start, step - start, below=math.inf)
+        else:
+            scheduled = step // n > last // n or (
+                self.log_spaced and _crosses_power_of_two(last, step, below=n)
+            )
+        if not scheduled:
+            return None
+        if self.num_full == 0:
+            return FULL
+        if n is not None and step // (self.full_every * n) > last // (self.full_every * n):
+            return FULL
+        return TRACK
 
-    def _calibrated_cadence(self) -> int:
-        """The densest power of two whose overhead fits ``max_overhead``."""
-        assert self.max_overhead is not None
-        step = _median(self.step_times[1:] or self.step_times)
-        track = _median(self.tier_times["track"] or self.tier_times["full"])
-        full = _median(self.tier_times["full"] or self.tier_times["track"])
-        per_measurement = track + (full - track) / self.full_every
-        if not (step > 0 and math.isfinite(per_measurement)):
-            return DEFAULT_CADENCE
-        cadence = 1
-        while cadence < MAX_CADENCE and per_measurement > self.max_overhead * cadence * step:
-            cadence *= 2
-        return cadence
+    def _calibration_due(self) -> bool:
+        # Due at the first call after the s0 + CALIBRATION_SPAN measurement was decided,
+        # once anything was timed: a point that depends on steps (and on measurements
+        # completing), the same on every rank.
+        past_span = self.last_step >= self.calibration_start + CALIBRATION_SPAN
+        timed = bool(self._samples[TRACK] or self._samples[FULL])
+        return past_span and timed and bool(self._samples["step"])
 
-    def _say(self, text: str, warning: bool = False) -> None:
-        self._pending = text
-        self.is_warning = warning
+    def _overhead_check_due(self) -> bool:
+        samples = self._samples
+        return (
+            self.every_n_steps is not None
+            and self._collecting()
+            and bool(samples[FULL])
+            and len(samples[TRACK]) + len(samples[FULL]) >= 2
+            and len(samples["step"]) >= CALIBRATION_SPAN
+        )
+
+    def _costs(self) -> tuple[float, float, float]:
+        """Seconds of a track measurement, a full one and a training step, from samples."""
+        full = statistics.median(self._samples[FULL] or self._samples[TRACK])
+        track = statistics.median(self._samples[TRACK] or self._samples[FULL])
+        step = statistics.median(self._samples["step"])
+        return track, full, step
+
+    def _overhead_of(self, every_n_steps: int, costs: tuple[float, float, float]) -> float:
+        track, full, step = costs
+        per_point = ((self.full_every - 1) * track + full) / self.full_every
+        return per_point / (every_n_steps * step) if step > 0 else math.inf
+
+    def _calibrate(self, agree: Callable[[int], int] | None) -> str:
+        assert self.max_overhead is not None  # a cadence is fixed at once otherwise
+        costs = self._costs()
+        proposed = 1
+        while (
+            proposed < MAX_CALIBRATED_EVERY_N_STEPS
+            and self._overhead_of(proposed, costs) > self.max_overhead
+        ):
+            proposed *= 2
+        chosen = proposed if agree is None else _check_cadence(agree(proposed))
+        self.fix_cadence(chosen)
+        self.estimated_overhead = self._overhead_of(chosen, costs)
+        track, full, step = costs
+        text = (
+            f"Curvature schedule: measuring every {chosen} steps for the rest of the run. "
+            f"A track measurement takes {_ms(track)}, a full one {_ms(full)} (every "
+            f"{self.full_every}th point), a training step {_ms(step)}: every {chosen} steps "
+            f"costs {self.estimated_overhead:.1%} of the training time, within "
+            f"max_overhead={self.max_overhead:g}"
+        )
+        if proposed > 1:
+            text += (
+                f" (every {proposed // 2} would cost {self._overhead_of(proposed // 2, costs):.1%})"
+            )
+        if chosen != proposed:
+            text += f"; this rank's timing alone suggested every {proposed}, rank 0's is used"
+        return text + ". Pass every_n_steps to choose the cadence yourself."
+
+    def _overhead_warning(self) -> str | None:
+        assert self.every_n_steps is not None and self.max_overhead is not None
+        costs = self._costs()
+        n = self.every_n_steps
+        self.estimated_overhead = self._overhead_of(n, costs)
+        self._samples = {"step": [], TRACK: [], FULL: []}
+        if self.estimated_overhead <= self.max_overhead:
+            return None
+        # The smallest cadence within budget: overhead falls as 1/n.
+        fits = math.ceil(self.estimated_overhead * n / self.max_overhead * (1 - 1e-12))
+        track, full, step = costs
+        return (
+            f"Measuring curvature every {n} steps costs about {self.estimated_overhead:.1%} of "
+            f"the training time (a track measurement {_ms(track)}, a full one {_ms(full)} "
+            f"every {self.full_every}th point, a training step {_ms(step)}), above "
+            f"max_overhead={self.max_overhead:g}. Every scheduled step is still measured, as "
+            f"asked. To lower the cost: a larger every_n_steps (every_n_steps={fits} would "
+            "fit), a smaller k, trace=False, fewer num_batches, a larger full_every; or "
+            "max_overhead=None to silence this warning."
+        )
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
+def _check_cadence(value: object) -> int:
+    return check_int("every_n_steps", value, 1)
+
+
+def _crosses_power_of_two(last: int, step: int, below: float) -> bool:
+    """Whether a power of two p with last < p <= step and p < below exists."""
+    first = 1 if last < 1 else 1 << last.bit_length()  # the smallest power of two > last
+    return first <= step and first < below
+
+
+def _append(samples: list[float], value: float) -> None:
+    samples.append(value)
+    del samples[:-_MAX_SAMPLES]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"

@@ -1,0 +1,283 @@
+"""MeasurementSchedule without a Trainer: a fake clock stands in for training and measuring.
+
+The expected steps are built from their definition (multiples, powers of two, the first
+step at or after each) rather than from the schedule, and the calibrated cadence from the
+overhead formula worked by hand.
+"""
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+
+from lightning_curvature.monitor.schedule import (
+    DEFAULT_EVERY_N_STEPS,
+    FULL,
+    TRACK,
+    MeasurementSchedule,
+)
+
+STEP_SECONDS = 0.010
+TRACK_SECONDS = 0.004
+FULL_SECONDS = 0.040
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def train(schedule, clock, steps, *, stride=1, start=0, costs=None, agree=None):
+    """Run training from ``start`` to ``steps`` with global_step advancing by ``stride``
+    per batch; every measurement costs ``costs[tier]`` seconds. Returns the measured
+    (step, tier) pairs and every info/warning text."""
+    costs = costs or {TRACK: TRACK_SECONDS, FULL: FULL_SECONDS}
+    measured, infos, warnings = [], [], []
+    schedule.start(start)
+    for step in range(start + stride, steps + 1, stride):
+        clock.advance(STEP_SECONDS * stride)
+        decision = schedule.decide(step, agree=agree)
+        infos += [decision.info] if decision.info else []
+        warnings += [decision.warning] if decision.warning else []
+        if decision.measure:
+            with schedule.timed(decision):
+                clock.advance(costs[decision.tier])
+            measured.append((step, decision.tier))
+    return measured, infos, warnings
+
+
+def powers_of_two_below(n):
+    return [2**j for j in range(64) if 2**j < n]
+
+
+def test_an_explicit_cadence_measures_exactly_the_scheduled_steps_even_over_budget():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=5, log_spaced=False, clock=clock)
+    measured, _, warnings = train(schedule, clock, 200)
+    # Each measurement costs 40-400% of a step: far over 5%, and still none is skipped.
+    assert [s for s, _ in measured] == list(range(5, 201, 5))
+    full = [5] + [s for s in range(5, 201, 5) if s % (8 * 5) == 0]
+    assert [s for s, tier in measured if tier == FULL] == full
+    assert len(warnings) == 1
+
+
+def test_log_spaced_steps_come_before_the_cadence_and_are_never_repeated():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=20, clock=clock, max_overhead=None)
+    measured, _, _ = train(schedule, clock, 100)
+    expected = sorted({*powers_of_two_below(20), *range(20, 101, 20)})
+    assert [s for s, _ in measured] == expected
+    assert schedule.decide(100).tier is None  # the same step again: never measured twice
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_global_step_that_jumps_measures_at_every_crossed_multiple(stride):
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=5, clock=clock, max_overhead=None)
+    measured, _, _ = train(schedule, clock, 200, stride=stride)
+    visited = range(stride, 201, stride)
+    targets = [*powers_of_two_below(5), *range(5, 201, 5)]
+    # The first visited step at or after each target, each once.
+    expected = sorted({min(s for s in visited if s >= t) for t in targets if t <= visited[-1]})
+    assert [s for s, _ in measured] == expected
+
+
+def test_gradient_accumulation_repeats_steps_without_measuring_twice():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    schedule.start(0)
+    measured = []
+    for batch in range(1, 2 * 600):  # two batches per optimizer step
+        step = batch // 2
+        clock.advance(STEP_SECONDS / 2)
+        decision = schedule.decide(step)
+        if decision.measure:
+            with schedule.timed(decision):
+                clock.advance(TRACK_SECONDS if decision.tier == TRACK else FULL_SECONDS)
+            measured.append(step)
+    assert measured == sorted({1, 2, 4, 8, 16, *range(32, 600, 32)})
+    # The time of both batches counts for their step: the cadence is the one worked out
+    # below for 10 ms steps, not for 5 ms batches (which would be 64).
+    assert schedule.cadence == 32
+
+
+def test_the_calibrated_cadence_is_the_hand_computed_power_of_two_and_stays_fixed():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=None, clock=clock)
+    measured, infos, warnings = train(schedule, clock, 600)
+    # Per cadence point: (7 track + 1 full) / 8 = (7·4 + 40) / 8 = 8.5 ms. Every 16 steps
+    # of 10 ms that is 8.5/160 = 5.3% > 5%; every 32 steps 8.5/320 = 2.7%: so 32.
+    assert schedule.cadence == 32
+    assert [s for s, _ in measured] == sorted({1, 2, 4, 8, 16, *range(32, 601, 32)})
+    assert [s for s, tier in measured if tier == FULL] == [1, 256, 512]
+    assert warnings == []
+    (info,) = infos
+    assert "every 32 steps" in info and "2.7%" in info and "5.3%" in info
+    assert "4 ms" in info and "40 ms" in info and "10 ms" in info
+    # Reproducible: a second run under the same clock chooses and measures the same.
+    again = MeasurementSchedule(every_n_steps=None, clock=(clock2 := FakeClock()))
+    assert train(again, clock2, 600)[0] == measured
+
+
+def test_cheap_measurements_calibrate_to_every_step():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    cheap = {TRACK: 0.0001, FULL: 0.0004}  # (7·0.1 + 0.4)/8 ms over 10 ms: 1.4%
+    measured, _, _ = train(schedule, clock, 40, costs=cheap)
+    assert schedule.cadence == 1
+    assert [s for s, _ in measured] == [1, 2, 4, 8, *range(9, 41)]
+
+
+def test_without_a_budget_the_default_cadence_is_fixed_from_the_start():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=None, max_overhead=None, clock=clock)
+    measured, infos, warnings = train(schedule, clock, 300)
+    expected = [*powers_of_two_below(DEFAULT_EVERY_N_STEPS), 100, 200, 300]
+    assert [s for s, _ in measured] == expected
+    assert infos == warnings == []
+
+
+def test_ranks_with_different_clocks_agree_on_rank_zeros_cadence():
+    clocks = [FakeClock(), FakeClock()]
+    ranks = [MeasurementSchedule(clock=clock) for clock in clocks]
+    # Rank 1 measures 4x slower (a busier device): alone it would choose a sparser cadence.
+    costs = [{TRACK: 0.004, FULL: 0.040}, {TRACK: 0.016, FULL: 0.160}]
+    proposals = []
+
+    def broadcast_from_rank_zero(proposed):
+        proposals.append(proposed)
+        return proposals[0]
+
+    decisions = [[], []]
+    for step in range(1, 401):
+        for rank in (0, 1):
+            clocks[rank].advance(STEP_SECONDS)
+            decision = ranks[rank].decide(step, agree=broadcast_from_rank_zero)
+            decisions[rank].append(decision.tier)
+            if decision.measure:
+                with ranks[rank].timed(decision):
+                    clocks[rank].advance(costs[rank][decision.tier])
+    assert proposals == [32, 128]  # (7·16 + 160)/8 = 34 ms: 34/1280 = 2.7% at 128
+    assert decisions[0] == decisions[1]
+    assert ranks[0].cadence == ranks[1].cadence == 32
+
+
+def test_the_overhead_warning_names_the_cost_and_a_cadence_that_fits_once():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=5, clock=clock)
+    _, infos, warnings = train(schedule, clock, 400)
+    assert infos == []
+    (warning,) = warnings
+    # 8.5 ms per point every 5 steps of 10 ms: 17%; 8.5 / (0.05 · 10) = 17 steps fit 5%.
+    assert "17.0%" in warning and "max_overhead=0.05" in warning
+    assert "every_n_steps=17" in warning and "trace=False" in warning
+    quiet = MeasurementSchedule(every_n_steps=5, max_overhead=None, clock=(clock2 := FakeClock()))
+    assert train(quiet, clock2, 400)[2] == []
+    within = MeasurementSchedule(every_n_steps=32, clock=(clock3 := FakeClock()))
+    assert train(within, clock3, 400)[2] == []
+
+
+def test_the_measured_overhead_and_summary_count_what_happened():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=10, log_spaced=False, clock=clock)
+    train(schedule, clock, 200)
+    num_full = 1 + len(range(80, 201, 80))  # the first, then every 8·10 steps
+    assert (schedule.num_track, schedule.num_full) == (20 - num_full, num_full)
+    measuring = (20 - num_full) * TRACK_SECONDS + num_full * FULL_SECONDS
+    training = 199 * STEP_SECONDS  # the first call only starts the clock
+    assert schedule.overhead == pytest.approx(measuring / training)
+    text = schedule.summary()
+    assert f"20 ({20 - num_full} track, {num_full} full)" in text
+    assert "every 10 steps (as asked)" in text and f"{measuring / training:.1%}" in text
+
+
+def test_a_failed_measurement_counts_as_failed_and_the_first_full_is_retried():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=2, log_spaced=False, clock=clock)
+    schedule.start(0)
+    tiers = []
+    for step in range(1, 7):
+        decision = schedule.decide(step)
+        if decision.measure:
+            tiers.append(decision.tier)
+            with pytest.raises(RuntimeError) if step == 2 else contextlib.nullcontext():
+                with schedule.timed(decision):
+                    if step == 2:
+                        raise RuntimeError("out of memory")
+    assert tiers == [FULL, FULL, TRACK]
+    assert (schedule.num_failed, schedule.num_full, schedule.num_track) == (1, 1, 1)
+    assert "1 failed" in schedule.summary()
+
+
+@pytest.mark.parametrize("stop", [5, 100])  # mid-calibration, and after it
+def test_state_round_trip_resumes_the_same_schedule(stop):
+    clock = FakeClock()
+    whole = MeasurementSchedule(clock=clock)
+    uninterrupted, _, _ = train(whole, clock, 400)
+
+    clock = FakeClock()
+    first = MeasurementSchedule(clock=clock)
+    before, _, _ = train(first, clock, stop)
+    state = first.state_dict()
+    resumed = MeasurementSchedule(clock=clock)
+    resumed.load_state_dict(state)
+    after, _, _ = train(resumed, clock, 400, start=stop)
+    assert before + after == uninterrupted
+    assert resumed.cadence == whole.cadence == 32
+    assert (resumed.num_track, resumed.num_full) == (whole.num_track, whole.num_full)
+
+
+def test_an_old_checkpoint_without_schedule_state_calibrates_from_the_resumed_step():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    schedule.load_state_dict({})
+    measured, infos, _ = train(schedule, clock, 700, start=500)
+    # Calibration at 500 + 1, 2, 4, 8, then the multiples of the calibrated 32.
+    assert [s for s, _ in measured][:4] == [501, 502, 504, 508]
+    assert [s for s, _ in measured][4:] == list(range(512, 701, 32))
+    assert len(infos) == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "5", 2.5, math.nan])
+def test_bad_every_n_steps_is_named_with_what_is_allowed(value):
+    with pytest.raises(ValueError, match=r"every_n_steps must be an integer >= 1"):
+        MeasurementSchedule(every_n_steps=value)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, "8", 1.5])
+def test_bad_full_every_is_named(value):
+    with pytest.raises(ValueError, match=r"full_every must be an integer >= 1"):
+        MeasurementSchedule(full_every=value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, True, "0.05", math.nan, math.inf])
+def test_bad_max_overhead_is_named(value):
+    with pytest.raises(ValueError, match=r"max_overhead must be a number in \(0, 1\] or None"):
+        MeasurementSchedule(max_overhead=value)
+
+
+def test_numpy_numbers_are_accepted_as_python_ones():
+    schedule = MeasurementSchedule(
+        every_n_steps=np.int64(5), full_every=np.int32(4), max_overhead=np.float64(0.1)
+    )
+    assert schedule.cadence == 5 and type(schedule.cadence) is int
+    assert schedule.full_every == 4 and schedule.max_overhead == 0.1
+    assert schedule.decide(np.int64(5)).tier == FULL
+
+
+def test_other_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="log_spaced"):
+        MeasurementSchedule(log_spaced="yes")
+    with pytest.raises(ValueError, match="clock"):
+        MeasurementSchedule(clock=1.0)
+    with pytest.raises(ValueError, match="step"):
+        MeasurementSchedule().decide(-1)
+    with pytest.raises(ValueError, match="every_n_steps=5 was given explicitly"):
+        MeasurementSchedule(every_n_steps=5).fix_cadence(8)
