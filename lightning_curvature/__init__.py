@@ -20,7 +20,7 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
-from lightning_curvature.operators import DenseOperator, HessianOperator
+from lightning_curvature.operators import DenseOperator, GradientGraphOperator, HessianOperator
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
+    "GradientGraphOperator",
     "HessianOperator",
     "LanczosResult",
     "LinearOperator",

@@ -373,7 +373,7 @@ def test_release_frees_the_graph_and_products_still_work():
     first = op.matvec(v)
     with op:
         pass  # leaving the context releases the graph
-    assert op._flat_grad is None
+    assert op._gradients is None
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
 
 

@@ -4,6 +4,7 @@ wrappers that compose (:mod:`.wrappers`) and explicit matrices for tests (:mod:`
 from lightning_curvature.operators.base import CurvatureOperator, OperatorWrapper
 from lightning_curvature.operators.dense import DenseOperator
 from lightning_curvature.operators.hessian import (
+    GradientGraphOperator,
     HessianOperator,
     resolve_params,
     scalar_loss,
@@ -14,6 +15,7 @@ __all__ = [
     "AllReduceOperator",
     "CurvatureOperator",
     "DenseOperator",
+    "GradientGraphOperator",
     "HessianOperator",
     "OperatorWrapper",
     "PreconditionedOperator",

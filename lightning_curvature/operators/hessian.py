@@ -36,10 +36,12 @@ from torch import nn
 from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.context import isolated_evaluation
+from lightning_curvature.operators.products import products_from_graph
 
 LossFn = Callable[[nn.Module, Any], Any]
 HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse"]
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse")
+Gradients = list[torch.Tensor | None]
 
 
 def scalar_loss(output: Any) -> torch.Tensor:
@@ -185,9 +187,9 @@ class HessianOperator(CurvatureOperator):
         self.param_names = names
         self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
         self.hvp_method: str = hvp_method
-        self._flat_grad: torch.Tensor | None = None  # mean gradient, with its graph
+        self._gradients: list[torch.Tensor | None] | None = None  # mean gradient, with graph
         self._loss: float | None = None
-        self._batched_ok = True
+        self.batching_failure: str | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -202,17 +204,22 @@ class HessianOperator(CurvatureOperator):
         """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
         self._ensure_ready()
         if self.hvp_method == "reuse_graph":
-            return self._products_from_graph(self._flat_grad, block)
+            assert self._gradients is not None
+            return self._from_graph(self._gradients, block)
         if self.hvp_method == "recompute":
             total = torch.zeros_like(block)
             for index in range(len(self.batches)):
-                total += self._products_from_graph(self._batch_gradient(index), block)
+                total += self._from_graph(self._batch_gradient(index), block)
             return total / len(self.batches)
         return self._forward_over_reverse(block)
 
+    def _from_graph(self, gradients: Gradients, block: torch.Tensor) -> torch.Tensor:
+        product, self.batching_failure = products_from_graph(gradients, self.params, block)
+        return product
+
     def release(self) -> None:
         """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""
-        self._flat_grad = None
+        self._gradients = None
 
     # ------------------------------------------------------------------ internals
     def _isolated(self, batch_index: int) -> AbstractContextManager[None]:
@@ -221,15 +228,14 @@ class HessianOperator(CurvatureOperator):
     def _batch_loss(self, index: int) -> torch.Tensor:
         return scalar_loss(self.loss_fn(self.model, self.batches[index]))
 
-    def _batch_gradient(self, index: int) -> torch.Tensor:
-        """One batch's flat gradient, with the graph needed to differentiate it again."""
+    def _batch_gradient(self, index: int) -> list[torch.Tensor | None]:
+        """One batch's gradient (``None`` for unused parameters), with the graph needed to
+        differentiate it again."""
         with self._isolated(index):
             loss = self._batch_loss(index)
-            grads = torch.autograd.grad(
-                loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self._record_loss(index, loss)
-        return torch.cat([g.reshape(-1) for g in grads])
+        return list(grads)
 
     def _record_loss(self, index: int, loss: torch.Tensor) -> None:
         if self._loss is not None:
@@ -248,15 +254,15 @@ class HessianOperator(CurvatureOperator):
 
     def _ensure_ready(self) -> None:
         if self.hvp_method in ("auto", "reuse_graph"):
-            if self._flat_grad is not None:
+            if self._gradients is not None:
                 return
             try:
-                self._flat_grad = self._mean_gradient()
+                self._gradients = self._mean_gradient()
                 self.hvp_method = "reuse_graph"
             except torch.OutOfMemoryError:
                 if self.hvp_method == "reuse_graph":
                     raise
-                self._flat_grad = None
+                self._gradients = None
                 _empty_cache(self.device)
                 self.hvp_method = "recompute"
                 warnings.warn(
@@ -274,46 +280,14 @@ class HessianOperator(CurvatureOperator):
                 with self._isolated(index), torch.no_grad():
                     self._record_loss(index, self._batch_loss(index))
 
-    def _mean_gradient(self) -> torch.Tensor:
-        total = None
-        for index in range(len(self.batches)):
-            flat = self._batch_gradient(index)
-            total = flat if total is None else total + flat
-        assert total is not None
-        return total / len(self.batches)
-
-    def _products_from_graph(self, flat_grad: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """Differentiate ``flat_gradᵀ v`` for each column v: one backward pass per column,
-        or one batched (vmapped) backward for the whole block."""
-        if not flat_grad.requires_grad:
-            # The gradient does not depend on the parameters: the Hessian is zero.
-            return torch.zeros_like(block)
-        if block.shape[1] > 1 and self._batched_ok:
-            try:
-                grads = torch.autograd.grad(
-                    flat_grad,
-                    self.params,
-                    grad_outputs=block.mT.contiguous(),
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                    is_grads_batched=True,
-                )
-                return torch.cat([g.reshape(block.shape[1], -1) for g in grads], dim=1).mT
-            except RuntimeError:
-                self._batched_ok = False  # an op without a batching rule: loop instead
-        columns = []
-        for j in range(block.shape[1]):
-            grads = torch.autograd.grad(
-                flat_grad,
-                self.params,
-                grad_outputs=block[:, j],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            columns.append(torch.cat([g.reshape(-1) for g in grads]))
-        return torch.stack(columns, dim=1)
+    def _mean_gradient(self) -> list[torch.Tensor | None]:
+        total = self._batch_gradient(0)
+        for index in range(1, len(self.batches)):
+            total = [
+                a if b is None else b if a is None else a + b
+                for a, b in zip(total, self._batch_gradient(index), strict=True)
+            ]
+        return [None if g is None else g / len(self.batches) for g in total]
 
     def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
         wrapper = _LossModule(self.model, self.loss_fn)
@@ -355,3 +329,82 @@ class HessianOperator(CurvatureOperator):
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class GradientGraphOperator(CurvatureOperator):
+    r"""The Hessian behind gradients that already carry their graph, as an operator.
+
+    An optimizer that called ``loss.backward(create_graph=True)`` (AdaHessian, for its
+    Hutchinson diagonal) holds :math:`g = \nabla_\theta L` with the graph that made it; each
+    product differentiates :math:`g^\top v` once more, :math:`Hv = \nabla_\theta(g^\top v)`,
+    without a new forward pass. A block of columns is one batched backward pass
+    (``is_grads_batched``) where autograd allows it, and one pass per column otherwise.
+    This is the same code path as :class:`HessianOperator`'s (``reuse_graph``).
+
+    Args:
+        params: the parameters :math:`\theta` (tensors that require grad), in flat-vector
+            order.
+        grads: one gradient per parameter, computed with ``create_graph=True`` (for
+            example ``[p.grad for p in params]`` after ``loss.backward(create_graph=True)``);
+            ``None`` for a parameter the loss does not use.
+
+    Raises:
+        ValueError: if ``params`` is empty, the lengths or shapes differ, a parameter does
+            not require grad, or no gradient carries a graph (``create_graph`` was not set).
+
+    Attributes:
+        batching_failure: why the last block fell back to one backward pass per column, or
+            ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> loss = (w**3).sum()                        # H = diag(6 w)
+        >>> loss.backward(create_graph=True)
+        >>> op = GradientGraphOperator([w], [w.grad])
+        >>> op.matvec(torch.ones(2))
+        tensor([ 6., 12.])
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> None:
+        params, grads = list(params), list(grads)
+        if not params:
+            raise ValueError("params must hold at least one tensor, got an empty sequence")
+        if len(grads) != len(params):
+            raise ValueError(
+                f"grads must hold one gradient per parameter: got {len(grads)} for "
+                f"{len(params)} params"
+            )
+        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                raise ValueError(f"params[{index}] must be a tensor that requires grad")
+            if g is not None and (not isinstance(g, torch.Tensor) or g.shape != p.shape):
+                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(
+                    f"grads[{index}] must be None or a tensor of shape {tuple(p.shape)} "
+                    f"(the shape of params[{index}]), got {shape}"
+                )
+        if not any(g is not None and g.requires_grad for g in grads):
+            raise ValueError(
+                "grads carry no graph: compute them with loss.backward(create_graph=True) "
+                "or torch.autograd.grad(..., create_graph=True) (or the Hessian is zero)"
+            )
+        super().__init__(sum(p.numel() for p in params), params[0].device, params[0].dtype)
+        self.params = params
+        self.grads: list[torch.Tensor | None] | None = grads
+        self.batching_failure: str | None = None
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        if self.grads is None:
+            raise RuntimeError(
+                "GradientGraphOperator was released: build a new one from fresh gradients"
+            )
+        product, self.batching_failure = products_from_graph(self.grads, self.params, block)
+        return product
+
+    def release(self) -> None:
+        """Drop the gradients and so their graph (the operator cannot be used after)."""
+        self.grads = None
