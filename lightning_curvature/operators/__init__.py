@@ -2,13 +2,10 @@
 wrappers that compose (:mod:`.wrappers`) and explicit matrices for tests (:mod:`.dense`)."""
 
 from lightning_curvature.operators.base import CurvatureOperator, OperatorWrapper
+from lightning_curvature.operators.checks import HvpCheck, UnreliableProductError
 from lightning_curvature.operators.dense import DenseOperator
-from lightning_curvature.operators.hessian import (
-    GradientGraphOperator,
-    HessianOperator,
-    resolve_params,
-    scalar_loss,
-)
+from lightning_curvature.operators.hessian import GradientGraphOperator, HessianOperator
+from lightning_curvature.operators.loss import resolve_params, scalar_loss
 from lightning_curvature.operators.wrappers import AllReduceOperator, PreconditionedOperator
 
 __all__ = [
@@ -17,8 +14,10 @@ __all__ = [
     "DenseOperator",
     "GradientGraphOperator",
     "HessianOperator",
+    "HvpCheck",
     "OperatorWrapper",
     "PreconditionedOperator",
+    "UnreliableProductError",
     "resolve_params",
     "scalar_loss",
 ]
