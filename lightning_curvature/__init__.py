@@ -20,7 +20,13 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
-from lightning_curvature.operators import DenseOperator, HessianOperator
+from lightning_curvature.operators import (
+    DenseOperator,
+    GradientGraphOperator,
+    HessianOperator,
+    HvpCheck,
+    UnreliableProductError,
+)
 
 __version__ = "0.1.0"
 
@@ -38,12 +44,15 @@ __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
+    "GradientGraphOperator",
     "HessianOperator",
+    "HvpCheck",
     "LanczosResult",
     "LinearOperator",
     "PowerIterationResult",
     "SpectralDensity",
     "TraceResult",
+    "UnreliableProductError",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
