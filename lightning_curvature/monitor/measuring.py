@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.batches import move_batch
+from lightning_curvature.batches import detached_copy, move_batch
 from lightning_curvature.measurement import (
     Measurement,
     MeasureSettings,
@@ -114,7 +114,12 @@ def measure_module(
     ):
         warnings.simplefilter("always")
         local = HessianOperator(
-            target, context.loss_fn, batches, params, hvp_method=hvp_method, verify=verify
+            target,
+            _on_fresh_copies(context.loss_fn),
+            batches,
+            params,
+            hvp_method=hvp_method,
+            verify=verify,
         )
         op: Any = AllReduceOperator(local) if context.distributed else local
         try:
@@ -151,6 +156,17 @@ def flat_parameters(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
     """The named parameters as one detached flat vector (for the last update θ_s − θ_{s−1})."""
     named = dict(module.named_parameters())
     return torch.cat([named[name].detach().reshape(-1).float() for name in names]).clone()
+
+
+def _on_fresh_copies(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.Module, Any], Any]:
+    """``loss_fn`` called on a fresh copy of its batch each time: a ``training_step`` that
+    edits its batch in place would otherwise shift the probe between the evaluations of
+    one measurement (the graph, the check, finite differences)."""
+
+    def on_copy(module: nn.Module, batch: Any) -> Any:
+        return loss_fn(module, detached_copy(batch, next(module.parameters()).device))
+
+    return on_copy
 
 
 def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:

@@ -228,24 +228,21 @@ class HessianOperator(CurvatureOperator):
         self.last_check = result
         return result
 
-    @property
-    def method_used(self) -> str:  # shim until the operators branch lands
-        return self.hvp_method
-
-    fallback_reason = None
-
     def gradient(self) -> torch.Tensor:
-        """The mean gradient over the probe batches, as a detached flat vector."""
-        if self.hvp_method in ("auto", "reuse_graph"):
+        """The mean gradient of the probe loss at θ, as a detached flat vector (zeros for
+        parameters the loss does not use): for the batch sharpness gᵀHg / gᵀg."""
+        if self._method == "reuse_graph":
             self._ensure_ready()
-            if self._flat_grad is not None:
-                return self._flat_grad.detach().clone()
-        total = None
-        for index in range(len(self.batches)):
-            flat = self._batch_gradient(index).detach()
-            total = flat if total is None else total + flat
-        assert total is not None
-        return total / len(self.batches)
+            gradients = self._gradients
+        else:
+            gradients = self._gradient_at([p.detach() for p in self.params])
+        assert gradients is not None
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
+                for p, g in zip(self.params, gradients, strict=True)
+            ]
+        )
 
     def release(self) -> None:
         """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""
