@@ -203,7 +203,8 @@ def measure(
         init=_usable(warm.top, op.dim),
     )
     lambda_max = float(top.eigenvalues[0])
-    values: dict[str, Any] = {"probe_loss": float(op.loss)}
+    loss = getattr(op, "loss", None)
+    values: dict[str, Any] = {"probe_loss": math.nan if loss is None else float(loss)}
     if full:
         values.update(
             eigenvalues=tuple(float(v) for v in top.eigenvalues),

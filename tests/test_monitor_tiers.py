@@ -1,0 +1,112 @@
+"""The two tiers: what each measures, against float64 dense truth, and what it costs."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from lightning_curvature import CurvatureMonitor, DenseOperator, lanczos
+from lightning_curvature._lightning import pl
+from lightning_curvature.estimators import hutchinson_trace
+from lightning_curvature.measurement import MeasureSettings, WarmStart, measure
+from tests.lightning_models import Classifier, classification_data, loader, mlp, trainer
+from tests.truth import cross_entropy_loss, dense_hessian, matrix_with_spectrum
+
+
+class ParameterRecorder(pl.Callback):
+    """θ before and after every optimizer step, as flat float64 vectors."""
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    @staticmethod
+    def flat(module):
+        return torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.before[trainer.global_step + 1] = self.flat(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after[trainer.global_step] = (self.flat(module), copy.deepcopy(module.net))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs"), [("sgd", {"momentum": 0.9}), ("adam", {})], ids=["momentum", "adam"]
+)
+def test_directional_and_batch_sharpness_match_the_dense_hessian(tmp_path, optimizer, kwargs):
+    torch.manual_seed(0)
+    recorder = ParameterRecorder()
+    monitor = CurvatureMonitor(every_n_steps=3, log_spaced=False, k=1, trace=False)
+    module = Classifier(mlp(), optimizer, lr=0.05, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [recorder, monitor], max_steps=9).fit(
+            module, loader(classification_data())
+        )
+    batch = next(iter(loader(classification_data())))
+    assert [int(h["step"]) for h in monitor.history] == [3, 6, 9]
+    for logged in monitor.history:
+        step = int(logged["step"])
+        theta, net = recorder.after[step]
+        hessian = dense_hessian(net, cross_entropy_loss, [batch])
+        u = theta - recorder.before[step]
+        directional = (u @ hessian @ u / (u @ u)).item()
+        net64 = copy.deepcopy(net).double()
+        loss = cross_entropy_loss(net64, (batch[0].double(), batch[1]))
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, net64.parameters())])
+        batch_sharpness = (g @ hessian @ g / (g @ g)).item()
+        lr = logged["curvature/learning_rate"]
+        assert logged["curvature/directional_sharpness"] == pytest.approx(directional, rel=1e-4)
+        assert logged["curvature/batch_sharpness"] == pytest.approx(batch_sharpness, rel=1e-4)
+        assert logged["curvature/directional_sharpness_x_lr"] == pytest.approx(directional * lr)
+        assert logged["curvature/batch_sharpness_x_lr"] == pytest.approx(batch_sharpness * lr)
+
+
+def _dense(eigenvalues, seed=0):
+    return DenseOperator(matrix_with_spectrum(torch.tensor(eigenvalues), seed=seed))
+
+
+def test_the_full_tier_counts_every_run_in_num_matvecs():
+    # Independent count: the estimators run alone, with the seeds measure() uses.
+    spectrum = [10.0, 6.0, 3.0, *torch.linspace(-2.0, 1.0, 57).tolist()]
+    settings = MeasureSettings(k=3, tol=1e-6, lambda_min=True, num_probes=8, seed=5)
+    record, _ = measure(_dense(spectrum), 0, settings, tier="full")
+    top = lanczos(_dense(spectrum), k=3, tol=1e-6, seed=5)
+    bottom = lanczos(_dense(spectrum), k=1, tol=1e-6, seed=6, which="smallest")
+    assert record.num_matvecs == top.num_matvecs + bottom.num_matvecs + 8
+    assert record.lambda_min == pytest.approx(-2.0, abs=1e-4)
+    assert record.lambda_min_converged is True
+    assert record.eigenvalues == pytest.approx((10.0, 6.0, 3.0), rel=1e-5)
+    trace = hutchinson_trace(_dense(spectrum), num_probes=8, seed=7)
+    assert abs(record.trace - sum(spectrum)) <= 3 * max(record.trace_stderr, 1e-9)
+    assert record.trace_stderr < trace.stderr  # the top Ritz space is taken exactly
+
+
+def test_num_iters_caps_every_lanczos_run_of_a_measurement():
+    spectrum = torch.linspace(-1.0, 1.0, 200).tolist()  # no gap: nothing converges early
+    settings = MeasureSettings(k=2, num_iters=7, tol=1e-12, lambda_min=True, trace=False)
+    diagonal = torch.linspace(0.5, 2.0, 200, dtype=torch.float64)
+    record, _ = measure(_dense(spectrum), 0, settings, tier="full", preconditioner=diagonal)
+    assert record.num_matvecs <= 3 * 7
+    assert record.converged is False and record.lambda_min_converged is False
+    # Nothing unconverged is shown.
+    assert "curvature/lambda_max" not in record.scalars()
+    assert "curvature/lambda_min" not in record.scalars()
+    assert "curvature/eigenvalue_1" not in record.scalars()
+
+
+def test_a_warm_started_track_measurement_is_cheap_and_agrees_with_a_cold_full_one():
+    # A slowly drifting operator, as between two scheduled steps.
+    spectrum = torch.tensor([9.0, 7.5, *torch.linspace(0.0, 5.0, 300).tolist()])
+    before = _dense(spectrum, seed=1)
+    drift = torch.randn(302, 302, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    after = DenseOperator(before.matrix + 1e-3 * (drift + drift.T))
+    settings = MeasureSettings(k=5, tol=1e-3)
+    _, warm = measure(before, 0, settings, tier="full")
+    track, _ = measure(after, 1, settings, tier="track", warm=warm)
+    cold, _ = measure(DenseOperator(after.matrix), 1, settings, tier="full", warm=WarmStart())
+    assert track.converged and track.num_matvecs <= 8
+    assert track.lambda_max == pytest.approx(cold.lambda_max, rel=1e-3)
+    truth = torch.linalg.eigvalsh(after.matrix)[-1].item()
+    assert track.lambda_max == pytest.approx(truth, rel=1e-3)
