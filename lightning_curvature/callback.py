@@ -20,7 +20,12 @@ from lightning_curvature._checks import check_bool, check_choice, check_int, che
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
-from lightning_curvature.monitor.measuring import Context, flat_parameters, measure_module
+from lightning_curvature.monitor.measuring import (
+    Context,
+    RankFailure,
+    flat_parameters,
+    measure_module,
+)
 from lightning_curvature.monitor.objective import Mode, training_step_loss
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet
 from lightning_curvature.monitor.publish import Publisher
@@ -427,25 +432,21 @@ class CurvatureMonitor(Callback):
     def _agree_on_failure(
         self, trainer: pl.Trainer, error: BaseException | None
     ) -> BaseException | None:
-        """Under DDP every rank skips when any rank failed, and reports the real cause: a NaN
-        on one rank reaches the others as a FloatingPointError from the all-reduce."""
+        """Under DDP every rank skips when any rank failed, and every rank reports the real
+        cause: the failure of the rank where it happened, not the non-finite products the
+        all-reduce carried to the others."""
         if trainer.world_size <= 1 or not torch.distributed.is_initialized():
             return error
         if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
             return None
-        own = getattr(error, "__cause__", None) or error
-        causes: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(
-            causes, None if own is None else (type(own).__name__, str(own))
-        )
-        first = next(
-            (c for c in causes if c is not None and c[0] != "FloatingPointError"),
-            next(c for c in causes if c is not None),
-        )
-        rank = causes.index(first)
-        if error is not None and (type(error).__name__, str(error)) == first:
+        report = None if error is None else (isinstance(error, RankFailure), _describe(error))
+        reports: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(reports, report)
+        failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+        rank, (_, text) = next(((k, r) for k, r in failed if r[0]), failed[0])
+        if error is not None and rank == trainer.global_rank:
             return error
-        return RuntimeError(f"on rank {rank}: {first[0]}: {first[1]}")
+        return RuntimeError(f"on rank {rank}: {text}")
 
     def _failed(self, error: BaseException) -> None:
         if self.on_error == "raise":
@@ -454,11 +455,11 @@ class CurvatureMonitor(Callback):
             torch.cuda.empty_cache()
         self._warm = None
         self.failures_in_a_row += 1
-        cause = type(error).__name__
+        cause = type(error.__cause__ if isinstance(error, RankFailure) else error).__name__
         self._warn_once(
             cause,
             "CurvatureMonitor: a measurement failed and was skipped; training goes on. "
-            f"Cause: {cause}: {error}. {_fix_for(error)}",
+            f"Cause: {_describe(error)}. {_fix_for(error)}",
         )
         if self.failures_in_a_row >= self.max_failures:
             self._disable(f"{self.failures_in_a_row} measurements in a row failed (last: {cause})")
@@ -533,7 +534,14 @@ def _select(module: nn.Module, params: str | tuple[str, ...] | None) -> list[str
     return chosen
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, RankFailure):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
 def _fix_for(error: BaseException) -> str:
+    error = error.__cause__ if isinstance(error, RankFailure) and error.__cause__ else error
     text = str(error)
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text:
         return "Fix: use fewer or smaller probe batches (num_batches, probe_dataloader)."

@@ -15,8 +15,16 @@ from tests.truth import cross_entropy_loss, dense_hessian
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(tmp_path):
+needs_distributed = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed missing"
+)
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """Both ranks' reports of every scenario of ``tests/scripts/ddp_monitor.py``, from one
+    launch of two ranks."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     out = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1"}
     completed = subprocess.run(
@@ -30,10 +38,18 @@ def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(tmp_
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+    return {
+        name: [json.loads(Path(f"{out}.{name}.rank{r}").read_text()) for r in (0, 1)]
+        for name in ("union", "budget", "nan")
+    } | {"logs": tmp_path / "logs"}
+
+
+@needs_distributed
+def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(scenarios):
+    ranks = scenarios["union"]
     # Identical numbers on every rank (averaged products, shared probe seeds).
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]
     # Each rank probed its own batch; the truth is the Hessian of their mean loss.
@@ -45,5 +61,27 @@ def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(tmp_
     truth = torch.linalg.eigvalsh(dense_hessian(net.eval(), cross_entropy_loss, batches))[-1]
     assert ranks[0]["lambda_max"] == pytest.approx(truth.item(), rel=1e-3)
     # Only rank 0 wrote TensorBoard files.
-    runs = list((tmp_path / "logs" / "ddp").glob("version_*"))
+    runs = list((scenarios["logs"] / "union" / "ddp").glob("version_*"))
     assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))
+
+
+@needs_distributed
+def test_ddp_with_the_budget_on_and_ranks_at_different_speeds_finishes_in_step(scenarios):
+    # Each rank reads its own clock, so their overhead estimates differ; only the
+    # calibrated cadence depends on a clock, and rank 0's is used by both.
+    ranks = scenarios["budget"]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 60
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert ranks[0]["steps"][:4] == [1, 2, 4, 8]
+    assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]
+
+
+@needs_distributed
+def test_ddp_a_failure_on_one_rank_is_skipped_everywhere_with_its_real_cause(scenarios):
+    ranks = scenarios["nan"]
+    for report in ranks:
+        assert report["steps"] == [2, 6]  # step 4 skipped on both ranks
+        failures = [w for w in report["warnings"] if "a measurement failed" in w]
+        if report["rank"] == 0:  # only rank 0 warns (rank_zero_warn)
+            assert len(failures) == 1
+            assert "rank 1" in failures[0] and "the loss on the probe batches is nan" in failures[0]

@@ -135,11 +135,12 @@ def measure_module(
                 batch_ops=[local] if len(batches) == 1 else _batch_operators(local, batches),
                 mean_over_ranks=_mean_over_ranks if context.distributed else None,
             )
+        except Exception as error:
+            _raise_own_failure(op, error)
+            raise
         finally:
             op.release()
-        error = getattr(op, "last_error", None)
-        if error is not None:
-            raise error
+        _raise_own_failure(op, None)
     notes.extend(str(w.message) for w in caught)
     return Outcome(
         record=record,
@@ -150,6 +151,17 @@ def measure_module(
         fallback_reason=getattr(local, "fallback_reason", None),
         notes=notes,
     )
+
+
+class RankFailure(RuntimeError):
+    """A measurement failed on this rank itself; the other ranks only saw its NaN products
+    (which they report as non-finite values). Its ``__cause__`` is the original error."""
+
+
+def _raise_own_failure(op: Any, error: BaseException | None) -> None:
+    own = getattr(op, "last_error", None)
+    if own is not None and own is not error:
+        raise RankFailure(f"{type(own).__name__}: {own}") from own
 
 
 def flat_parameters(module: nn.Module, names: Sequence[str]) -> torch.Tensor:

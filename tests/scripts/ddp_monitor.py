@@ -1,52 +1,94 @@
 """Run by tests/test_ddp.py: two CPU ranks over gloo through Lightning's strategy="ddp".
 
-Each rank trains on its own shard of the data and measures the Hessian of its own probe
-batch; the monitor averages the products across ranks. Rank 0 writes what it saw to the
-JSON file named on the command line, and every rank writes its λmax, so the test can check
-that the ranks agree and that the value is the Hessian of the union of the probe batches.
+Scenarios (the third argument):
+
+- ``union``: each rank trains on its own shard and measures the Hessian of its own probe
+  batch; the monitor averages the products across ranks.
+- ``budget``: the defaults (cadence calibrated to ``max_overhead``) with rank 1 slowed down,
+  so the ranks' clocks disagree; the run must finish with identical measured steps.
+- ``nan``: rank 1's loss turns NaN at one measurement; every rank must skip it and report
+  rank 1's own cause.
+
+One launch runs every scenario in turn (starting ranks costs more than training them); every
+rank writes what it saw in scenario S to ``OUT.S.rank<r>`` as JSON.
 """
 
 import json
 import sys
+import time
+import warnings
 
 import torch
 
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import TensorBoardLogger, pl
 from tests.lightning_models import Classifier, classification_data, loader, mlp
+from tests.truth import cross_entropy_loss
 
 
-def main(out_path: str, log_dir: str) -> None:
+class SlowRankOne(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_rank == 1:
+            time.sleep(0.004 * (1 + trainer.global_step % 3))
+
+
+def nan_on_rank_one(module, batch):
+    loss = cross_entropy_loss(module, batch)
+    trainer = module.trainer
+    if trainer.global_rank == 1 and trainer.global_step == 4:
+        return loss * float("nan")
+    return loss
+
+
+def run(out_path: str, log_dir: str, scenario: str) -> None:
     pl.seed_everything(0, verbose=False)
     module = Classifier(mlp(), "sgd", lr=0.1)
-    monitor = CurvatureMonitor(
-        every_n_steps=4, log_spaced=False, max_overhead=None, on_error="raise"
-    )
+    callbacks = []
+    if scenario == "union":
+        monitor = CurvatureMonitor(
+            every_n_steps=4, log_spaced=False, max_overhead=None, on_error="raise"
+        )
+        max_steps = 4
+    elif scenario == "budget":
+        monitor = CurvatureMonitor(k=2, num_probes=4)
+        callbacks.append(SlowRankOne())
+        max_steps = 60
+    else:
+        monitor = CurvatureMonitor(
+            every_n_steps=2, log_spaced=False, loss_fn=nan_on_rank_one, k=1, trace=False
+        )
+        max_steps = 6
     trainer = pl.Trainer(
-        max_steps=4,
+        max_steps=max_steps,
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         logger=TensorBoardLogger(log_dir, name="ddp"),
-        callbacks=[monitor],
+        callbacks=[*callbacks, monitor],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         use_distributed_sampler=True,
     )
-    trainer.fit(module, loader(classification_data(), batch_size=16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader(classification_data(), batch_size=16))
     rank = trainer.global_rank
     result = {
         "rank": rank,
+        "steps": [int(h["step"]) for h in monitor.history],
         "lambda_max": monitor.history[-1]["curvature/lambda_max"],
         "probe": [t.tolist() for t in monitor.probes.stored[0]],
         "state": {k: v.tolist() for k, v in module.net.state_dict().items()},
         "log_dir": trainer.logger.log_dir if rank == 0 else None,
+        "warnings": [str(w.message) for w in caught],
+        "global_step": trainer.global_step,
     }
-    with open(f"{out_path}.rank{rank}", "w") as handle:
+    with open(f"{out_path}.{scenario}.rank{rank}", "w") as handle:
         json.dump(result, handle)
     torch.distributed.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    for name in ("union", "budget", "nan"):
+        run(sys.argv[1], f"{sys.argv[2]}/{name}", name)
