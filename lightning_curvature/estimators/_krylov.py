@@ -33,9 +33,6 @@ from lightning_curvature.estimators._common import (
 # Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
 # removed more than this share of the vector's norm (cancellation magnifies rounding).
 DGKS_RATIO = 2**-0.5
-# A warm start keeps a little of a random direction in its continuation, so an eigenvector
-# that grew outside the previous eigenspace stays reachable.
-RANDOM_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -156,9 +153,9 @@ def krylov_projection(
 
     ``seeds`` (dim, r) start the basis (orthonormalised here, dependent columns dropped):
     one block product and a Rayleigh–Ritz step on them, which may already converge.
-    Otherwise ``seed_weights(H_r)`` (coefficients of the wanted Ritz vectors) says where to
-    go on, mixed with a little of ``start``: one seed keeps its place in the basis and
-    Lanczos continues from its residual; a block restarts Lanczos from its Ritz vectors.
+    Otherwise one seed keeps its place in the basis and Lanczos continues from its
+    residual; a block restarts Lanczos from the combination of its Ritz vectors that
+    ``seed_weights(H_r)`` names (the wanted ones).
 
     A breakdown (``β`` ≈ 0) means the Krylov space is invariant. With
     ``restart_on_breakdown`` the process continues from a fresh random vector orthogonal to
@@ -223,10 +220,14 @@ def krylov_projection(
         weights = np.ones(num_seeds) if seed_weights is None else seed_weights(seeded.matrix)
         weights_t = torch.from_numpy(weights).to(device=device, dtype=dtype)
         if num_seeds == 1:
-            # Lanczos from the seed: continue from its residual, keeping its product.
-            direction = outside @ weights_t
-            direction = direction / torch.linalg.vector_norm(direction).clamp_min(1e-30)
-            direction, _ = basis.project_out(direction + RANDOM_SHARE * next_vector, adaptive=False)
+            # Lanczos from the seed: continue from its residual, keeping its product. The
+            # residual becomes the next basis vector whole, so nothing stays outside.
+            direction = outside[:, 0]
+            if float(torch.linalg.vector_norm(direction)) <= tiny_relative * float(
+                upper[0, 0].abs()
+            ):
+                direction = next_vector  # the seed is an eigenvector: go on anywhere
+            direction, _ = basis.project_out(direction, adaptive=False)
             next_vector = direction / torch.linalg.vector_norm(direction)
         else:
             # One continuation cannot absorb r independent seed residuals (they would stay

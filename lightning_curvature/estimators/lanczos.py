@@ -159,8 +159,9 @@ def lanczos(
         init: a warm start: a (dim,) vector or a (dim, r) block of previous eigenvectors.
             The block seeds the basis (one block product, ``r`` matvecs) and Lanczos
             continues from the residual of its best Ritz vectors, so a slowly moving
-            eigenspace converges in a few steps. Pass only the vectors you need (for
-            λmax, the previous top vector).
+            eigenspace converges in a few steps (no guard Ritz values are asked for:
+            the previous run had them). Pass only the vectors you need (for λmax, the
+            previous top vector).
         return_basis: also return the whole orthonormal basis and its Rayleigh quotients,
             e.g. to deflate :func:`~lightning_curvature.hutchinson_trace` with it.
 
@@ -194,10 +195,14 @@ def lanczos(
 
     generator = make_generator(op, seed)
     start = random_unit_vectors(op, 1, generator)[:, 0]
-    guards = min(k + guard_ritz_values(k), op.dim) - k
+    # A warm start comes from a run that had its guards; a block converging on its
+    # Rayleigh-Ritz step has no room for more.
+    guards = 0 if seeds is not None else min(k + guard_ritz_values(k), op.dim) - k
     # Guards need only be located, not resolved: a looser bound keeps the cost low when
     # they sit in a continuous bulk.
     guard_tol = max(tol, tol**0.5)
+
+    first_step = k if seeds is not None and which == "largest" else min_steps(k, which)
 
     def evidence(projection: Projection, count: int) -> tuple[np.ndarray, ...]:
         theta, vectors, residuals = projection.ritz()
@@ -229,13 +234,13 @@ def lanczos(
         seeds=seeds,
         seed_weights=seed_weights,
         is_converged=is_converged,
-        min_steps=min(min_steps(k, which), num_iters, op.dim),
+        min_steps=min(first_step, num_iters, op.dim),
     )
     projection = run.projection
     theta, vectors, residuals, wanted, bounds = evidence(projection, k)
     exhausted = projection.size == op.dim
     converged = exhausted or (
-        projection.size >= min(min_steps(k, which), op.dim) and is_converged(projection)
+        projection.size >= min(first_step, op.dim) and is_converged(projection)
     )
     eigenvectors = None
     if return_eigenvectors:
