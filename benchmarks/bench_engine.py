@@ -35,7 +35,7 @@ import itertools
 import peers
 
 import lightning_curvature as lc
-from lightning_curvature.estimators.lanczos import lanczos_tridiagonal
+from lightning_curvature.estimators._krylov import krylov_projection
 
 CRITERION = nn.CrossEntropyLoss()
 
@@ -142,12 +142,10 @@ def matvecs_to_accuracy(model, batch, reference):
     op = lc.HessianOperator(model, loss_fn, [batch])
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(op.dim, generator=generator)
-    tri = lanczos_tridiagonal(op, start, 60, generator, restart_on_breakdown=True)
+    run = krylov_projection(op, start, 60, generator, restart_on_breakdown=True)
     curve = {}
-    for m in range(1, tri.alpha.size + 1):
-        theta = np.linalg.eigvalsh(
-            np.diag(tri.alpha[:m]) + np.diag(tri.beta[: m - 1], 1) + np.diag(tri.beta[: m - 1], -1)
-        )
+    for m in range(1, run.projection.size + 1):
+        theta = np.linalg.eigvalsh(run.projection.matrix[:m, :m])
         curve[m] = relative(float(theta[-1]), reference)
     first_lanczos = next((m for m, e in curve.items() if e <= 1e-3), None)
     print("\n### Matvecs for λmax: Lanczos against power iteration\n")

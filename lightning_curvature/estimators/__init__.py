@@ -1,19 +1,18 @@
 """Matrix-free estimators: they see only an operator (matvec, dim, device, dtype)."""
 
 from lightning_curvature.estimators._common import LinearOperator
+from lightning_curvature.estimators.density import (
+    SpectralDensity,
+    smoothed_density,
+    spectral_density,
+)
 from lightning_curvature.estimators.hutchinson import (
     DiagonalResult,
     TraceResult,
     hutchinson_diagonal,
     hutchinson_trace,
 )
-from lightning_curvature.estimators.lanczos import (
-    LanczosResult,
-    SpectralDensity,
-    lanczos,
-    smoothed_density,
-    spectral_density,
-)
+from lightning_curvature.estimators.lanczos import LanczosResult, lanczos
 from lightning_curvature.estimators.power import PowerIterationResult, power_iteration
 
 __all__ = [

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from lightning_curvature.estimators._common import (
+    ACCELERATOR_CHECK_EVERY,
     LinearOperator,
+    check_every,
     check_operator,
     check_positive_float,
     check_positive_int,
@@ -22,8 +24,10 @@ from lightning_curvature.estimators._common import (
     random_unit_vectors,
 )
 
-# Iterations between convergence checks: each check costs one small host sync.
-CHECK_EVERY = 4
+# Convergence compares the Rayleigh quotient with its value this many iterations earlier,
+# on every device; checks run every iteration on the CPU and every few on accelerators
+# (the same period as Lanczos), so results do not depend on the device.
+CHECK_SPAN = ACCELERATOR_CHECK_EVERY
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,8 +41,8 @@ class PowerIterationResult:
         residual: ``‖A v - λ v‖`` of the final vector.
         kind: always ``"largest_magnitude"``, to say what was estimated.
         num_iters: iterations run; num_matvecs: operator applications (one per iteration).
-        converged: the Rayleigh quotient changed by at most ``tol`` (relative) between two
-            checks ``CHECK_EVERY`` iterations apart.
+        converged: the Rayleigh quotient changed by at most ``tol`` (relative) over the
+            last ``CHECK_SPAN`` iterations.
     """
 
     eigenvalue: float
@@ -78,16 +82,17 @@ def power_iteration(
         v = init.to(device=op.device, dtype=op.dtype)
         v = v / torch.linalg.vector_norm(v)
 
-    previous, converged, iters = None, False, 0
+    period = check_every(op.device)
+    history: dict[int, float] = {}
+    converged, iters = False, 0
     for iters in range(1, num_iters + 1):
         w = op.matvec(v)
         rayleigh = torch.dot(v, w)
-        if iters % CHECK_EVERY == 0 or iters == num_iters:
+        if iters % period == 0 or iters == num_iters:
             raise_if_not_finite(w, "power iteration")
-            current = float(rayleigh)  # the one host sync of this check
-            if previous is not None and abs(current - previous) <= tol * abs(current):
-                converged = True
-            previous = current
+            current = history[iters] = float(rayleigh)  # the one host sync of this check
+            earlier = history.get(iters - CHECK_SPAN)
+            converged = earlier is not None and abs(current - earlier) <= tol * abs(current)
         if converged or iters == num_iters:
             break
         v = w / torch.linalg.vector_norm(w)

@@ -1,0 +1,308 @@
+r"""The Krylov process behind Lanczos and SLQ: an orthonormal basis and the projected matrix.
+
+``m`` steps build an orthonormal basis :math:`Q_m` and the projected matrix
+:math:`H_m = Q_m^\top A Q_m`. Started from one vector this is Lanczos and :math:`H_m` is
+tridiagonal. A warm start may first *seed* the basis with ``r`` orthonormalised vectors (the
+previous eigenvectors); the process then continues as Lanczos from the residual of the wanted
+Ritz vectors, and :math:`H_m` has a full leading ``r``-block (Rayleigh–Ritz on the union).
+
+Every Ritz pair :math:`(\theta, Q_m s)` has the residual
+:math:`A Q_m s - \theta Q_m s = E c`, where the columns of ``E`` carry the part of
+:math:`A Q_m` outside the basis (the ``r`` seed residuals, then :math:`\beta_m q_{m+1}`) and
+``c`` picks the matching entries of ``s``. The process keeps ``E``'s small Gram matrix, so
+every residual norm is exact and free of further products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+
+from lightning_curvature.estimators._common import (
+    LinearOperator,
+    apply_block,
+    check_every,
+    raise_if_not_finite,
+    random_unit_vectors,
+)
+
+# Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
+# removed more than this share of the vector's norm (cancellation magnifies rounding).
+DGKS_RATIO = 2**-0.5
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Rayleigh–Ritz data on the host.
+
+    Attributes:
+        matrix: (m, m) float64 symmetric ``QᵀAQ``.
+        outside_gram: Gram matrix of ``E``, the columns carrying ``AQ``'s part outside the
+            basis: the ``num_seeds`` seed residuals, then ``β_m q_{m+1}`` when ``m > num_seeds``.
+        num_seeds: how many leading basis vectors came from a warm start.
+    """
+
+    matrix: np.ndarray
+    outside_gram: np.ndarray
+    num_seeds: int
+
+    @property
+    def size(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values (ascending), their coefficient vectors, and exact residual norms."""
+        if self.num_seeds == 0 and self.size > 1:
+            theta, vectors = eigh_tridiagonal(
+                np.diag(self.matrix).copy(), np.diag(self.matrix, 1).copy()
+            )
+        else:
+            theta, vectors = np.linalg.eigh(self.matrix)
+        rows = vectors[: self.num_seeds]
+        if self.size > self.num_seeds:
+            rows = np.vstack([rows, vectors[-1:]])
+        squared = np.einsum("ij,ij->j", rows, self.outside_gram @ rows)
+        return theta, vectors, np.sqrt(np.clip(squared, 0.0, None))
+
+
+class _Basis:
+    """The orthonormal vectors, one per row of one contiguous device buffer.
+
+    The buffer starts at ``INITIAL_ROWS`` rows and doubles as steps come, so memory follows
+    the steps taken (often 10-30), not the most allowed, and every Gram-Schmidt pass is one
+    matrix-vector product over a contiguous block.
+    """
+
+    INITIAL_ROWS = 16
+
+    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, capacity: int):
+        self.capacity = capacity
+        self.rows = torch.empty((min(self.INITIAL_ROWS, capacity), dim), device=device, dtype=dtype)
+        self.size = 0
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.rows[: self.size]
+
+    def append(self, vector: torch.Tensor) -> None:
+        if self.size == self.rows.shape[0]:
+            grown = self.rows.new_empty((min(2 * self.size, self.capacity), self.rows.shape[1]))
+            grown[: self.size] = self.rows[: self.size]
+            self.rows = grown
+        self.rows[self.size] = vector
+        self.size += 1
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ c``: a vector for a (size,) ``c``, a block for a (size, k) one."""
+        return self.active.mT @ coefficients.to(self.rows.dtype)
+
+    def project_out(
+        self, vector: torch.Tensor, *, adaptive: bool, reference: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vector`` minus its components on the basis, and those components (float64).
+
+        One classical Gram-Schmidt pass is one product with the contiguous basis each way.
+        A second pass follows when the DGKS test says the first lost accuracy to
+        cancellation (``adaptive``, where reading a norm costs no device sync), or always.
+        ``reference`` is the norm the test compares against (default: the input's norm).
+        """
+        rows = self.active
+        coefficients = rows @ vector
+        before = torch.linalg.vector_norm(vector) if reference is None else reference
+        vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
+        total = coefficients.double()
+        if not adaptive or float(torch.linalg.vector_norm(vector)) < DGKS_RATIO * float(before):
+            coefficients = rows @ vector
+            vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
+            total = total + coefficients.double()
+        return vector, total
+
+
+@dataclass(frozen=True)
+class KrylovRun:
+    """The basis on the device, the projection on the host, and the products spent."""
+
+    basis: _Basis
+    projection: Projection
+    num_matvecs: int
+
+
+def krylov_projection(
+    op: LinearOperator,
+    start: torch.Tensor,
+    max_iters: int,
+    generator: torch.Generator,
+    *,
+    restart_on_breakdown: bool,
+    seeds: torch.Tensor | None = None,
+    seed_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+    is_converged: Callable[[Projection], bool] | None = None,
+    min_steps: int = 1,
+) -> KrylovRun:
+    """Run up to ``max_iters`` steps (products) with full re-orthogonalisation.
+
+    Without re-orthogonalisation, rounding makes converged Ritz vectors reappear in the
+    basis and Lanczos reports "ghost" copies of λmax. Each step first removes the two
+    components of the three-term recurrence, then makes one Gram-Schmidt pass over the
+    whole basis, and a second only when the DGKS test asks for it (on the CPU; on an
+    accelerator both passes always run, so no step waits on the host).
+
+    ``seeds`` (dim, r) start the basis (orthonormalised here, dependent columns dropped):
+    one block product and a Rayleigh–Ritz step on them, which may already converge.
+    Otherwise one seed keeps its place in the basis and Lanczos continues from its
+    residual; a block restarts Lanczos from the combination of its Ritz vectors that
+    ``seed_weights(H_r)`` names (the wanted ones).
+
+    A breakdown (``β`` ≈ 0) means the Krylov space is invariant. With
+    ``restart_on_breakdown`` the process continues from a fresh random vector orthogonal to
+    the basis, so repeated eigenvalues are still found; otherwise it stops (quadrature
+    belongs to its start vector). Convergence is checked every step on the CPU and every
+    few on accelerators; steps after an unnoticed breakdown are discarded at the check.
+    """
+    dim, device, dtype = op.dim, op.device, op.dtype
+    max_iters = min(max_iters, dim)
+    adaptive = device.type == "cpu"
+    basis = _Basis(dim, device, dtype, capacity=max_iters)
+    upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
+    betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
+    tiny_relative = 1e3 * torch.finfo(dtype).eps
+    num_matvecs = 0
+
+    outside: torch.Tensor | None = None  # (dim, r) seed residuals, kept orthogonal to Q
+    if seeds is not None:
+        for column in seeds.to(device=device, dtype=dtype).unbind(dim=1)[:max_iters]:
+            norm = torch.linalg.vector_norm(column)
+            if basis.size:
+                column, _ = basis.project_out(column, adaptive=False)
+            if float(torch.linalg.vector_norm(column)) > 1e-3 * float(norm):
+                basis.append(column / torch.linalg.vector_norm(column))
+    num_seeds = basis.size
+    next_vector = start / torch.linalg.vector_norm(start)
+    residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
+    known_product: torch.Tensor | None = None  # A·next_vector when a warm start knows it
+
+    def projection(size: int, host: np.ndarray | None = None) -> Projection:
+        """The projection after ``size`` steps; ``host`` is the check's one transfer."""
+        if host is None:
+            host = _to_host(upper, betas, size)
+        matrix = host[: size * size].reshape(size, size)
+        matrix = np.triu(matrix) + np.triu(matrix, 1).T
+        if num_seeds == 0:
+            gram = np.array([[host[-1] ** 2]])
+        else:
+            assert outside is not None
+            block = outside
+            if size > num_seeds and residual is not None:
+                block = torch.cat([outside, residual[:, None]], dim=1)
+            gram = (block.mT @ block).double().cpu().numpy()
+        raise_if_not_finite(torch.from_numpy(matrix), "Lanczos")
+        return Projection(matrix=matrix, outside_gram=gram, num_seeds=num_seeds)
+
+    if num_seeds:
+        products = apply_block(op, basis.active.mT.contiguous())
+        num_matvecs += num_seeds
+        rows = basis.active
+        coefficients = rows @ products
+        outside = products - rows.mT @ coefficients
+        second = rows @ outside
+        outside = outside - rows.mT @ second
+        block = (coefficients + second).double()
+        upper[:num_seeds, :num_seeds] = (block + block.mT) / 2
+        seeded = projection(num_seeds)
+        if (
+            is_converged is not None and num_seeds >= min_steps and is_converged(seeded)
+        ) or num_seeds == max_iters:
+            return KrylovRun(basis, seeded, num_matvecs)
+        weights = np.ones(num_seeds) if seed_weights is None else seed_weights(seeded.matrix)
+        weights_t = torch.from_numpy(weights).to(device=device, dtype=dtype)
+        if num_seeds == 1:
+            # Lanczos from the seed: continue from its residual, keeping its product. The
+            # residual becomes the next basis vector whole, so nothing stays outside.
+            direction = outside[:, 0]
+            if float(torch.linalg.vector_norm(direction)) <= tiny_relative * float(
+                upper[0, 0].abs()
+            ):
+                direction = next_vector  # the seed is an eigenvector: go on anywhere
+            direction, _ = basis.project_out(direction, adaptive=False)
+            next_vector = direction / torch.linalg.vector_norm(direction)
+        else:
+            # One continuation cannot absorb r independent seed residuals (they would stay
+            # outside the basis and the residual norms would stall): restart Lanczos from
+            # the wanted Ritz vectors of the block, whose product is already known.
+            norm = torch.linalg.vector_norm(basis.combine(weights_t))
+            next_vector = basis.combine(weights_t) / norm
+            known_product = products @ weights_t / norm
+            basis.size, outside, num_seeds = 0, None, 0
+
+    checked = num_seeds
+    next_check = max(min_steps, num_seeds + 1)
+    period = check_every(device)
+    while basis.size < max_iters:
+        column = basis.size
+        basis.append(next_vector)
+        if outside is not None:
+            outside = torch.addr(outside, next_vector, next_vector @ outside, alpha=-1)
+        if known_product is None:
+            w = op.matvec(next_vector)
+            num_matvecs += 1
+        else:
+            w, known_product = known_product, None
+        w, coefficients = _lanczos_orthogonalise(basis, w, adaptive)
+        upper[: column + 1, column] = coefficients
+        beta = torch.linalg.vector_norm(w)
+        betas[column] = beta
+        residual, next_vector = w, w / beta.clamp_min(torch.finfo(dtype).tiny)
+        size = basis.size
+        if size < next_check and size < max_iters:
+            continue
+
+        # One host transfer: the projected matrix and the couplings, for breakdowns.
+        next_check = size + period
+        host = _to_host(upper, betas, size)
+        recent = host[size * size + checked :]
+        scale = float(np.nanmax(np.abs(host), initial=0.0))
+        broken = np.flatnonzero(~(recent > tiny_relative * max(scale, 1e-300)))
+        if broken.size:
+            cut = checked + int(broken[0]) + 1
+            if not np.isfinite(recent[: int(broken[0]) + 1]).all():
+                raise_if_not_finite(torch.from_numpy(recent), "Lanczos")
+            basis.size = size = cut
+            betas[cut - 1] = 0.0
+            residual = torch.zeros_like(w)
+            if not restart_on_breakdown or size >= max_iters:
+                break
+            fresh = random_unit_vectors(op, 1, generator)[:, 0]
+            fresh, _ = basis.project_out(fresh, adaptive=False)
+            next_vector = fresh / torch.linalg.vector_norm(fresh)
+            checked, next_check = size, size + period
+            continue
+        checked = size
+        if is_converged is not None and size >= min_steps and is_converged(projection(size, host)):
+            break
+    return KrylovRun(basis, projection(basis.size), num_matvecs)
+
+
+def _to_host(upper: torch.Tensor, betas: torch.Tensor, size: int) -> np.ndarray:
+    """``H``'s leading block and the couplings, flattened, in one device-to-host copy."""
+    return torch.cat([upper[:size, :size].reshape(-1), betas[:size]]).cpu().numpy()
+
+
+def _lanczos_orthogonalise(
+    basis: _Basis, w: torch.Tensor, adaptive: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w = A q_j`` made orthogonal to the basis, with its coefficients ``Qᵀ A q_j``.
+
+    The three-term recurrence puts nearly all of ``w`` on ``q_j`` and ``q_{j-1}``; removing
+    those first leaves only rounding for the global pass, which then rarely needs a second.
+    """
+    size = basis.size
+    tail = basis.rows[max(size - 2, 0) : size]
+    local = tail @ w
+    w = torch.addmv(w, tail.mT, local, alpha=-1)
+    w, coefficients = basis.project_out(w, adaptive=adaptive)
+    coefficients[max(size - 2, 0) :] += local.double()
+    return w, coefficients

@@ -1,0 +1,88 @@
+"""Warm starts: the track tier's λmax from the previous Ritz vectors, on drifting operators."""
+
+import statistics
+
+import torch
+
+import lightning_curvature as lc
+from tests.truth import classification_batches, cross_entropy_loss, matrix_with_spectrum, tanh_mlp
+
+
+def drifting_matrices(steps, size=400, drift=1e-3, seed=0):
+    """A spectrum with separated outliers over a bulk, nudged by a small symmetric step."""
+    spectrum = torch.cat(
+        [
+            torch.tensor([10.0, 8.0, 7.0, 6.5, 6.0, 5.5]),
+            torch.linspace(-1.0, 4.0, size - 6, dtype=torch.float64),
+        ]
+    )
+    matrix = matrix_with_spectrum(spectrum, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        yield matrix
+        noise = torch.randn(size, size, generator=generator, dtype=torch.float64) * drift
+        matrix = matrix + (noise + noise.T) / 2
+
+
+def test_track_tier_needs_a_handful_of_matvecs_on_a_steady_run():
+    previous, matvecs = None, []
+    for step, matrix in enumerate(drifting_matrices(12)):
+        op = lc.DenseOperator(matrix.float())
+        warm = lc.lanczos(op, k=1, tol=1e-3, seed=step, init=previous, return_eigenvectors=True)
+        cold = lc.lanczos(op, k=1, tol=1e-3, seed=step)
+        truth = torch.linalg.eigvalsh(matrix)[-1].item()
+        assert warm.converged
+        assert abs(warm.eigenvalues[0].item() - truth) <= warm.error_bounds[0].item() + 1e-5
+        assert abs(warm.eigenvalues[0].item() - cold.eigenvalues[0].item()) <= 1e-3 * truth
+        if previous is not None:
+            matvecs.append(warm.num_matvecs)
+        previous = warm.eigenvectors[:, 0]
+    assert statistics.median(matvecs) <= 8
+
+
+def test_a_block_warm_start_converges_on_its_rayleigh_ritz_step_when_the_drift_is_small():
+    matrices = list(drifting_matrices(4, drift=1e-6))
+    previous = lc.lanczos(lc.DenseOperator(matrices[0]), k=5, return_eigenvectors=True)
+    for matrix in matrices[1:]:
+        op = lc.DenseOperator(matrix)
+        truth = torch.linalg.eigvalsh(matrix).flip(0)[:5]
+        cold = lc.lanczos(op, k=5)
+        warm = lc.lanczos(op, k=5, init=previous.eigenvectors, return_eigenvectors=True)
+        assert warm.converged and cold.converged
+        assert bool(((warm.eigenvalues - truth).abs() <= warm.error_bounds + 1e-12).all())
+        assert warm.num_matvecs < cold.num_matvecs / 2
+        previous = warm
+
+
+def test_a_block_warm_start_still_converges_when_the_drift_is_large():
+    matrices = list(drifting_matrices(2, drift=1e-2))
+    previous = lc.lanczos(lc.DenseOperator(matrices[0]), k=5, return_eigenvectors=True)
+    warm = lc.lanczos(lc.DenseOperator(matrices[1]), k=5, init=previous.eigenvectors)
+    truth = torch.linalg.eigvalsh(matrices[1]).flip(0)[:5]
+    assert warm.converged
+    assert bool(((warm.eigenvalues - truth).abs() <= warm.error_bounds + 1e-12).all())
+
+
+STEPS_BETWEEN_MEASUREMENTS = 1
+
+
+def test_warm_start_on_a_real_network_measured_every_sgd_step():
+    model = tanh_mlp()
+    batches = classification_batches(2, 32, (10,), 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    previous, matvecs = None, []
+    for step in range(8):
+        op = lc.HessianOperator(model, cross_entropy_loss, batches)
+        warm = lc.lanczos(op, k=1, tol=1e-3, init=previous, return_eigenvectors=True)
+        cold = lc.lanczos(op, k=1, tol=1e-3)
+        assert warm.converged
+        relative = abs(warm.eigenvalues[0].item() / cold.eigenvalues[0].item() - 1)
+        assert relative <= 1e-3
+        if previous is not None:
+            matvecs.append(warm.num_matvecs)
+        previous = warm.eigenvectors
+        for _ in range(STEPS_BETWEEN_MEASUREMENTS):
+            optimizer.zero_grad()
+            cross_entropy_loss(model, batches[step % 2]).backward()
+            optimizer.step()
+    assert statistics.median(matvecs) <= 8
