@@ -8,7 +8,7 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     # As the monitor measures by default: running statistics, no dropout.
     with measurement_mode(model, "eval"), muted_logging(model), _progress(args) as counted:
         try:
-            with HessianOperator(model, training_step_loss, batches) as op:
+            op = HessianOperator(model, training_step_loss, batches)
+            with op:  # releases the kept graph however the measurement ends
                 rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
                 record, _ = measure(
                     counted(op), step, settings, rule=rule, preconditioner=preconditioner
@@ -199,7 +200,7 @@ def _unused_dir(path: Path) -> Path:
 
 
 def _stability(
-    model: Any, checkpoint: dict[str, Any], params: list[torch.Tensor]
+    model: Any, checkpoint: dict[str, Any], params: Sequence[torch.Tensor]
 ) -> tuple[Any, torch.Tensor | None, str]:
     """The stability rule of the optimizer that trained the model, rebuilt from the module's
     ``configure_optimizers`` and the checkpoint's optimizer state, when both allow it."""
@@ -212,7 +213,9 @@ def _stability(
         optimizer = _first_optimizer(model.configure_optimizers())
         optimizer.load_state_dict(states[0])
         rule = stability_rule(optimizer)
-        preconditioner = preconditioner_diagonal(optimizer, params) if rule.preconditioned else None
+        preconditioner = (
+            preconditioner_diagonal(optimizer, list(params)) if rule.preconditioned else None
+        )
     except Exception as error:
         return None, None, f"optimizer not rebuilt ({type(error).__name__}: {one_line(error)})"
     return rule, preconditioner, rule.note
