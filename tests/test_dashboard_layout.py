@@ -45,8 +45,8 @@ RECORD = Measurement(
 
 
 def logged_tags(prefix: str) -> list[str]:
-    """What a monitor with ``tag_prefix=prefix`` logs: the record's scalars, the sharpness
-    tags of DESIGN.md's table and per-layer tags (with a layer name that holds dots)."""
+    """What a monitor with ``tag_prefix=prefix`` logs: the record's scalars, the batch and
+    directional sharpness tags, and per-layer tags (with a layer name that holds dots)."""
     names = [tag.split("/", 1)[1] for tag in RECORD.scalars()]
     names += ["batch_sharpness", "batch_sharpness_x_lr", "directional_sharpness"]
     names += ["directional_sharpness_x_lr", "preconditioned_lambda_max", "overhead"]
