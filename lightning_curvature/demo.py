@@ -4,8 +4,8 @@
 LightningCLI configs (``configs/*.yaml``) and benchmark scripts can name them by class path.
 :func:`run_demo` trains one of two runs and returns its TensorBoard log directory:
 
-* progressive sharpening (the default): minibatch SGD with cross-entropy, where λmax
-  rises while the model learns;
+* progressive sharpening (the default): minibatch SGD on the mean squared error against
+  one-hot targets, where λmax rises while the model learns;
 * the edge of stability (``edge_of_stability=True``): full-batch gradient descent with MSE
   on a subset, where λmax·η climbs to 2 and hovers there (Cohen et al., ICLR 2021).
 

@@ -1,36 +1,80 @@
 """The TensorBoard side of the dashboard: a custom-scalars layout, Ritz-value histograms,
 spectral-density figures and alert text. Scalars go to every logger elsewhere; this module
-adds what only TensorBoard can show."""
+adds what only TensorBoard can show.
+
+Every function takes the tag prefix of the monitor it draws for (``prefix``, the monitor's
+``tag_prefix``), so several monitors can write side by side, each to its own section.
+Figures are built with matplotlib's object API (:class:`matplotlib.figure.Figure`), never
+pyplot, so the user's matplotlib backend and open figures are left alone.
+
+Example::
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter("runs/offline")
+    write_layout(writer, prefix="curvature")
+    write_measurement(writer, record, step=record.step, prefix="curvature")
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
 
 from lightning_curvature._lightning import TensorBoardLogger
 from lightning_curvature.alerts import Alert
-from lightning_curvature.measurement import TAG_PREFIX, Measurement
+from lightning_curvature.measurement import Measurement
+
+# A layout is {section: {chart title: ["Multiline", [tag regex, ...]]}}.
+Layout = dict[str, dict[str, list[Any]]]
+
+# The prefixes whose sections each writer already holds. TensorBoard shows only the last
+# layout a run wrote, so a second monitor on the same writer must write both sections.
+_SECTIONS: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 
 
-def dashboard_layout(prefix: str = TAG_PREFIX) -> dict[str, dict[str, list]]:
-    """Charts that overlay related tags: the relevant sharpness·η with its threshold, the
-    stability ratio, the eigenvalues, and the trace.
+def ritz_histogram_tag(prefix: str = "curvature") -> str:
+    return f"{prefix}/ritz_values"
+
+
+def density_figure_tag(prefix: str = "curvature") -> str:
+    return f"{prefix}/spectral_density"
+
+
+def alert_text_tag(prefix: str = "curvature") -> str:
+    return f"{prefix}/alerts"
+
+
+def dashboard_layout(prefix: str = "curvature") -> Layout:
+    """One section, titled ``prefix``, of charts that overlay related tags.
+
+    * the optimizer's relevant sharpness·η (λmax·η; preconditioned for Adam-family) against
+      its stability threshold, and the stability ratio (1 is the edge of stability);
+    * λmax·η, batch sharpness·η (Andreyev & Beneventano 2024) and directional
+      sharpness·η along the last update (Pan & Li 2023) against the same threshold;
+    * the top eigenvalues with λmin, and the trace;
+    * per-layer λmax and per-layer trace, when the monitor measures layers.
 
     Custom-scalars entries are regular expressions matched against tags, so each is anchored
-    (``curvature/trace`` alone would also draw ``curvature/trace_stderr``). λmax·η is not
-    drawn next to ``sharpness_x_lr``: for SGD-family optimizers the two are the same curve,
-    and for adaptive ones raw λmax·η is not what their threshold bounds.
+    (``trace`` alone would also draw ``trace_stderr``) and the prefix is escaped.
+
+    Example::
+
+        >>> sorted(dashboard_layout("curvature")["curvature"])[0]
+        'batch, directional and λmax sharpness·η vs stability threshold'
     """
-    p = prefix
+    p = re.escape(prefix)
     return {
-        p: {
-            "sharpness·lr (λmax·lr; preconditioned for Adam) vs stability threshold": [
+        prefix: {
+            "sharpness·η (λmax·η; preconditioned for Adam) vs stability threshold": [
                 "Multiline",
                 [f"^{p}/sharpness_x_lr$", f"^{p}/stability_threshold$"],
             ],
-            "sharpness along the way · lr (λmax, batch, directional) vs threshold": [
+            "batch, directional and λmax sharpness·η vs stability threshold": [
                 "Multiline",
                 [
                     f"^{p}/lambda_max_x_lr$",
@@ -42,6 +86,8 @@ def dashboard_layout(prefix: str = TAG_PREFIX) -> dict[str, dict[str, list]]:
             "stability ratio (1 = edge of stability)": ["Multiline", [f"^{p}/stability_ratio$"]],
             "top eigenvalues": ["Multiline", [f"^{p}/eigenvalue_\\d+$", f"^{p}/lambda_min$"]],
             "trace": ["Multiline", [f"^{p}/trace$"]],
+            "per-layer λmax": ["Multiline", [f"^{p}/layer/.*/lambda_max$"]],
+            "per-layer trace": ["Multiline", [f"^{p}/layer/.*/trace$"]],
         }
     }
 
@@ -51,34 +97,46 @@ def tensorboard_writers(loggers: list[Any]) -> list[Any]:
     return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
-def write_layout(writer: Any, prefix: str = TAG_PREFIX) -> None:
-    writer.add_custom_scalars(dashboard_layout(prefix))
+def write_layout(writer: Any, prefix: str = "curvature") -> None:
+    """Add the section of ``prefix`` to the writer's custom-scalars layout, keeping the
+    sections that other monitors wrote to the same writer."""
+    sections = _SECTIONS.setdefault(writer, [])
+    if prefix not in sections:
+        sections.append(prefix)
+    layout: Layout = {}
+    for section in sections:
+        layout.update(dashboard_layout(section))
+    writer.add_custom_scalars(layout)
 
 
 def write_measurement(
-    writer: Any, record: Measurement, step: int, prefix: str = TAG_PREFIX
+    writer: Any, record: Measurement, step: int, prefix: str = "curvature"
 ) -> None:
     """The Ritz-value histogram and, when the density was measured, its figure."""
     if record.ritz_values:
-        writer.add_histogram(f"{prefix}/ritz_values", np.asarray(record.ritz_values), step)
+        writer.add_histogram(ritz_histogram_tag(prefix), np.asarray(record.ritz_values), step)
     if record.density is not None:
         figure = density_figure(record)
         if figure is not None:
-            writer.add_figure(f"{prefix}/spectral_density", figure, step, close=True)
+            writer.add_figure(density_figure_tag(prefix), figure, step, close=False)
 
 
-def write_alert(writer: Any, alert: Alert, prefix: str = TAG_PREFIX) -> None:
-    writer.add_text(f"{prefix}/alerts", f"**{alert.kind}** — {alert.message}", alert.step)
+def write_alert(writer: Any, alert: Alert, prefix: str = "curvature") -> None:
+    """The alert as a text entry at its step."""
+    writer.add_text(alert_text_tag(prefix), f"**{alert.kind}** — {alert.message}", alert.step)
 
 
 def density_figure(record: Measurement) -> Any | None:
-    """A matplotlib figure of the spectral density and the top eigenvalues; None without
-    matplotlib (an optional dependency)."""
-    try:
-        import matplotlib
+    """A matplotlib :class:`~matplotlib.figure.Figure` of the spectral density and the top
+    eigenvalues; None without matplotlib (an optional dependency) or without a density.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    The figure is not registered with pyplot: nothing needs closing, and no backend is
+    chosen or changed.
+    """
+    if record.density is None or record.density_grid is None:
+        return None
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn(
             "matplotlib is not installed: the spectral-density figure is skipped "
@@ -86,7 +144,8 @@ def density_figure(record: Measurement) -> Any | None:
             stacklevel=2,
         )
         return None
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    figure = Figure(figsize=(6, 3.5), dpi=100, layout="tight")
+    axis = figure.add_subplot()
     grid = np.asarray(record.density_grid)
     density = np.asarray(record.density)
     axis.semilogy(grid, np.maximum(density, 1e-12), color="tab:blue", label="SLQ density")
@@ -99,5 +158,4 @@ def density_figure(record: Measurement) -> Any | None:
     axis.set_ylabel("density")
     axis.set_title(f"Hessian spectral density, step {record.step}")
     axis.legend(loc="upper center", fontsize=8)
-    figure.tight_layout()
     return figure

@@ -37,7 +37,7 @@ from lightning_curvature.demo import (
     run_demo,
 )
 from tests.lightning_models import DESIGN_TAGS, read_events
-from tests.truth import dense_hessian
+from tests.truth import adam_preconditioner, dense_hessian, preconditioned_lambda_max
 
 pytest.importorskip("sklearn")
 
@@ -115,6 +115,16 @@ def sharpening_demo(tmp_path_factory):
     return out, log_dir, printed
 
 
+@pytest.fixture(scope="module")
+def final_demo_truth(sharpening_demo):
+    """The top 5 eigenvalues of the saved demo model's Hessian on the monitor's probe batch
+    (the first training batch), by ARPACK: shared by the demo and the analyze tests."""
+    _, log_dir, _ = sharpening_demo
+    probe = first_batches(DigitsDataModule(**SHARPENING.data), 1)
+    final_model = DigitsClassifier.load_from_checkpoint(log_dir / CHECKPOINT_NAME)
+    return top_eigenvalues(final_model.net, mse, probe, k=5)
+
+
 def test_demo_prints_the_run_the_checkpoint_and_the_tensorboard_command(sharpening_demo):
     out, log_dir, printed = sharpening_demo
     assert f"tensorboard --logdir {out}" in printed
@@ -124,7 +134,7 @@ def test_demo_prints_the_run_the_checkpoint_and_the_tensorboard_command(sharpeni
     assert restored.hparams.lr == SHARPENING.model["lr"]
 
 
-def test_demo_lambda_max_rises_and_every_sgd_tag_is_logged(sharpening_demo):
+def test_demo_lambda_max_rises_and_every_sgd_tag_is_logged(sharpening_demo, final_demo_truth):
     _, log_dir, _ = sharpening_demo
     events = read_events(log_dir)
     tags = set(events.Tags()["scalars"])
@@ -141,8 +151,7 @@ def test_demo_lambda_max_rises_and_every_sgd_tag_is_logged(sharpening_demo):
     probe = first_batches(DigitsDataModule(**SHARPENING.data), 1)
     torch.manual_seed(0)
     initial = top_eigenvalues(DigitsClassifier(**SHARPENING.model).net, mse, probe)[0]
-    final_model = DigitsClassifier.load_from_checkpoint(log_dir / CHECKPOINT_NAME)
-    final = top_eigenvalues(final_model.net, mse, probe)[0]
+    final = final_demo_truth[0]
     assert final > 1.8 * initial
     assert curve[0] == pytest.approx(initial, rel=0.05)  # measured after one small step
     threshold = dict(scalars(events, "curvature/stability_threshold"))
@@ -229,13 +238,13 @@ def test_digits_classifier_rejects_bad_arguments_by_name(kwargs, named):
 # ---------------------------------------------------------------------------- analyze
 
 
-def test_analyze_on_the_demo_checkpoint_matches_arpack(sharpening_demo, tmp_path):
+def test_analyze_on_the_demo_checkpoint_matches_arpack(sharpening_demo, final_demo_truth, tmp_path):
     _, log_dir, _ = sharpening_demo
     checkpoint = log_dir / CHECKPOINT_NAME
     out = tmp_path / "analysis"
     code, printed, _ = run_main(
         [
-            *("analyze", checkpoint, "--model", MODEL, "--demo-data", "--num-batches", 2),
+            *("analyze", checkpoint, "--model", MODEL, "--demo-data", "--num-batches", 1),
             *("--out", out, "--no-progress"),
         ]
     )
@@ -243,9 +252,7 @@ def test_analyze_on_the_demo_checkpoint_matches_arpack(sharpening_demo, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     measured = summary["measurement"]
 
-    batches = first_batches(DigitsDataModule(**SHARPENING.data), 2)
-    model = DigitsClassifier.load_from_checkpoint(checkpoint)
-    exact = top_eigenvalues(model.net, mse, batches, k=5)
+    exact = final_demo_truth
     assert measured["lambda_max"] == pytest.approx(exact[0], rel=1e-3)
     np.testing.assert_allclose(measured["eigenvalues"], exact, rtol=1e-2)
     assert measured["converged"] is True
@@ -289,45 +296,116 @@ def tiny_adam_checkpoint(tmp_path_factory):
     return path
 
 
-def test_analyze_matches_the_dense_hessian_and_adams_preconditioned_sharpness(
-    tiny_adam_checkpoint, tmp_path
-):
-    out = tmp_path / "tiny"
-    code, _, _ = run_main(
-        [
-            *("analyze", tiny_adam_checkpoint, "--model", MODEL),
-            *("--data", "lightning_curvature.demo.DigitsDataModule", "--num-batches", 3),
-            *("--num-probes", 60, "--out", out, "--no-progress"),
-        ]
-    )
-    assert code == 0
-    measured = json.loads((out / "summary.json").read_text())["measurement"]
+TINY_BATCHES = 3
 
+
+@pytest.fixture(scope="module")
+def tiny_analysis(tiny_adam_checkpoint, tmp_path_factory):
+    """`analyze` run once on the tiny checkpoint: its summary, what it printed, and how
+    many times it unpickled a file."""
+    out = tmp_path_factory.mktemp("tiny") / "analysis"
+    loads = []
+    real_load = torch.load
+
+    def counting_load(*args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("f"))
+        return real_load(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", counting_load)
+        code, printed, _ = run_main(
+            [
+                *("analyze", tiny_adam_checkpoint, "--model", MODEL),
+                *("--data", "lightning_curvature.demo.DigitsDataModule"),
+                *("--num-batches", TINY_BATCHES, "--num-probes", 60, "--out", out),
+                "--no-progress",
+            ]
+        )
+    assert code == 0
+    return json.loads((out / "summary.json").read_text()), printed, loads
+
+
+@pytest.fixture(scope="module")
+def tiny_truth(tiny_adam_checkpoint):
+    """The tiny model's dense float64 Hessian on the batches analyze takes (the data module
+    as saved in the checkpoint), its eigenvalues (descending) and Adam's P."""
     model = DigitsClassifier.load_from_checkpoint(tiny_adam_checkpoint)
-    batches = first_batches(DigitsDataModule(batch_size=32), 3)  # as saved in the checkpoint
+    batches = first_batches(DigitsDataModule(batch_size=32), TINY_BATCHES)
 
     def cross_entropy(net, batch):
         return F.cross_entropy(net(batch[0]), batch[1])
 
     hessian = dense_hessian(model.net, cross_entropy, batches)
-    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    state = torch.load(tiny_adam_checkpoint, weights_only=False)["optimizer_states"][0]
+    step = state["state"][0]["step"].item()
+    v = torch.cat([s["exp_avg_sq"].reshape(-1) for s in state["state"].values()])
+    return hessian, torch.linalg.eigvalsh(hessian).flip(0), adam_preconditioner(v, step)
+
+
+def test_analyze_matches_the_dense_hessian_and_adams_preconditioned_sharpness(
+    tiny_analysis, tiny_truth
+):
+    measured = tiny_analysis[0]["measurement"]
+    hessian, exact, p = tiny_truth
     assert measured["lambda_max"] == pytest.approx(exact[0].item(), rel=1e-3)
     np.testing.assert_allclose(measured["eigenvalues"], exact[:5].numpy(), rtol=1e-2)
     assert measured["lambda_min"] == pytest.approx(exact[-1].item(), rel=1e-2)
     assert abs(measured["trace"] - exact.sum().item()) <= 4 * measured["trace_stderr"]
-
-    # Adam's P = (1 − β1ᵗ)(√v̂ + ε), from the saved optimizer state.
-    state = torch.load(tiny_adam_checkpoint, weights_only=False)["optimizer_states"][0]
-    t = state["state"][0]["step"].item()
-    v_hat = torch.cat([s["exp_avg_sq"].reshape(-1) for s in state["state"].values()]) / (
-        1 - 0.999**t
-    )
-    p = ((1 - 0.9**t) * (v_hat.sqrt() + 1e-8)).double()
-    scaled = hessian / p.sqrt()[:, None] / p.sqrt()[None, :]
-    preconditioned = torch.linalg.eigvalsh(scaled)[-1].item()
+    preconditioned = preconditioned_lambda_max(hessian, p)
     assert measured["preconditioned_lambda_max"] == pytest.approx(preconditioned, rel=1e-3)
     assert measured["stability_threshold"] == pytest.approx(38.0)
     assert measured["sharpness_x_lr"] == pytest.approx(preconditioned * 0.01, rel=1e-3)
+
+
+def test_analyze_prints_lambda_min_with_its_convergence_and_the_learning_rate(
+    tiny_analysis, tiny_truth
+):
+    summary, printed, _ = tiny_analysis
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
+    measured = summary["measurement"]
+    assert f"{measured['lambda_min']:.6g}" in rows["λmin"]
+    assert measured["lambda_min"] == pytest.approx(tiny_truth[1][-1].item(), rel=1e-2)
+    flag = measured.get("lambda_min_converged")  # a field of newer Measurement records
+    expected = {True: "converged", False: "NOT converged", None: "convergence not reported"}
+    assert rows["λmin"].split(maxsplit=2)[2].startswith(expected[flag])
+    # The saved Adam's learning rate, read from the rebuilt optimizer.
+    assert rows["η"].split()[1] == "0.01" and measured["learning_rate"] == pytest.approx(0.01)
+
+
+def test_analyze_unpickles_the_checkpoint_once(tiny_analysis, tiny_adam_checkpoint):
+    assert tiny_analysis[2] == [tiny_adam_checkpoint]
+
+
+def test_the_console_script_imports_the_model_class_from_the_working_directory(
+    tiny_adam_checkpoint, tmp_path
+):
+    """pip's console script runs with its bin/ directory, not the working directory, first
+    on sys.path; `python -m` puts the working directory there. Both must find mymodels."""
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    (work / "mymodels.py").write_text(
+        "from lightning_curvature.demo import DigitsClassifier\n\n\n"
+        "class MyModule(DigitsClassifier):\n    pass\n"
+    )
+    script = bin_dir / "lightning-curvature"  # what pip writes for [project.scripts]
+    script.write_text("import sys\nfrom lightning_curvature.cli import main\n\nsys.exit(main())\n")
+    result = subprocess.run(
+        [
+            *(sys.executable, str(script), "analyze", str(tiny_adam_checkpoint)),
+            *("--model", "mymodels.MyModule", "--demo-data", "--k", "1", "--num-probes", "2"),
+            *("--threads", "1"),
+            *("--out", str(tmp_path / "out"), "--no-progress"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["model"] == "mymodels.MyModule"
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -20,19 +20,11 @@ from lightning_curvature.stability import (
     stability_ratio,
     stability_rule,
 )
+from tests.truth import adam_preconditioner, matrix_with_spectrum, preconditioned_lambda_max
 
 STEPS = 400
 LARGE = 1e4  # "a large factor": |x| shrinks below 1/LARGE or grows above LARGE
 X0 = 1e-9  # tiny start: even diverged, g² stays negligible against the frozen P (see below)
-
-
-def spd(eigenvalues, seed=0):
-    """A dense, non-diagonal symmetric matrix with the given spectrum (float64)."""
-    eigenvalues = torch.tensor(eigenvalues, dtype=torch.float64)
-    n = eigenvalues.numel()
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return q @ torch.diag(eigenvalues) @ q.T
 
 
 def growth(optimizer, x, hessian, steps=STEPS):
@@ -69,7 +61,7 @@ SGD_CASES = {
 @pytest.mark.parametrize("case", SGD_CASES)
 def test_sgd_converges_just_below_its_threshold_and_diverges_just_above(case):
     kwargs, expected = SGD_CASES[case]
-    hessian = spd([10.0, 6.0, 3.0, 1.0])
+    hessian = matrix_with_spectrum(torch.tensor([10.0, 6.0, 3.0, 1.0]))
     sharpness = torch.linalg.eigvalsh(hessian)[-1].item()
     factors = {}
     for fraction in (0.95, 1.05):
@@ -87,7 +79,7 @@ def test_sgd_converges_just_below_its_threshold_and_diverges_just_above(case):
 
 def test_the_heavy_ball_threshold_is_wrong_for_nesterov():
     """The test above can fail: at 0.95·2(1+β), Nesterov with β = 0.9 already diverges."""
-    hessian = spd([10.0, 6.0, 3.0, 1.0])
+    hessian = matrix_with_spectrum(torch.tensor([10.0, 6.0, 3.0, 1.0]))
     x = new_param(4)
     lr = 0.95 * 2 * 1.9 / 10.0
     optimizer = torch.optim.SGD([x], lr=lr, momentum=0.9, nesterov=True)
@@ -135,7 +127,7 @@ def test_sgd_threshold_is_where_the_iteration_matrix_reaches_spectral_radius_one
 FROZEN = 1 - 1e-7
 BIG_STEP = 1e9
 N = 4
-HESSIAN = spd([10.0, 6.0, 3.0, 1.0], seed=1)
+HESSIAN = matrix_with_spectrum(torch.tensor([10.0, 6.0, 3.0, 1.0]), seed=1)
 V = torch.tensor([4.0, 0.25, 1.0, 9.0], dtype=torch.float64)  # the frozen second moment
 
 
@@ -211,8 +203,7 @@ def test_adaptive_optimizer_converges_just_below_its_preconditioned_threshold_an
         p = preconditioner_diagonal(optimizer, [x])
         assert p.dtype == torch.float32 and p.shape == (N,)
         torch.testing.assert_close(p.double(), expected_p, rtol=1e-6, atol=0)
-        scale = p.double().rsqrt()
-        sharpness = torch.linalg.eigvalsh(scale[:, None] * HESSIAN * scale[None, :])[-1].item()
+        sharpness = preconditioned_lambda_max(HESSIAN, p)
         optimizer.param_groups[0]["lr"] = fraction * rule.threshold / sharpness
         factors[fraction] = growth(optimizer, x, HESSIAN)
         drift = (preconditioner_diagonal(optimizer, [x]).double() / p.double() - 1).abs().max()
@@ -225,8 +216,7 @@ def test_adam_converges_where_raw_lambda_max_times_lr_is_far_past_38():
     """The sharpness Adam feels is λmax(P⁻¹H), not λmax(H)."""
     x = new_param(N)
     optimizer = make_adam(x)
-    p = preconditioner_diagonal(optimizer, [x]).double()
-    scaled = torch.linalg.eigvalsh(p.rsqrt()[:, None] * HESSIAN * p.rsqrt()[None, :])[-1].item()
+    scaled = preconditioned_lambda_max(HESSIAN, preconditioner_diagonal(optimizer, [x]))
     lr = optimizer.param_groups[0]["lr"] = 0.95 * 38.0 / scaled
     assert 10.0 * lr > 1.3 * 38.0  # λmax(H) = 10
     assert growth(optimizer, x, HESSIAN) < 1 / LARGE
@@ -299,9 +289,8 @@ def adam_by_hand(grads, beta1, beta2, eps, amsgrad):
     for g in grads:
         v = [beta2 * vi + (1 - beta2) * gi**2 for vi, gi in zip(v, g.tolist(), strict=True)]
         v_max = [max(a, b) for a, b in zip(v_max, v, strict=True)]
-    t = len(grads)
-    second = v_max if amsgrad else v
-    return [(1 - beta1**t) * (math.sqrt(s / (1 - beta2**t)) + eps) for s in second]
+    second = torch.tensor(v_max if amsgrad else v, dtype=torch.float64)
+    return adam_preconditioner(second, len(grads), beta1, beta2, eps).tolist()
 
 
 def rmsprop_by_hand(grads, alpha, eps):  # centered

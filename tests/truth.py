@@ -133,3 +133,20 @@ def finite_difference_hvp(model: nn.Module, loss_fn, batches, v: torch.Tensor, e
         return torch.cat([g.reshape(-1) for g in grads])
 
     return (gradient_at(eps) - gradient_at(-eps)) / (2 * eps)
+
+
+def adam_preconditioner(
+    exp_avg_sq: torch.Tensor, step: float, beta1: float = 0.9, beta2: float = 0.999, eps=1e-8
+) -> torch.Tensor:
+    """Adam's diagonal preconditioner ``P = (1 − β1ᵗ)(√v̂ + ε)``, ``v̂ = v / (1 − β2ᵗ)``, in
+    float64, written out from torch.optim.Adam's update ``x ← x − η·m̂ / (√v̂ + ε)`` with
+    ``m̂ = m / (1 − β1ᵗ)`` (so the step is ``η·m / P``)."""
+    v_hat = exp_avg_sq.double() / (1 - beta2**step)
+    return (1 - beta1**step) * (v_hat.sqrt() + eps)
+
+
+def preconditioned_lambda_max(hessian: torch.Tensor, diagonal: torch.Tensor) -> float:
+    """The largest eigenvalue of ``P⁻¹H`` for a diagonal P, from the similar symmetric
+    matrix ``P^-1/2 H P^-1/2`` (dense, float64)."""
+    scale = diagonal.double().rsqrt()
+    return torch.linalg.eigvalsh(scale[:, None] * hessian.double() * scale[None, :])[-1].item()

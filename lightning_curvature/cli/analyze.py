@@ -1,0 +1,340 @@
+"""``lightning-curvature analyze``: the curvature of a saved model, measured with the same
+operator, estimators and tags as :class:`~lightning_curvature.CurvatureMonitor`, printed as a
+table and written as ``summary.json``, ``spectrum.png`` and a TensorBoard run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_curvature.cli import loading
+from lightning_curvature.cli._shared import (
+    DEMO_DATA,
+    DEMO_MODEL,
+    FAILED,
+    PROG,
+    CliError,
+    fraction,
+    int_at_least,
+    one_line,
+    quiet_lightning,
+)
+from lightning_curvature.operators.base import OperatorWrapper
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``analyze`` to the subcommands of the main parser."""
+    analyze = commands.add_parser(
+        "analyze",
+        help="measure the Hessian of a saved model: λmax, top-k, λmin, trace, density",
+        description="Load a Lightning checkpoint into a LightningModule class, take batches "
+        "from a LightningDataModule's train_dataloader, and measure the Hessian of the mean "
+        "training_step loss over them with the estimators CurvatureMonitor uses. Prints a "
+        "table and writes summary.json, spectrum.png and a TensorBoard run (the monitor's "
+        "tags) into --out. Class paths are imported from the working directory too. "
+        "Checkpoints are unpickled: analyze only files you trust.",
+    )
+    analyze.add_argument("checkpoint", type=Path, help="a .ckpt file saved by Lightning")
+    analyze.add_argument(
+        "--model",
+        required=True,
+        metavar="CLASS_PATH",
+        help=f"the LightningModule class of the checkpoint, e.g. {DEMO_MODEL}",
+    )
+    data = analyze.add_mutually_exclusive_group(required=True)
+    data.add_argument(
+        "--data",
+        metavar="CLASS_PATH",
+        help="a LightningDataModule class; built from the checkpoint's datamodule "
+        "hyper-parameters when it has them, else with its defaults",
+    )
+    data.add_argument("--demo-data", action="store_true", help=f"the demo's digits ({DEMO_DATA})")
+    analyze.add_argument(
+        "--num-batches",
+        type=int_at_least(1),
+        default=1,
+        help="training batches the Hessian is averaged over (default 1)",
+    )
+    analyze.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="passed to the data module as batch_size (default: its own)",
+    )
+    analyze.add_argument(
+        "--k", type=int_at_least(1), default=5, help="top eigenvalues to report (default 5)"
+    )
+    analyze.add_argument(
+        "--tol", type=fraction, default=1e-4, help="relative eigenvalue accuracy (default 1e-4)"
+    )
+    analyze.add_argument(
+        "--num-probes",
+        type=int_at_least(2),
+        default=30,
+        help="Hutchinson probes for the trace (default 30)",
+    )
+    analyze.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: runs/analyze/<checkpoint name>, or _2, _3, ... "
+        "when that exists)",
+    )
+    analyze.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        default=0,
+        help="seeds the batch sampling and the estimators (default 0)",
+    )
+    analyze.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the products run (default cpu)",
+    )
+    analyze.add_argument(
+        "--threads",
+        type=int_at_least(1),
+        default=None,
+        help="CPU threads for PyTorch (default: its own choice; 1 is often fastest for "
+        "small models on a busy machine)",
+    )
+    analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    analyze.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure the checkpoint that ``args`` names; return the exit status (0, or 1 when the
+    measurement itself fails)."""
+    device = loading.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    checkpoint = loading.read_checkpoint(args.checkpoint)
+    model_class = loading.import_class(args.model, "--model")
+    data_class = loading.import_class(DEMO_DATA if args.demo_data else args.data, "--data")
+    if not hasattr(model_class, "load_from_checkpoint"):
+        raise CliError(f"--model {args.model} is not a LightningModule class")
+    if not hasattr(data_class, "train_dataloader"):
+        raise CliError(f"--data {data_class.__name__} has no train_dataloader()")
+    out = args.out or _unused_dir(Path("runs/analyze") / args.checkpoint.stem)
+    # Imported after the cheap checks: bad paths are reported before Lightning loads.
+    from lightning_curvature.measurement import MeasureSettings, measure
+    from lightning_curvature.monitor.objective import (
+        measurement_mode,
+        muted_logging,
+        training_step_loss,
+    )
+    from lightning_curvature.operators import HessianOperator
+
+    step = int(checkpoint.get("global_step", 0))
+    with quiet_lightning():
+        model = loading.restore_model(model_class, args.model, checkpoint, args.checkpoint, device)
+        datamodule, data_description = loading.build_data(data_class, checkpoint, args.batch_size)
+        batches = loading.sample_batches(datamodule, data_description, args.num_batches, args.seed)
+    settings = MeasureSettings(
+        k=args.k,
+        tol=args.tol,
+        num_probes=args.num_probes,
+        density=True,
+        lambda_min=True,
+        seed=args.seed,
+    )
+    # As the monitor measures by default: the training objective (normalization layers on
+    # batch statistics, their running statistics untouched; dropout off).
+    model.train()
+    with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
+        try:
+            op = HessianOperator(model, training_step_loss, batches)
+            with op:  # releases the kept graph however the measurement ends
+                rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
+                record, _ = measure(
+                    counted(op), step, settings, rule=rule, preconditioner=preconditioner
+                )
+        except Exception as error:  # the model's own code ran: report it, not a traceback
+            print(
+                f"{PROG}: error: measuring the Hessian failed: {type(error).__name__}: "
+                f"{one_line(error)}",
+                file=sys.stderr,
+            )
+            return FAILED
+
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "model": args.model,
+        "data": data_description,
+        "num_batches": len(batches),
+        "num_parameters": op.dim,
+        "global_step": step,
+        "stability": stability_note,
+        "settings": {
+            "k": args.k,
+            "tol": args.tol,
+            "num_probes": args.num_probes,
+            "seed": args.seed,
+            "device": str(device),
+        },
+        "measurement": record.to_json(),
+    }
+    _write_outputs(out, record, summary, step)
+    print(table(record, summary))
+    print()
+    print(f"Wrote {out / 'summary.json'}, {out / 'spectrum.png'} and a TensorBoard run:")
+    print(f"  tensorboard --logdir {shlex.quote(str(out))}")
+    return 0
+
+
+def _unused_dir(path: Path) -> Path:
+    """``path``, or ``path_2``, ``path_3``, ... if it is taken: one analysis per directory,
+    so TensorBoard never mixes two of them in one run."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}_{number}")
+    return candidate
+
+
+def _stability(
+    model: Any, checkpoint: dict[str, Any], params: Sequence[torch.Tensor]
+) -> tuple[Any, torch.Tensor | None, str]:
+    """The stability rule of the optimizer that trained the model, rebuilt from the module's
+    ``configure_optimizers`` and the checkpoint's optimizer state, when both allow it."""
+    from lightning_curvature.stability import preconditioner_diagonal, stability_rule
+
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return None, None, "no optimizer state in the checkpoint"
+    try:
+        optimizer = _first_optimizer(model.configure_optimizers())
+        optimizer.load_state_dict(states[0])
+        rule = stability_rule(optimizer)
+        preconditioner = (
+            preconditioner_diagonal(optimizer, list(params), missing="exclude")
+            if rule.preconditioned
+            else None
+        )
+    except Exception as error:
+        return None, None, f"optimizer not rebuilt ({type(error).__name__}: {one_line(error)})"
+    return rule, preconditioner, rule.note
+
+
+def _first_optimizer(configured: Any) -> torch.optim.Optimizer:
+    """The first optimizer in whatever ``configure_optimizers`` returned."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict):
+        return _first_optimizer(configured["optimizer"])
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    raise TypeError(f"configure_optimizers returned {type(configured).__name__}")
+
+
+class _ProgressOperator(OperatorWrapper):
+    """An operator that advances a progress bar with every product it passes on."""
+
+    def __init__(self, inner: Any, bar: Any) -> None:
+        super().__init__(inner)
+        self.bar = bar
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        self.bar.update(block.shape[1])
+        return self.inner.matmat(block)
+
+
+@contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Callable[[Any], _ProgressOperator]]:
+    """A tqdm counter of Hessian-vector products (their number depends on convergence, so
+    it has no total). Yields a function that wraps an operator to count its products."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="Hessian-vector products", unit="HVP", disable=args.no_progress, leave=False)
+    try:
+        yield lambda op: _ProgressOperator(op, bar)
+    finally:
+        bar.close()
+
+
+def _write_outputs(out: Path, record: Any, summary: dict[str, Any], step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_curvature.tensorboard import density_figure, write_layout, write_measurement
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"--out {out}: cannot create it ({one_line(error)})") from None
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figure = density_figure(record)
+    if figure is not None:
+        figure.savefig(out / "spectrum.png")
+    writer = SummaryWriter(log_dir=str(out))
+    try:
+        write_layout(writer)
+        for tag, value in record.scalars().items():
+            writer.add_scalar(tag, value, step)
+        write_measurement(writer, record, step)
+    finally:
+        writer.close()
+
+
+def _convergence(flag: bool | None) -> str:
+    if flag is None:
+        return "convergence not reported"
+    return "converged" if flag else "NOT converged (raise --tol?)"
+
+
+def table(record: Any, summary: dict[str, Any]) -> str:
+    """The measurement as a plain-text table with its convergence evidence."""
+    rows: list[tuple[str, str, str]] = []
+    for index, (value, bound) in enumerate(
+        zip(record.eigenvalues, record.error_bounds, strict=True)
+    ):
+        name = "λmax" if index == 0 else f"eigenvalue {index + 1}"
+        evidence = f"error bound {bound:.2g}"
+        if index == 0:
+            evidence += f", {_convergence(record.converged)}"
+        rows.append((name, f"{value:.6g}", evidence))
+    if record.lambda_min is not None:
+        converged = getattr(record, "lambda_min_converged", None)
+        rows.append(("λmin", f"{record.lambda_min:.6g}", _convergence(converged)))
+    if record.trace is not None:
+        rows.append(
+            (
+                "trace",
+                f"{record.trace:.6g} ± {record.trace_stderr:#.2g}",
+                f"± 1 stderr, {summary['settings']['num_probes']} Hutchinson probes",
+            )
+        )
+    if record.learning_rate is not None:
+        rows.append(("η", f"{record.learning_rate:.6g}", "learning rate of the first group"))
+    else:
+        rows.append(("η", "unknown", "no optimizer rebuilt, so no stability numbers"))
+    if record.preconditioned_lambda_max is not None:
+        rows.append(("λmax(P⁻¹H)", f"{record.preconditioned_lambda_max:.6g}", "preconditioned"))
+    if record.sharpness_x_lr is not None:
+        rows.append(
+            (
+                "sharpness·η",
+                f"{record.sharpness_x_lr:.4g}",
+                f"threshold {record.stability_threshold:.4g}, ratio {record.stability_ratio:.3g}",
+            )
+        )
+    rows.append(("loss", f"{record.probe_loss:.6g}", f"mean over {summary['num_batches']} batches"))
+    rows.append(("HVPs", str(record.num_matvecs), f"{record.seconds:.2f} s"))
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    header = (
+        f"Hessian of {summary['model'].rsplit('.', 1)[-1]}'s training loss at step "
+        f"{summary['global_step']}: {summary['num_parameters']:,} parameters, "
+        f"{summary['num_batches']} batch(es) of {summary['data']}\n"
+        f"Stability: {summary['stability']}"
+    )
+    lines = [f"  {a:<{width}}  {b:>{value_width}}  {c}" for a, b, c in rows]
+    return "\n".join([header, *lines])
