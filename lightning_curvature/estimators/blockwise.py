@@ -357,6 +357,8 @@ def _lambda_max_evidence(a: np.ndarray, b: np.ndarray) -> tuple[float, float, fl
 
 
 def _bound_ok(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    if a.size < 2:  # one Ritz value has no gap, so its bound r²/gap would read 0
+        return False
     _, _, bound, scale = _lambda_max_evidence(a, b)
     return bound <= tol * scale
 
