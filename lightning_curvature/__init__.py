@@ -21,6 +21,8 @@ from lightning_curvature.estimators import (
     spectral_density,
 )
 from lightning_curvature.operators import DenseOperator, HessianOperator
+from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks
+from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
 
 __version__ = "0.1.0"
 
@@ -35,9 +37,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BlockDiagonalOperator",
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LanczosResult",
     "LinearOperator",
@@ -47,6 +52,7 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "parameter_blocks",
     "power_iteration",
     "smoothed_density",
     "spectral_density",
