@@ -355,3 +355,22 @@ def test_outputs_that_cannot_be_split_raise_clear_value_errors():
 @pytest.mark.parametrize("module", [ggn_module, output_space])
 def test_docstring_examples_run(module):
     assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+def test_forward_mode_uses_the_same_dropout_mask_as_the_kept_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Dropout(0.5), nn.Linear(20, 4)).train()
+    batches = classification_batches(2, 16, (10,), 4)
+    block = torch.randn(304, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    products = [
+        GGNOperator(
+            model, batches, loss_from_output="cross_entropy", dtype=torch.float64, product_method=m
+        ).matmat(block)
+        for m in ("reuse_graph", "forward_mode")
+    ]
+    assert relative_error(products[1], products[0]) < 1e-12
+    model.eval()
+    without_dropout = GGNOperator(
+        model, batches, loss_from_output="cross_entropy", dtype=torch.float64
+    )
+    assert relative_error(without_dropout.matmat(block), products[0]) > 1e-3  # masks matter
