@@ -27,6 +27,8 @@ from lightning_curvature.operators import (
     HvpCheck,
     UnreliableProductError,
 )
+from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks
+from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
 
 __version__ = "0.1.0"
 
@@ -41,9 +43,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BlockDiagonalOperator",
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
+    "FisherOperator",
+    "GGNOperator",
     "GradientGraphOperator",
     "HessianOperator",
     "HvpCheck",
@@ -56,6 +61,7 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "parameter_blocks",
     "power_iteration",
     "smoothed_density",
     "spectral_density",

@@ -1,0 +1,248 @@
+"""GGN/Fisher benchmark: product cost against the Hessian's and curvlinops', and per-layer λmax
+and traces against whole-model runs, in one process.
+
+Run from the repository root::
+
+    python benchmarks/bench_ggn.py            # the run recorded in RESULTS.md (~2-3 minutes)
+    python benchmarks/bench_ggn.py --quick    # a smoke run
+    python benchmarks/bench_ggn.py --device cuda
+
+Models: the digits MLP 64→256→256→10 of ``bench_engine.py`` (85,002 parameters, 300 SGD
+steps) and a small digits CNN (four 3×3 convolutions and a linear head, 8 parameter
+tensors... see ``digits_cnn``), each on one probe batch of 512 images. Timings are medians
+after a warm-up; accuracy is the relative error of float32 products against the float64
+product of the same operator (checked against curvlinops' float64 product).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from curvlinops import GGNLinearOperator
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import digits, loss_fn, machine, timed, trained_mlp
+
+import lightning_curvature as lc
+from lightning_curvature.estimators.blockwise import (
+    blockwise_lambda_max,
+    blockwise_trace,
+)
+from lightning_curvature.operators.blocks import parameter_blocks
+from lightning_curvature.operators.ggn import GGNOperator
+
+
+def digits_cnn(steps: int = 150, seed: int = 0) -> nn.Module:
+    """Conv(1→16)-Conv(16→16)-pool-Conv(16→32)-Conv(32→32)-pool-Linear(128→10), trained a
+    little with SGD so its curvature is that of a network in training."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+    inputs, targets = digits(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        index = torch.arange(step * 64, step * 64 + 64) % len(targets)
+        optimizer.zero_grad()
+        loss_fn(model, (inputs[index], targets[index])).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a.double() - b) / torch.linalg.vector_norm(b))
+
+
+def product_cost(model: nn.Module, batch: tuple, repeats: int, device: torch.device) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    dim = sum(p.numel() for p in params)
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0)).to(device)
+    block = torch.randn(dim, 8, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def gradient():
+        return torch.autograd.grad(loss_fn(model, batch), params)
+
+    gradient_s, _ = timed(gradient, repeats)
+    reference = GGNOperator(
+        model, [batch], loss_from_output="cross_entropy", dtype=torch.float64
+    ).matvec(v.double())
+    model64 = copy.deepcopy(model).double()
+    curvlinops64 = GGNLinearOperator(
+        model64,
+        nn.CrossEntropyLoss(),
+        list(model64.parameters()),
+        [(batch[0].double(), batch[1])],
+        check_deterministic=False,
+    )
+    check = relative(curvlinops64 @ v.double(), reference)
+    rows = [("one gradient (forward + backward)", gradient_s, None, None)]
+    operators = {
+        "Hessian, `reuse_graph`": lc.HessianOperator(model, loss_fn, [batch]),
+        "GGN, `reuse_graph` (double-backward trick)": GGNOperator(
+            model, [batch], loss_from_output="cross_entropy"
+        ),
+        "GGN, `forward_mode` (torch.func jvp + vjp)": GGNOperator(
+            model, [batch], loss_from_output="cross_entropy", product_method="forward_mode"
+        ),
+        "true Fisher, 1 sample": lc_fisher(model, batch, "true"),
+        "empirical Fisher": lc_fisher(model, batch, "empirical"),
+    }
+    for label, op in operators.items():
+        seconds, product = timed(lambda op=op: op.matvec(v), repeats)
+        error = relative(product, reference) if label.startswith("GGN") else None
+        block_s, _ = timed(lambda op=op: op.matmat(block), max(2, repeats // 3))
+        rows.append((label, seconds, block_s / 8, error))
+    curvlinops = GGNLinearOperator(
+        model, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False
+    )
+    seconds, product = timed(lambda: curvlinops @ v, repeats)
+    block_s, _ = timed(lambda: curvlinops @ block, max(2, repeats // 3))
+    rows.append(
+        ("curvlinops `GGNLinearOperator`", seconds, block_s / 8, relative(product, reference))
+    )
+
+    started = time.perf_counter()
+    GGNOperator(model, [batch], loss_from_output="cross_entropy").matvec(v)
+    first_s = time.perf_counter() - started
+    print(
+        "\n| product | ms | × gradient | per vector in a block of 8, ms | rel. error vs float64 |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for label, seconds, per_vector, error in rows:
+        cells = [f"{seconds * 1e3:.2f}", f"{seconds / gradient_s:.2f}"]
+        cells.append("" if per_vector is None else f"{per_vector * 1e3:.2f}")
+        cells.append("" if error is None else f"{error:.1e}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(
+        f"| GGN first product, incl. forward and kept graph | {first_s * 1e3:.2f} | "
+        f"{first_s / gradient_s:.2f} | | |"
+    )
+    print(f"\ncurvlinops float64 against our float64 GGN: relative difference {check:.1e}.")
+
+
+def lc_fisher(model, batch, kind):
+    from lightning_curvature.operators.ggn import FisherOperator
+
+    return FisherOperator(model, [batch], kind=kind, loss_from_output="cross_entropy")
+
+
+def per_layer(model: nn.Module, batch: tuple, repeats: int) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    modules = sorted({n.rsplit(".", 1)[0] for n in names}, key=lambda m: names.index(m + ".weight"))
+    four = [
+        rf"^({modules[0]}|{modules[1]})\.",
+        rf"^{modules[2]}\.",
+        rf"^{modules[3]}\.",
+        rf"^({modules[4]})\.",
+    ]
+    ten = [rf"^{re.escape(n)}$" for n in names]
+    assert len(ten) == 10, names
+    for label, make in (
+        ("Hessian", lambda params=None: lc.HessianOperator(model, loss_fn, [batch], params)),
+        (
+            "GGN",
+            lambda params=None: GGNOperator(
+                model, [batch], params, loss_from_output="cross_entropy"
+            ),
+        ),
+    ):
+        print(f"\n**{label}** of the CNN:\n")
+        print("| run | s | batched products | operator columns | × whole λmax time |")
+        print("|---|---:|---:|---:|---:|")
+        op = make()
+        op.matvec(torch.zeros(op.dim, device=op.device))  # build the kept graph outside the timings
+        whole_s, whole = timed(lambda op=op: lc.lanczos(op, k=1), repeats)
+        print(
+            f"| whole-model λmax (`lanczos`, k=1) | {whole_s:.3f} | {whole.num_matvecs} | "
+            f"{whole.num_matvecs} | 1.00 |"
+        )
+        named = dict(model.named_parameters())
+        for patterns in (four, ten):
+            blocks = parameter_blocks(op.param_names, op.params, patterns)
+            batched_s, result = timed(lambda b=blocks, op=op: blockwise_lambda_max(op, b), repeats)
+            print(
+                f"| L = {len(blocks)} blocks, `blockwise_lambda_max` (one batched Lanczos) | "
+                f"{batched_s:.3f} | {result.num_steps} | {result.num_matvecs} | "
+                f"{batched_s / whole_s:.2f} |"
+            )
+            singles = []
+            for pattern in patterns:
+                chosen = {n: named[n] for n in op.param_names if re.search(pattern, n)}
+                single = make(chosen)
+                single.matvec(torch.zeros(single.dim, device=single.device))
+                singles.append(single)
+            started = time.perf_counter()
+            results = [lc.lanczos(single, k=1) for single in singles]
+            seq_s = time.perf_counter() - started
+            worst = max(
+                abs(result.eigenvalues[i].item() / r.eigenvalues[0].item() - 1)
+                for i, r in enumerate(results)
+            )
+            print(
+                f"| L = {len(blocks)} blocks, `lanczos` on each layer alone (`params=`) | "
+                f"{seq_s:.3f} | {sum(r.num_matvecs for r in results)} | "
+                f"{sum(r.num_matvecs for r in results)} | {seq_s / whole_s:.2f} |"
+            )
+            print(
+                f"| (largest relative difference, batched vs alone: {worst:.1e}; all "
+                f"converged: {all(result.converged)}) | | | | |"
+            )
+
+        blocks = parameter_blocks(op.param_names, op.params)
+        trace_s, _ = timed(lambda op=op: lc.hutchinson_trace(op, num_probes=30), repeats)
+        before = op.num_matvecs
+        split_s, _ = timed(lambda b=blocks, op=op: blockwise_trace(op, b, num_probes=30), repeats)
+        per_call = (op.num_matvecs - before) // (repeats + 1)
+        print(f"| trace, 30 probes: `hutchinson_trace` | {trace_s:.3f} | | 30 | |")
+        print(
+            f"| trace + {len(blocks)} per-layer traces: `blockwise_trace` | {split_s:.3f} | | "
+            f"{per_call} | {split_s / trace_s:.2f} × the trace alone |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, a smoke run")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(2)
+    repeats = 2 if args.quick else 7
+    print(f"Machine: {machine()}. Device: {device}.\n")
+    inputs, targets = digits(0)
+    batch = (inputs[:512].to(device), targets[:512].to(device))
+
+    mlp = trained_mlp([64, 256, 256, 10]).to(device)
+    size = sum(p.numel() for p in mlp.parameters())
+    print(f"### Product cost, digits MLP 64→256→256→10 ({size:,} parameters), batch 512")
+    product_cost(mlp, batch, repeats * 3, device)
+    cnn = digits_cnn().to(device)
+    size = sum(p.numel() for p in cnn.parameters())
+    print(f"\n### Product cost, digits CNN ({size:,} parameters), batch 512")
+    product_cost(cnn, batch, repeats * 3, device)
+    print("\n### Per-layer λmax and traces on the CNN")
+    per_layer(cnn, batch, repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+r"""Per-block (per-layer) curvature: traces and λmax of the diagonal blocks of an operator.
+
+Blocks are ``(name, slice)`` pairs over the flat vector (see
+:func:`lightning_curvature.operators.blocks.parameter_blocks`); :math:`A_{ll}` is the
+diagonal block of block :math:`l`, the curvature of that layer with the others held fixed.
+
+- :func:`blockwise_trace`: with Rademacher probes :math:`z`,
+  :math:`\mathbb{E}[z_l^\top (Az)_l] = \operatorname{tr} A_{ll}`, so the SAME probes and
+  products as the whole-model Hutchinson trace give every block's trace for free (0 extra
+  matvecs), and the block estimates sum to the whole one.
+- :func:`blockwise_lambda_max`: L Lanczos processes, one per block, in lockstep; each step
+  is ONE L-column ``matmat`` of the operator, column ``l`` supported on block ``l``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+
+from lightning_curvature.estimators._common import (
+    LinearOperator,
+    apply_block,
+    check_operator,
+    check_positive_int,
+    make_generator,
+    rademacher,
+    raise_if_not_finite,
+)
+from lightning_curvature.estimators.hutchinson import TraceResult
+from lightning_curvature.estimators.lanczos import (
+    CHECK_EVERY,
+    _Basis,
+    _evidence,
+    _ritz,
+    _spectral_scale,
+    default_num_iters,
+)
+
+Block = tuple[str, slice]
+
+
+def _integer(name: str, value: object, minimum: int | None = 1) -> int:
+    """``value`` as an int (numpy integers accepted, bools refused), at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None:
+        check_positive_int(name, int(value), minimum=minimum)
+    return int(value)
+
+
+def check_blocks(blocks: Sequence[Block], dim: int) -> list[Block]:
+    """``blocks`` as a list, checked to be non-empty, disjoint slices in flat-vector order."""
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not blocks:
+        raise ValueError(f"blocks must be a non-empty list of (name, slice) pairs, got {blocks!r}")
+    stop = 0
+    for entry in blocks:
+        if (
+            not isinstance(entry, tuple)
+            or len(entry) != 2
+            or not isinstance(entry[1], slice)
+            or entry[1].step not in (None, 1)
+        ):
+            raise ValueError(f"blocks must be (name, slice) pairs, got {entry!r}")
+        name, piece = entry
+        if piece.start is None or piece.stop is None or not stop <= piece.start < piece.stop:
+            raise ValueError(
+                f"blocks must be non-empty, disjoint and in flat-vector order; block {name!r} "
+                f"is {piece}"
+            )
+        if piece.stop > dim:
+            raise ValueError(f"block {name!r} = {piece} ends past the operator's dim={dim}")
+        stop = piece.stop
+    return list(blocks)
+
+
+def block_products(
+    op: LinearOperator,
+    blocks: Sequence[Block],
+    packed: torch.Tensor,
+    active: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``A_ll x_l`` for every active block ``l`` from ONE ``matmat`` of ``len(active)·m``
+    columns: ``packed`` (dim, m) holds each block's vectors ``x_l`` in its own slice, the
+    stacked probe masks column ``(l, j)`` to block ``l``, and block ``l`` of its product is
+    kept. Blocks not in ``active`` cost nothing and come back zero."""
+    active = range(len(blocks)) if active is None else active
+    m = packed.shape[1]
+    stacked = packed.new_zeros(packed.shape[0], len(active) * m)
+    for column, index in enumerate(active):
+        piece = blocks[index][1]
+        stacked[piece, column * m : (column + 1) * m] = packed[piece]
+    products = apply_block(op, stacked)
+    result = torch.zeros_like(packed)
+    for column, index in enumerate(active):
+        piece = blocks[index][1]
+        result[piece] = products[piece, column * m : (column + 1) * m]
+    return result
+
+
+# ----------------------------------------------------------------------------- traces
+@dataclass(frozen=True, eq=False)
+class BlockwiseTrace:
+    """The whole-operator Hutchinson trace and each block's, from the same probes.
+
+    Attributes:
+        whole: the trace of the operator (identical to :func:`hutchinson_trace` with the
+            same ``num_probes``, ``seed`` and ``probes_per_block``).
+        blocks: block name → that block's trace estimate and stderr. When the blocks cover
+            the whole vector the estimates sum to ``whole.estimate`` (up to rounding).
+    """
+
+    whole: TraceResult
+    blocks: dict[str, TraceResult]
+
+
+def block_quadratic_forms(
+    probes: torch.Tensor, products: torch.Tensor, blocks: Sequence[Block]
+) -> torch.Tensor:
+    """``z_lᵀ (A z)_l`` for each block ``l`` (rows) and probe (columns), from probes and
+    products a trace run already made: no product is recomputed."""
+    terms = probes * products
+    return torch.stack([terms[piece].sum(dim=0) for _, piece in blocks])
+
+
+def blockwise_trace(
+    op: LinearOperator,
+    blocks: Sequence[Block],
+    num_probes: int = 30,
+    seed: int = 0,
+    *,
+    probes_per_block: int = 8,
+) -> BlockwiseTrace:
+    """Hutchinson traces of the whole operator and of each diagonal block, at the cost of
+    the whole one (``num_probes`` matvecs, 0 extra).
+
+    Args:
+        op: anything with ``matvec``/``matmat``, ``dim``, ``device`` and ``dtype``.
+        blocks: ``(name, slice)`` pairs, e.g. from ``parameter_blocks``.
+        num_probes, seed, probes_per_block: as for :func:`hutchinson_trace`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_curvature.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+        >>> result = blockwise_trace(op, [("a", slice(0, 1)), ("b", slice(1, 3))])
+        >>> result.whole.estimate, result.blocks["b"].estimate
+        (6.0, 5.0)
+    """
+    check_operator(op)
+    blocks = check_blocks(blocks, op.dim)
+    num_probes = _integer("num_probes", num_probes, minimum=2)
+    probes_per_block = _integer("probes_per_block", probes_per_block)
+    seed = _integer("seed", seed, minimum=None)
+    generator = make_generator(op, seed)
+    whole_terms, block_terms = [], []
+    for start in range(0, num_probes, probes_per_block):
+        z = rademacher(op, min(probes_per_block, num_probes - start), generator)
+        az = apply_block(op, z)
+        whole_terms.append((z * az).sum(dim=0))
+        block_terms.append(block_quadratic_forms(z, az, blocks))
+    whole = torch.cat(whole_terms)
+    raise_if_not_finite(whole, "Hutchinson's trace estimator")
+    per_block = torch.cat(block_terms, dim=1).double().cpu()  # the one transfer to the host
+    whole = whole.double().cpu()
+
+    def result(terms: torch.Tensor) -> TraceResult:
+        return TraceResult(
+            estimate=float(terms.mean()),
+            stderr=float(terms.std(correction=1)) / math.sqrt(num_probes),
+            method="hutchinson",
+            num_probes=num_probes,
+            num_matvecs=num_probes,
+        )
+
+    return BlockwiseTrace(
+        whole=result(whole),
+        blocks={name: result(per_block[i]) for i, (name, _) in enumerate(blocks)},
+    )
+
+
+# ----------------------------------------------------------------------------- λmax
+@dataclass(frozen=True, eq=False)
+class BlockwiseLambdaMax:
+    """λmax of every diagonal block, each with its own convergence evidence.
+
+    Attributes:
+        names: the block names, in order.
+        eigenvalues: (L,) float64 on the CPU: λmax of each block.
+        residuals, error_bounds: (L,) per block, as in :class:`LanczosResult`.
+        num_iters: Lanczos steps each block took.
+        converged: per block, its error bound is within ``tol`` times its spectral scale
+            (or its Krylov space became invariant, which makes it exact).
+        num_steps: batched products (``matmat`` calls) made.
+        num_matvecs: operator columns applied in all (a step costs one per active block).
+    """
+
+    names: tuple[str, ...]
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    error_bounds: torch.Tensor
+    num_iters: tuple[int, ...]
+    converged: tuple[bool, ...]
+    num_steps: int
+    num_matvecs: int
+
+    def as_dict(self) -> dict[str, float]:
+        """Block name → λmax."""
+        return dict(zip(self.names, self.eigenvalues.tolist(), strict=True))
+
+
+class _PackedBlocks:
+    """Per-block inner products of packed vectors (block ``l``'s vector in its slice)."""
+
+    def __init__(self, blocks: list[Block], dim: int, device: torch.device) -> None:
+        self.count = len(blocks)
+        self.index = torch.full((dim,), self.count, dtype=torch.long, device=device)
+        for i, (_, piece) in enumerate(blocks):
+            self.index[piece] = i
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """(r, dim) -> (r, L): the sum of each row over each block's coordinates."""
+        total = values.new_zeros(values.shape[0], self.count + 1)
+        return total.index_add_(1, self.index, values)[:, : self.count]
+
+    def expand(self, per_block: torch.Tensor) -> torch.Tensor:
+        """(..., L) -> (..., dim): each block's number on its coordinates, 0 elsewhere."""
+        padded = torch.cat([per_block, per_block.new_zeros(*per_block.shape[:-1], 1)], dim=-1)
+        return padded[..., self.index]
+
+
+def blockwise_lambda_max(
+    op: LinearOperator,
+    blocks: Sequence[Block],
+    tol: float = 1e-4,
+    num_iters: int | None = None,
+    seed: int = 0,
+) -> BlockwiseLambdaMax:
+    """λmax of every diagonal block ``A_ll`` with ONE batched Lanczos.
+
+    This is the batched variant of :func:`lanczos` (whose Ritz extraction and error bounds
+    it reuses): L Lanczos processes run in lockstep on packed vectors, block ``l``'s process
+    in block ``l``'s slice, with per-block inner products and full per-block
+    re-orthogonalisation. Each step is ONE ``matmat`` of the operator with one column per
+    still-active block (:func:`block_products`), never L sequential products. A block stops
+    when its own bound ``min(r, r²/gap)`` on λmax is within ``tol`` times its largest Ritz
+    magnitude (as ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact),
+    or after ``num_iters`` steps or as many steps as it has coordinates.
+
+    Args:
+        op: the whole operator (anything with ``matmat``/``matvec``, ``dim``, ``device``,
+            ``dtype``).
+        blocks: ``(name, slice)`` pairs, e.g. from ``parameter_blocks``.
+        tol: relative accuracy of each block's λmax; ``0`` runs ``num_iters`` steps.
+        num_iters: the most steps per block, default that of ``lanczos(k=1)``.
+        seed: seeds the start vectors; the global RNG is never touched.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_curvature.operators import DenseOperator
+        >>> op = DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)))
+        >>> blockwise_lambda_max(op, [("a", slice(0, 2)), ("b", slice(2, 4))]).as_dict()
+        {'a': 2.0, 'b': 4.0}
+    """
+    check_operator(op)
+    blocks = check_blocks(blocks, op.dim)
+    num_iters = default_num_iters(1) if num_iters is None else _integer("num_iters", num_iters)
+    seed = _integer("seed", seed, minimum=None)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    packing = _PackedBlocks(blocks, op.dim, op.device)
+    caps = [min(num_iters, piece.stop - piece.start) for _, piece in blocks]
+    steps_cap = max(caps)
+    basis = _Basis(op.dim, op.device, op.dtype, capacity=steps_cap)
+    alpha = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
+    beta = torch.zeros_like(alpha)
+    tiny = 1e3 * torch.finfo(op.dtype).eps
+
+    generator = make_generator(op, seed)
+    start = torch.randn(op.dim, generator=generator, device=op.device, dtype=op.dtype)
+    start = start * packing.expand(torch.ones(len(blocks), device=op.device, dtype=op.dtype))
+    basis[0] = start / packing.expand(packing.sums(start[None] ** 2)[0].sqrt())
+
+    active = list(range(len(blocks)))
+    final: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
+    size, num_matvecs, next_check = 0, 0, CHECK_EVERY
+    while active:
+        w = block_products(op, blocks, basis[size][:, None], active)[:, 0]
+        num_matvecs += len(active)
+        w, coefficients = _project_out(basis, packing, size + 1, w)
+        alpha[size] = coefficients[size]
+        norms = packing.sums(w[None] ** 2)[0].sqrt()
+        beta[size] = norms
+        size += 1
+        if size < steps_cap:
+            keep = torch.zeros(len(blocks), device=op.device, dtype=op.dtype)
+            keep[active] = 1.0
+            # Clamped so a block that broke down writes no NaN; the host check discards it.
+            basis[size] = w / packing.expand(norms.clamp_min(tiny)) * packing.expand(keep)
+        if size < next_check and size not in caps:
+            continue
+        next_check = size + CHECK_EVERY
+        a_all = alpha[:size].double().cpu().numpy()  # one host sync: the tridiagonals
+        b_all = beta[:size].double().cpu().numpy()
+        for index in list(active):
+            a, b = a_all[:, index], b_all[:, index]
+            finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
+            scale = max(np.abs(finite).max(), np.finfo(np.float64).tiny)
+            broken = np.flatnonzero(~(b > tiny * scale))  # NaN counts as broken too
+            cut = int(broken[0]) + 1 if broken.size else size
+            raise_if_not_finite(
+                torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
+            )
+            if broken.size:  # an invariant Krylov space: its Ritz values are exact
+                final[index] = (a[:cut], np.append(b[: cut - 1], 0.0), True)
+            elif size >= caps[index]:
+                converged = caps[index] == blocks[index][1].stop - blocks[index][1].start
+                final[index] = (a, b, converged or _bound_ok(a, b, tol))
+            elif _bound_ok(a, b, tol):
+                final[index] = (a, b, True)
+            else:
+                continue
+            active.remove(index)
+    return _result(blocks, final, size, num_matvecs)
+
+
+def _project_out(
+    basis: _Basis, packing: _PackedBlocks, size: int, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` minus, block by block, its components on the first ``size`` basis vectors
+    (classical Gram-Schmidt twice, as in :func:`lanczos`), and those (size, L) components."""
+    total = None
+    for _ in range(2):
+        rows_list = basis._leading(size)
+        coefficients = torch.cat([packing.sums(rows * w) for rows in rows_list])
+        offset = 0
+        for rows in rows_list:
+            chunk = coefficients[offset : offset + rows.shape[0]]
+            w = w - (rows * packing.expand(chunk)).sum(dim=0)
+            offset += rows.shape[0]
+        total = coefficients if total is None else total + coefficients
+    assert total is not None
+    return w, total
+
+
+def _lambda_max_evidence(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    theta, vectors = _ritz(a, b)
+    top = np.array([theta.size - 1])
+    residuals, bounds = _evidence(theta, vectors, b[-1], top)
+    return float(theta[-1]), float(residuals[0]), float(bounds[0]), _spectral_scale(theta)
+
+
+def _bound_ok(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    if a.size < 2:  # one Ritz value has no gap, so its bound r²/gap would read 0
+        return False
+    _, _, bound, scale = _lambda_max_evidence(a, b)
+    return bound <= tol * scale
+
+
+def _result(
+    blocks: list[Block],
+    final: dict[int, tuple[np.ndarray, np.ndarray, bool]],
+    num_steps: int,
+    num_matvecs: int,
+) -> BlockwiseLambdaMax:
+    values, residuals, bounds = [], [], []
+    for index in range(len(blocks)):
+        a, b, _ = final[index]
+        value, residual, bound, _ = _lambda_max_evidence(a, b)
+        values.append(value)
+        residuals.append(residual)
+        bounds.append(bound)
+    return BlockwiseLambdaMax(
+        names=tuple(name for name, _ in blocks),
+        eigenvalues=torch.tensor(values, dtype=torch.float64),
+        residuals=torch.tensor(residuals, dtype=torch.float64),
+        error_bounds=torch.tensor(bounds, dtype=torch.float64),
+        num_iters=tuple(int(final[i][0].size) for i in range(len(blocks))),
+        converged=tuple(bool(final[i][2]) for i in range(len(blocks))),
+        num_steps=num_steps,
+        num_matvecs=num_matvecs,
+    )

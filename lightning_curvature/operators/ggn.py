@@ -1,0 +1,444 @@
+r"""The generalized Gauss-Newton matrix and the Fisher, as matrix-free operators.
+
+Split the loss of a batch into the model's outputs :math:`f = f_\theta(x)` and a loss on
+them, :math:`L(\theta) = \ell(f_\theta(x), y)`. With :math:`J = \partial f / \partial\theta`,
+
+.. math::
+
+    \nabla^2_\theta L = \underbrace{J^\top H_\ell J}_{G \text{ (GGN)}}
+        + \sum_k \frac{\partial \ell}{\partial f_k} \nabla^2_\theta f_k,
+    \qquad H_\ell = \nabla^2_f \ell .
+
+:math:`G` drops the second term, so it is positive semi-definite whenever :math:`\ell` is
+convex in :math:`f` (MSE, cross-entropy) while the Hessian can be indefinite. The Fisher
+replaces :math:`H_\ell` by an outer product of output gradients of per-term losses
+:math:`\ell_p` (:math:`L = \frac1P\sum_p \ell_p`, :math:`r_p = \nabla_{f_p}\ell_p`):
+
+- empirical Fisher, with the labels: :math:`F_{emp} = \frac1P \sum_p J_p^\top r_p r_p^\top J_p`;
+- true Fisher, with :math:`\tilde y` drawn from the model's predictive distribution,
+  :math:`F = \frac1P \sum_p J_p^\top \mathbb{E}_{\tilde y}[\tilde r_p \tilde r_p^\top] J_p`,
+  estimated with ``num_samples`` Monte Carlo draws per term. For cross-entropy
+  :math:`\mathbb{E}[\tilde r \tilde r^\top] = \operatorname{diag}(p) - pp^\top = H_\ell`,
+  and for MSE (the Gaussian likelihood :math:`\mathcal N(f, \tfrac K2 I)` whose negative
+  log is :math:`\tfrac1K\lVert f-y\rVert^2` up to a constant, K outputs per sample) it is
+  :math:`\tfrac2K I = H_\ell`: in both cases :math:`\mathbb{E}[F] = G`.
+
+Products are ``Jᵀ (M (J V))`` with ``M`` the output-space curvature (cheap). ``J V`` uses
+the double-backward trick on a kept graph: with a dummy ``w``, ``g(w) = Jᵀw`` is linear in
+``w`` and ``∂(g(w)·v)/∂w = J v``, so every product is two backward passes and no forward
+(``product_method="reuse_graph"``, the default, chosen by ``benchmarks/bench_ggn.py``).
+``"forward_mode"`` uses ``torch.func.jvp`` and ``vjp`` instead: it keeps no graph (least
+memory) and runs two forward passes per product.
+
+Example (least squares, where :math:`G = H = \tfrac{2}{N} X^\top X`)::
+
+    >>> import torch
+    >>> from lightning_curvature.operators.ggn import GGNOperator
+    >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
+    >>> model = torch.nn.Linear(3, 1, bias=False).double()
+    >>> op = GGNOperator(model, [(X, y)], loss_from_output="mse", dtype=torch.float64)
+    >>> v = torch.randn(3, dtype=torch.float64)
+    >>> torch.allclose(op.matvec(v), 2 / 50 * X.T @ X @ v)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_curvature.batches import move_batch
+from lightning_curvature.operators.base import CurvatureOperator
+from lightning_curvature.operators.context import isolated_evaluation
+from lightning_curvature.operators.hessian import resolve_params, scalar_loss
+from lightning_curvature.operators.output_space import (
+    BUILTIN_LOSSES,
+    AutogradHessian,
+    ClosedFormHessian,
+    batched_grad,
+    builtin_loss,
+    empirical_fisher,
+    true_fisher,
+)
+
+OutputFn = Callable[[nn.Module, Any], torch.Tensor]
+LossFromOutput = Literal["mse", "cross_entropy"] | Callable[[torch.Tensor, Any], torch.Tensor]
+ProductMethod = Literal["reuse_graph", "forward_mode"]
+PRODUCT_METHODS = ("reuse_graph", "forward_mode")
+FISHER_KINDS = ("true", "empirical")
+
+
+def default_output_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(batch[0])``: the outputs of an ``(inputs, targets)`` batch."""
+    return model(batch[0])
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalized Gauss-Newton matrix :math:`G = \frac1n\sum_b J_b^\top H_{\ell,b} J_b`
+    of the mean loss over probe batches (see the module docstring for the maths).
+
+    Args:
+        model: the network; its parameters, buffers, ``.grad``, mode and the global RNG are
+            left exactly as they were (as with :class:`HessianOperator`).
+        batches: a non-empty list of batches; tensors are moved to the parameters' device.
+        params: ``None`` for every parameter with ``requires_grad``; a name→parameter dict
+            or an iterable of parameters for one block.
+        output_fn: ``output_fn(model, batch) -> outputs``, a tensor whose first dimension is
+            the batch; default ``model(batch[0])``.
+        loss_from_output: how the loss is computed from the outputs, with torch's default
+            mean reduction. ``"mse"`` (``mse_loss(outputs, batch[1])``; targets of another
+            shape but the same size are reshaped to the outputs') and ``"cross_entropy"``
+            (``cross_entropy(outputs, batch[1])``, classes on dimension 1, targets class
+            indices or probabilities) give :math:`H_\ell` in closed form; a callable
+            ``(outputs, batch) -> scalar`` gets it by autograd. The loss must depend on the
+            parameters only through ``outputs``, or the split is not the model's loss.
+        dtype: ``torch.float32`` (default) or ``torch.float64``; a model in another
+            precision is evaluated on a cast copy.
+        product_method: ``"reuse_graph"`` (default, fastest: keeps each batch's graph) or
+            ``"forward_mode"`` (``torch.func``; keeps no graph, needs a model without
+            in-place buffer updates, so BatchNorm in eval mode).
+
+    Raises:
+        ValueError: for a bad argument, or outputs the chosen loss cannot be split over
+            (not a tensor, no class dimension for cross-entropy, targets of another size).
+
+    Attributes: ``dim``, ``device``, ``dtype``, ``num_matvecs``, ``params``,
+    ``param_names`` (flat-vector order), ``loss`` (mean loss over the batches).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None = None,
+        *,
+        output_fn: OutputFn | None = None,
+        loss_from_output: LossFromOutput,
+        dtype: torch.dtype = torch.float32,
+        product_method: ProductMethod = "reuse_graph",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Sequence):
+            raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
+        if len(batches) == 0:
+            raise ValueError("batches must hold at least one batch, got an empty list")
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError("output_fn must be callable as output_fn(model, batch) or None")
+        if not callable(loss_from_output) and loss_from_output not in BUILTIN_LOSSES:
+            raise ValueError(
+                f"loss_from_output must be one of {BUILTIN_LOSSES} or a callable "
+                f"(outputs, batch) -> scalar, got {loss_from_output!r}"
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if product_method not in PRODUCT_METHODS:
+            raise ValueError(
+                f"product_method must be one of {PRODUCT_METHODS}, got {product_method!r}"
+            )
+        names, params_list = resolve_params(model, params)
+        devices = {p.device for p in params_list}
+        if len(devices) != 1:
+            raise ValueError(
+                f"params must all live on one device, found {sorted(map(str, devices))}"
+            )
+        batch_dtype = None
+        if any(p.dtype != dtype for p in params_list):
+            model = copy.deepcopy(model).to(dtype)  # never cast the caller's model
+            by_name = dict(model.named_parameters())
+            params_list = [by_name[name] for name in names]
+            batch_dtype = dtype
+        super().__init__(sum(p.numel() for p in params_list), next(iter(devices)), dtype)
+        self.model = model
+        self.params = params_list
+        self.param_names = names
+        self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
+        self.output_fn = output_fn or default_output_fn
+        self.loss_from_output = loss_from_output
+        self.product_method: str = product_method
+        self._prepared: list[tuple[Any, ...]] | None = None
+        self._loss: float | None = None
+        self._batched_ok = True
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def loss(self) -> float:
+        """The mean loss over the probe batches (computed on first use)."""
+        self._ensure_ready()
+        assert self._loss is not None
+        return self._loss
+
+    def release(self) -> None:
+        """Free the kept graphs (rebuilt, identically, if the operator is used again)."""
+        self._prepared = None
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        self._ensure_ready()
+        assert self._prepared is not None
+        total = torch.zeros_like(block)
+        for index, prepared in enumerate(self._prepared):
+            if self.product_method == "reuse_graph":
+                total += self._products_from_graph(prepared, block)
+            else:
+                total += self._products_forward_mode(index, prepared, block)
+        return total / len(self.batches)
+
+    # ------------------------------------------------------------------ output side
+    def _outputs_and_loss(self, index: int) -> tuple[torch.Tensor, Callable[[Any], Any]]:
+        batch = self.batches[index]
+        outputs = self.output_fn(self.model, batch)
+        if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
+            raise ValueError(
+                "output_fn must return a floating-point tensor (the model's outputs), got "
+                f"{type(outputs).__name__}"
+                + (f" of dtype {outputs.dtype}" if isinstance(outputs, torch.Tensor) else "")
+            )
+        if outputs.ndim == 0:
+            raise ValueError("output_fn must return outputs with a batch dimension, got a scalar")
+        return outputs, lambda f: self._loss_on(f, batch)
+
+    def _loss_on(self, outputs: torch.Tensor, batch: Any) -> Any:
+        if callable(self.loss_from_output):
+            return self.loss_from_output(outputs, batch)
+        return builtin_loss(self.loss_from_output, outputs, batch)
+
+    def _output_curvature(
+        self, outputs: torch.Tensor, loss_on: Callable[[Any], Any], generator: Any
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``M`` for one batch: the GGN's ``H_ℓ``; the Fisher overrides it."""
+        if callable(self.loss_from_output):
+            return AutogradHessian(outputs, loss_on)
+        return ClosedFormHessian(outputs, self.loss_from_output)
+
+    def _make_generator(self) -> Any:
+        return None
+
+    # ------------------------------------------------------------------ products
+    def _ensure_ready(self) -> None:
+        """One forward pass per batch: the loss, ``M``, and (reuse_graph) the kept graph."""
+        if self._prepared is not None:
+            return
+        prepared, total, generator = [], 0.0, self._make_generator()
+        for index in range(len(self.batches)):
+            keep = self.product_method == "reuse_graph"
+            with isolated_evaluation(self.model, self.device, index):
+                with torch.set_grad_enabled(keep):
+                    outputs, loss_on = self._outputs_and_loss(index)
+                with torch.no_grad():
+                    total += scalar_loss(loss_on(outputs.detach())).detach()
+                curvature = self._output_curvature(outputs.detach(), loss_on, generator)
+                if keep:
+                    prepared.append((outputs, curvature, *self._transpose_graph(outputs)))
+                else:
+                    prepared.append((curvature,))
+        self._prepared = prepared
+        if self._loss is None:
+            mean = float(total) / len(self.batches)  # one host sync per operator
+            if not math.isfinite(mean):
+                raise FloatingPointError(
+                    f"the loss on the probe batches is {mean}: curvature is undefined there "
+                    "(lower the learning rate, or measure on other batches)"
+                )
+            self._loss = mean
+
+    def _transpose_graph(self, outputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A dummy ``w`` and ``Jᵀw`` with its graph, for ``J v = ∂(Jᵀw · v)/∂w``."""
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        if not outputs.requires_grad:  # the outputs do not depend on the parameters
+            return dummy, [torch.zeros_like(p) for p in self.params]
+        pieces = torch.autograd.grad(
+            outputs,
+            self.params,
+            dummy,
+            create_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return dummy, list(pieces)
+
+    def _products_from_graph(self, prepared: tuple[Any, ...], block: torch.Tensor) -> torch.Tensor:
+        outputs, curvature, dummy, transposed = prepared
+        live = [j for j, piece in enumerate(transposed) if piece.requires_grad]
+        if not live:
+            return torch.zeros_like(block)
+        columns = self._unflatten_columns(block)
+        (jv,) = self._grad(
+            [transposed[j] for j in live], [dummy], [columns[j] for j in live], block.shape[1]
+        )
+        jt = self._grad([outputs], self.params, [curvature(jv)], block.shape[1])
+        return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
+
+    def _grad(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list, m: int
+    ) -> list[torch.Tensor]:
+        """Batched vector-Jacobian products over the leading (column) axis, looping over
+        columns where an op has no batching rule."""
+        if m > 1 and self._batched_ok:
+            try:
+                return batched_grad(outputs, inputs, cotangents)
+            except RuntimeError:
+                self._batched_ok = False
+        per_column = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [c[j] for c in cotangents],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            for j in range(m)
+        ]
+        return [torch.stack(parts) for parts in zip(*per_column, strict=True)]
+
+    def _products_forward_mode(
+        self, index: int, prepared: tuple[Any, ...], block: torch.Tensor
+    ) -> torch.Tensor:
+        (curvature,) = prepared
+        wrapper = _OutputModule(self.model, self.output_fn)
+        names = ["model." + name for name in self.param_names]
+        primals = tuple(p.detach() for p in self.params)
+        batch = self.batches[index]
+
+        def outputs_at(*values: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(
+                wrapper, dict(zip(names, values, strict=True)), (batch,), strict=False
+            )
+
+        def jvp(*tangents: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(outputs_at, primals, tangents)[1]
+
+        with isolated_evaluation(self.model, self.device, index):
+            jv = torch.func.vmap(jvp, randomness="same")(*self._unflatten_columns(block))
+        with isolated_evaluation(self.model, self.device, index):
+            _, vjp_fn = torch.func.vjp(outputs_at, *primals)
+            jt = torch.func.vmap(vjp_fn)(curvature(jv))
+        return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
+
+    def _unflatten_columns(self, block: torch.Tensor) -> list[torch.Tensor]:
+        """A (dim, m) block as per-parameter stacks of shape (m, *p.shape)."""
+        pieces, offset, m = [], 0, block.shape[1]
+        for p in self.params:
+            pieces.append(block[offset : offset + p.numel()].mT.reshape(m, *p.shape))
+            offset += p.numel()
+        return pieces
+
+
+class _OutputModule(nn.Module):
+    """``output_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap
+    the parameters it is evaluated at."""
+
+    def __init__(self, model: nn.Module, output_fn: OutputFn) -> None:
+        super().__init__()
+        self.model = model
+        self.output_fn = output_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.output_fn(self.model, batch)
+
+
+class FisherOperator(GGNOperator):
+    r"""The Fisher of the mean loss over probe batches: true (Monte Carlo) or empirical.
+
+    .. math:: F = \frac1P \sum_p J_p^\top \, \mathbb{E}[r_p r_p^\top] \, J_p,
+        \qquad r_p = \nabla_{f_p} \ell_p(f_p, y_p)
+
+    with ``y_p`` the labels (``kind="empirical"``) or ``num_samples`` draws from the model's
+    predictive distribution (``kind="true"``): a categorical on ``softmax(outputs)`` per
+    position for cross-entropy, :math:`\mathcal N(f_n, \tfrac K2 I)` per sample for MSE
+    (K outputs per sample: the Gaussian whose negative log-likelihood is torch's mean
+    squared error up to a constant). Then :math:`\mathbb{E}[F_{true}] = G`, the GGN, and the
+    Monte Carlo error shrinks as :math:`1/\sqrt{\text{num\_samples}}`. The draws come from a
+    private generator seeded by ``seed`` (never the global RNG) and are fixed for the
+    operator's life, so it is one symmetric PSD matrix. A product costs the same for any
+    ``num_samples`` (the draws only enter in output space); memory grows as
+    ``num_samples`` × the outputs.
+
+    A term ``p`` is a summand of the mean loss: a position (sample × extra dimensions) for
+    cross-entropy, a row of the outputs along the batch dimension for MSE and for a callable
+    loss (``kind="empirical"`` only: sampling needs a known likelihood).
+
+    Args:
+        kind: ``"true"`` (default) or ``"empirical"``.
+        num_samples: Monte Carlo draws per term for the true Fisher (default 1).
+        seed: seeds the draws.
+        model, batches, params, output_fn, loss_from_output, dtype, product_method: as for
+            :class:`GGNOperator`.
+
+    Raises:
+        ValueError: for a bad argument, and for ``kind="true"`` with a callable loss.
+
+    Example (least squares: the true Fisher is the GGN :math:`\tfrac2N X^\top X` in
+    expectation)::
+
+        >>> import torch
+        >>> from lightning_curvature.operators.ggn import FisherOperator
+        >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1, bias=False).double()
+        >>> op = FisherOperator(model, [(X, y)], loss_from_output="mse", num_samples=20000,
+        ...                     dtype=torch.float64)
+        >>> fisher = op.matmat(torch.eye(3, dtype=torch.float64))
+        >>> bool(torch.allclose(fisher, 2 / 50 * X.T @ X, rtol=0.05, atol=0.05))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None = None,
+        *,
+        kind: Literal["true", "empirical"] = "true",
+        output_fn: OutputFn | None = None,
+        loss_from_output: LossFromOutput,
+        num_samples: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        product_method: ProductMethod = "reuse_graph",
+    ) -> None:
+        if kind not in FISHER_KINDS:
+            raise ValueError(f"kind must be one of {FISHER_KINDS}, got {kind!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, Integral):
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if kind == "true" and callable(loss_from_output):
+            raise ValueError(
+                "kind='true' samples targets from the model's predictive distribution, which "
+                "is known only for loss_from_output='mse' or 'cross_entropy'; use "
+                "kind='empirical' (or GGNOperator) with a callable loss"
+            )
+        super().__init__(
+            model,
+            batches,
+            params,
+            output_fn=output_fn,
+            loss_from_output=loss_from_output,
+            dtype=dtype,
+            product_method=product_method,
+        )
+        self.kind = kind
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+
+    def _make_generator(self) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed)
+        return generator
+
+    def _output_curvature(
+        self, outputs: torch.Tensor, loss_on: Callable[[Any], Any], generator: Any
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        class_dim = self.loss_from_output == "cross_entropy"
+        if self.kind == "empirical":
+            return empirical_fisher(outputs, loss_on, class_dim)
+        assert isinstance(self.loss_from_output, str)
+        return true_fisher(outputs, self.loss_from_output, self.num_samples, generator)
