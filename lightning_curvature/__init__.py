@@ -21,6 +21,7 @@ from lightning_curvature.estimators import (
     spectral_density,
 )
 from lightning_curvature.operators import DenseOperator, HessianOperator
+from lightning_curvature.solvers import SolveResult, solve
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "LanczosResult",
     "LinearOperator",
     "PowerIterationResult",
+    "SolveResult",
     "SpectralDensity",
     "TraceResult",
     "hutchinson_diagonal",
@@ -49,5 +51,6 @@ __all__ = [
     "lanczos",
     "power_iteration",
     "smoothed_density",
+    "solve",
     "spectral_density",
 ]
