@@ -20,6 +20,7 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
+from lightning_curvature.mlp_chain import ChainSolveResult, mlp_chain_solve
 from lightning_curvature.operators import DenseOperator, HessianOperator
 from lightning_curvature.solvers import SolveResult, solve
 
@@ -36,6 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ChainSolveResult",
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
@@ -49,6 +51,7 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "mlp_chain_solve",
     "power_iteration",
     "smoothed_density",
     "solve",
