@@ -21,7 +21,13 @@ from lightning_curvature.estimators import (
     spectral_density,
 )
 from lightning_curvature.mlp_chain import ChainSolveResult, mlp_chain_solve
-from lightning_curvature.operators import DenseOperator, HessianOperator
+from lightning_curvature.operators import (
+    DenseOperator,
+    GradientGraphOperator,
+    HessianOperator,
+    HvpCheck,
+    UnreliableProductError,
+)
 from lightning_curvature.solvers import SolveResult, solve
 
 __version__ = "0.1.0"
@@ -41,13 +47,16 @@ __all__ = [
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
+    "GradientGraphOperator",
     "HessianOperator",
+    "HvpCheck",
     "LanczosResult",
     "LinearOperator",
     "PowerIterationResult",
     "SolveResult",
     "SpectralDensity",
     "TraceResult",
+    "UnreliableProductError",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",

@@ -57,7 +57,8 @@ def test_matvec_matches_dense_hessian(make_model, make_batches, method):
     product = fast.matvec(block[:, 0].float())
     assert product.dtype == torch.float32 and product.device == fast.device
     assert relative_error(product.double(), hessian @ block[:, 0]) < 1e-5
-    assert fast.num_matvecs == 1
+    assert fast.num_matvecs == 1 + 2  # the product and the check's two (verify=True)
+    assert fast.last_check.passed and fast.method_used == method
 
 
 def test_least_squares_hessian_is_two_over_n_xtx():
@@ -373,7 +374,7 @@ def test_release_frees_the_graph_and_products_still_work():
     first = op.matvec(v)
     with op:
         pass  # leaving the context releases the graph
-    assert op._flat_grad is None
+    assert op._gradients is None
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
 
 

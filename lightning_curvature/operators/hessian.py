@@ -1,13 +1,15 @@
-r"""Curvature operators: Hessian-vector products of a model's loss, on flat vectors.
+r"""Hessian-vector products of a model's loss, on flat vectors.
 
 For parameters :math:`\theta \in \mathbb{R}^d` and probe batches :math:`B_1..B_n`,
 :class:`HessianOperator` represents
 
 .. math:: H = \nabla^2_\theta \; \frac{1}{n} \sum_{b=1}^{n} \ell(\theta; B_b)
 
-and applies it to flat vectors without ever forming it. One product costs a small constant
-times one gradient: the first-order graph of each batch is built once (``create_graph``)
-and every product is one extra backward pass through it.
+and applies it to flat vectors without ever forming it. By default the first-order graph of
+each batch is built once (``create_graph``) and every product is one extra backward pass
+through it; before the first product two products are checked (symmetry and finite
+differences, :mod:`.checks`), and a model that autograd cannot differentiate twice correctly
+is measured by central differences of its gradient instead.
 
 Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 
@@ -16,17 +18,17 @@ Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
     >>> X, y = torch.randn(50, 3, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     >>> model = torch.nn.Linear(3, 1, bias=False).double()
     >>> loss_fn = lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()
-    >>> op = HessianOperator(model, loss_fn, [(X, y)], dtype=torch.float64)
+    >>> op = HessianOperator(model, loss_fn, [(X, y)])
     >>> v = torch.randn(3, dtype=torch.float64)
-    >>> torch.allclose(op.matvec(v), 2 / 50 * X.T @ X @ v)
-    True
+    >>> torch.allclose(op.matvec(v), 2 / 50 * X.T @ X @ v), op.method_used
+    (True, 'reuse_graph')
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -35,77 +37,26 @@ from torch import nn
 
 from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
-from lightning_curvature.operators.context import isolated_evaluation
+from lightning_curvature.operators.checks import (
+    HvpCheck,
+    UnreliableProductError,
+    custom_functions,
+    explain_failure,
+    judge_products,
+)
+from lightning_curvature.operators.context import eager, holds_rnn, isolated_evaluation
+from lightning_curvature.operators.loss import LossFn, LossModule, resolve_params, scalar_loss
+from lightning_curvature.operators.products import (
+    finite_difference_products,
+    finite_difference_step,
+    flatten,
+    products_from_graph,
+    unflatten,
+)
 
-LossFn = Callable[[nn.Module, Any], Any]
-HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse"]
-HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse")
-
-
-def scalar_loss(output: Any) -> torch.Tensor:
-    """The loss tensor in what a loss function (or a ``training_step``) returned."""
-    if isinstance(output, Mapping) and "loss" in output:
-        output = output["loss"]
-    if not isinstance(output, torch.Tensor) or output.numel() != 1:
-        raise ValueError(
-            "loss_fn must return a scalar tensor (or a mapping with a 'loss' entry), got "
-            f"{type(output).__name__}"
-            + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
-        )
-    return output.reshape(())
-
-
-def resolve_params(
-    model: nn.Module,
-    params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None,
-) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and tensors of the parameters the Hessian is taken over.
-
-    ``None`` means every parameter with ``requires_grad`` (so only the adapters of a model
-    whose base is frozen); a name→parameter mapping or an iterable of parameters restricts
-    the Hessian to that block.
-    """
-    names_by_id = {id(p): name for name, p in model.named_parameters()}
-    if params is None:
-        chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not chosen:
-            raise ValueError(
-                "params=None selects every parameter with requires_grad, but the "
-                "model has none: unfreeze some parameters or pass params"
-            )
-    else:
-        items = params.values() if isinstance(params, Mapping) else params
-        chosen = []
-        for p in items:
-            if not isinstance(p, torch.Tensor) or id(p) not in names_by_id:
-                raise ValueError(
-                    "params must be parameters of model (a name->parameter dict "
-                    "or an iterable of them)"
-                )
-            if not p.requires_grad:
-                raise ValueError(
-                    f"params includes {names_by_id[id(p)]!r}, which does not "
-                    "require grad; the Hessian is taken over trainable parameters"
-                )
-            chosen.append((names_by_id[id(p)], p))
-        if not chosen:
-            raise ValueError("params must name at least one parameter, got an empty collection")
-    seen: set[int] = set()
-    unique = [(n, p) for n, p in chosen if not (id(p) in seen or seen.add(id(p)))]
-    return [n for n, _ in unique], [p for _, p in unique]
-
-
-class _LossModule(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap the
-    parameters it is evaluated at (for forward-over-reverse products)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return scalar_loss(self.loss_fn(self.model, batch))
+HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference"]
+HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference")
+Gradients = list[torch.Tensor | None]
 
 
 class HessianOperator(CurvatureOperator):
@@ -114,31 +65,48 @@ class HessianOperator(CurvatureOperator):
     Args:
         model: the network. Its train/eval mode is used as it is (set it before); its
             parameters, buffers, ``.grad`` fields, mode and the global RNG streams are left
-            exactly as they were.
+            exactly as they were. ``torch.compile``d modules (the model or its submodules)
+            are evaluated eagerly, through the modules they wrap.
         loss_fn: ``loss_fn(model, batch) -> scalar loss`` (a mapping with a ``"loss"`` entry,
             as ``training_step`` may return, also works).
         batches: a non-empty list of batches; the operator is the Hessian of their mean
-            loss. Tensors are moved to the model's device.
+            loss. Tensors are moved to the model's device, floating ones cast to ``dtype``.
         params: ``None`` for every parameter with ``requires_grad``; a name→parameter dict or
             an iterable of parameters for one block (a layer, the adapters).
-        dtype: precision of the products, ``torch.float32`` by default; ``torch.float64``
-            for validation. A model stored in another precision (bf16, fp16) is evaluated
-            on a copy cast to ``dtype``, so its own weights are untouched.
-        hvp_method: how products are computed. ``"reuse_graph"`` keeps each batch's
-            first-order graph for all products (fastest; memory of one training step per
-            batch), ``"recompute"`` rebuilds it per product (least memory),
-            ``"forward_over_reverse"`` uses ``torch.func.jvp`` over ``torch.func.grad``.
-            ``"auto"`` reuses the graph, and recomputes it per product when keeping it runs
-            out of memory.
+        dtype: precision of the products. ``None`` (default): the parameters' own dtype when
+            it is float32 or float64 (no copy); float32 for bf16/fp16 parameters, evaluated
+            on a cast copy so the caller's model is untouched. ``torch.float32`` or
+            ``torch.float64`` force a precision (a copy when it differs).
+        hvp_method: what you ask for; :attr:`method_used` says what runs.
+            ``"reuse_graph"`` keeps each batch's first-order graph for all products (fastest;
+            memory of one training step per batch); ``"recompute"`` rebuilds it per product
+            (least memory); ``"forward_over_reverse"`` uses ``torch.func.jvp`` over
+            ``torch.func.grad``; ``"finite_difference"`` takes central differences of two
+            first-order gradients per product (works wherever training does; relative
+            error about 1e-7 in float64 and 1e-3 in float32). ``"auto"`` (default) reuses
+            the graph, recomputes it when keeping it runs out of memory, and falls back to
+            finite differences (one warning) when the products fail :meth:`check` or
+            double backward raises (ops without second derivative, reentrant checkpointing).
+        verify: run :meth:`check` before the first product (its two products count in
+            ``num_matvecs``). A failed check switches ``"auto"`` to finite differences and
+            makes any other method raise :class:`UnreliableProductError`.
+
+    Raises:
+        ValueError: on a bad argument (named, with its value and what is allowed).
+        UnreliableProductError: from a product, when an explicitly requested method fails
+            its check or cannot run; the message names the cause and the fix.
+        FloatingPointError: from a product, when the loss on the probe batches is not finite.
 
     Attributes:
         dim: number of parameters covered; device, dtype: where and how products run;
         num_matvecs: products computed so far (a block of m counts m);
-        param_names: the names of the covered parameters, in flat-vector order.
+        param_names: the names of the covered parameters, in flat-vector order;
+        last_check: the latest :class:`HvpCheck` (``None`` before one ran);
+        batching_failure: why the latest block was computed column by column, or ``None``.
 
     The products run with autocast off, with the math scaled-dot-product-attention kernel
-    (fused attention kernels have no double backward) and with cuDNN off (its RNNs have
-    none either).
+    (fused attention kernels have no double backward) and, for models with an RNN, with
+    cuDNN off (its RNNs have none either).
     """
 
     def __init__(
@@ -148,8 +116,9 @@ class HessianOperator(CurvatureOperator):
         batches: Sequence[Any],
         params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         hvp_method: HvpMethod = "auto",
+        verify: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -159,37 +128,61 @@ class HessianOperator(CurvatureOperator):
             raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
         if len(batches) == 0:
             raise ValueError("batches must hold at least one batch, got an empty list")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype}")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify must be True or False, got {verify!r}")
 
+        model = eager(model)  # a compiled model's parameters are those of the one it wraps
         names, params_list = resolve_params(model, params)
         devices = {p.device for p in params_list}
         if len(devices) != 1:
             raise ValueError(
                 f"params must all live on one device, found {sorted(map(str, devices))}"
             )
+        dtype = dtype or _native_dtype(params_list)
         if any(p.dtype != dtype for p in params_list):
             # Never cast the caller's model: evaluate a cast copy instead.
             model = copy.deepcopy(model).to(dtype)
             by_name = dict(model.named_parameters())
             params_list = [by_name[name] for name in names]
-            batch_dtype: torch.dtype | None = dtype
-        else:
-            batch_dtype = None
         super().__init__(sum(p.numel() for p in params_list), next(iter(devices)), dtype)
         self.model = model
         self.loss_fn = loss_fn
         self.params = params_list
         self.param_names = names
-        self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
-        self.hvp_method: str = hvp_method
-        self._flat_grad: torch.Tensor | None = None  # mean gradient, with its graph
+        self.batches = [move_batch(b, self.device, dtype) for b in batches]
+        self._requested: str = hvp_method
+        self._method: str = "reuse_graph" if hvp_method == "auto" else hvp_method
+        self._fallback_reason: str | None = None
+        self._verify_pending = verify
+        self._disable_cudnn = holds_rnn(model)
+        self._loss_module = LossModule(model, loss_fn)
+        self._gradients: Gradients | None = None  # mean gradient, with its graph
         self._loss: float | None = None
-        self._batched_ok = True
+        self.last_check: HvpCheck | None = None
+        self.batching_failure: str | None = None
 
     # ------------------------------------------------------------------ public API
+    @property
+    def hvp_method(self) -> str:
+        """The method asked for at construction (never changed; see :attr:`method_used`)."""
+        return self._requested
+
+    @property
+    def method_used(self) -> str:
+        """The method products run with: ``"reuse_graph"``, ``"recompute"``,
+        ``"forward_over_reverse"`` or ``"finite_difference"`` (the one planned, before the
+        first product)."""
+        return self._method
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why ``"auto"`` left reusing the graph (cause and fix), or ``None``."""
+        return self._fallback_reason
+
     @property
     def loss(self) -> float:
         """The mean loss over the probe batches (computed on first use)."""
@@ -198,38 +191,114 @@ class HessianOperator(CurvatureOperator):
         assert self._loss is not None
         return self._loss
 
-    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
-        self._ensure_ready()
-        if self.hvp_method == "reuse_graph":
-            return self._products_from_graph(self._flat_grad, block)
-        if self.hvp_method == "recompute":
-            total = torch.zeros_like(block)
-            for index in range(len(self.batches)):
-                total += self._products_from_graph(self._batch_gradient(index), block)
-            return total / len(self.batches)
-        return self._forward_over_reverse(block)
+    def check(self, seed: int = 0) -> HvpCheck:
+        r"""Check the products of :attr:`method_used` on random vectors drawn from ``seed``.
+
+        Two products :math:`Hu, Hv` (one block) and three first-order gradients, at
+        :math:`\theta` and :math:`\theta \pm \epsilon v`: :math:`u^\top Hv` against
+        :math:`v^\top Hu`, and :math:`Hv` against the central difference
+        :math:`(\nabla L(\theta + \epsilon v) - \nabla L(\theta - \epsilon v)) / 2\epsilon`,
+        forgiving the difference its own inexactness (see :class:`HvpCheck`). Never raises
+        for a product that fails: the failure is the result's ``cause``.
+
+        Example::
+
+            >>> op.check().passed  # doctest: +SKIP
+            True
+        """
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
+        method = self._method
+        try:
+            self.num_matvecs += 2
+            products = self._products(probes)
+            gradients, step = self._gradients_along(probes[:, 1])
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            nan = float("nan")
+            result = HvpCheck(False, nan, nan, nan, explain_failure(error, method), method, 2, 3)
+        else:
+            result = judge_products(probes, products, gradients, step, method, [])
+            if not result.passed:  # name the suspects, at the price of one more forward pass
+                suspects = self._custom_functions()
+                result = judge_products(probes, products, gradients, step, method, suspects)
+        self.last_check = result
+        return result
 
     def release(self) -> None:
         """Free the kept first-order graphs (they are rebuilt if the operator is used again)."""
-        self._flat_grad = None
+        self._gradients = None
+
+    # ------------------------------------------------------------------ products
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
+        if self._verify_pending:
+            self._verify_pending = False
+            result = self.check()
+            if not result.passed:
+                assert result.cause is not None
+                self._give_up(result.cause)
+        try:
+            return self._products(block)
+        except (torch.OutOfMemoryError, UnreliableProductError):
+            raise
+        except RuntimeError as error:
+            if self._method == "finite_difference":
+                raise
+            self._give_up(explain_failure(error, self._method), error)
+            return self._products(block)
+
+    def _give_up(self, reason: str, error: BaseException | None = None) -> None:
+        """The method in use is unreliable: raise when it was asked for, else switch
+        ``"auto"`` to finite differences with one warning."""
+        if self._requested != "auto":
+            raise UnreliableProductError(reason) from error
+        self._fallback_reason = reason
+        self._method = "finite_difference"
+        self._gradients = None
+        warnings.warn(
+            f"HessianOperator: {reason}. Falling back to finite differences of the gradient "
+            "(two gradients per product); pass hvp_method='finite_difference' to choose it "
+            "and silence this warning.",
+            stacklevel=4,
+        )
+
+    def _products(self, block: torch.Tensor) -> torch.Tensor:
+        self._ensure_ready()
+        if self._method == "reuse_graph":
+            assert self._gradients is not None
+            return self._from_graph(self._gradients, block)
+        if self._method == "recompute":
+            total = torch.zeros_like(block)
+            for index in range(len(self.batches)):
+                total += self._from_graph(self._batch_gradient(index), block)
+            return total / len(self.batches)
+        if self._method == "finite_difference":
+            return finite_difference_products(self._gradient_at, self.params, block)
+        return self._forward_over_reverse(block)
+
+    def _from_graph(self, gradients: Gradients, block: torch.Tensor) -> torch.Tensor:
+        product, self.batching_failure = products_from_graph(gradients, self.params, block)
+        return product
 
     # ------------------------------------------------------------------ internals
     def _isolated(self, batch_index: int) -> AbstractContextManager[None]:
-        return isolated_evaluation(self.model, self.device, batch_index)
+        return isolated_evaluation(
+            self.model, self.device, batch_index, disable_cudnn=self._disable_cudnn
+        )
 
     def _batch_loss(self, index: int) -> torch.Tensor:
         return scalar_loss(self.loss_fn(self.model, self.batches[index]))
 
-    def _batch_gradient(self, index: int) -> torch.Tensor:
-        """One batch's flat gradient, with the graph needed to differentiate it again."""
+    def _batch_gradient(self, index: int) -> Gradients:
+        """One batch's gradient (``None`` for unused parameters), with the graph needed to
+        differentiate it again."""
         with self._isolated(index):
             loss = self._batch_loss(index)
-            grads = torch.autograd.grad(
-                loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self._record_loss(index, loss)
-        return torch.cat([g.reshape(-1) for g in grads])
+        return list(grads)
 
     def _record_loss(self, index: int, loss: torch.Tensor) -> None:
         if self._loss is not None:
@@ -247,96 +316,96 @@ class HessianOperator(CurvatureOperator):
             self._loss = mean
 
     def _ensure_ready(self) -> None:
-        if self.hvp_method in ("auto", "reuse_graph"):
-            if self._flat_grad is not None:
-                return
+        if self._method == "reuse_graph" and self._gradients is None:
             try:
-                self._flat_grad = self._mean_gradient()
-                self.hvp_method = "reuse_graph"
+                self._gradients = self._mean_gradient()
             except torch.OutOfMemoryError:
-                if self.hvp_method == "reuse_graph":
+                if self._requested == "reuse_graph":
                     raise
-                self._flat_grad = None
+                self._gradients = None
                 _empty_cache(self.device)
-                self.hvp_method = "recompute"
-                warnings.warn(
-                    "HessianOperator: keeping the first-order graphs of all probe batches ran "
-                    "out of memory; recomputing them for every product instead (slower). "
-                    "Use fewer or smaller probe batches to get the fast path back.",
-                    stacklevel=3,
+                self._method = "recompute"
+                self._fallback_reason = (
+                    "keeping the first-order graphs of all probe batches ran out of memory; "
+                    "recomputing them for every product (slower): use fewer or smaller probe "
+                    "batches to get the fast path back"
                 )
-        if self._loss is None and self.hvp_method == "recompute":
-            for index in range(len(self.batches)):
-                with self._isolated(index):
-                    self._record_loss(index, self._batch_loss(index))
-        if self._loss is None and self.hvp_method == "forward_over_reverse":
+                warnings.warn(f"HessianOperator: {self._fallback_reason}", stacklevel=4)
+        if self._loss is None and self._method != "reuse_graph":
             for index in range(len(self.batches)):
                 with self._isolated(index), torch.no_grad():
                     self._record_loss(index, self._batch_loss(index))
 
-    def _mean_gradient(self) -> torch.Tensor:
-        total = None
-        for index in range(len(self.batches)):
-            flat = self._batch_gradient(index)
-            total = flat if total is None else total + flat
-        assert total is not None
-        return total / len(self.batches)
+    def _mean_gradient(self) -> Gradients:
+        total = self._batch_gradient(0)
+        for index in range(1, len(self.batches)):
+            total = [
+                a if b is None else b if a is None else a + b
+                for a, b in zip(total, self._batch_gradient(index), strict=True)
+            ]
+        return [None if g is None else g / len(self.batches) for g in total]
 
-    def _products_from_graph(self, flat_grad: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """Differentiate ``flat_gradᵀ v`` for each column v: one backward pass per column,
-        or one batched (vmapped) backward for the whole block."""
-        if not flat_grad.requires_grad:
-            # The gradient does not depend on the parameters: the Hessian is zero.
-            return torch.zeros_like(block)
-        if block.shape[1] > 1 and self._batched_ok:
-            try:
-                grads = torch.autograd.grad(
-                    flat_grad,
-                    self.params,
-                    grad_outputs=block.mT.contiguous(),
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                    is_grads_batched=True,
+    def _substitutes(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameter values for ``functional_call`` of the loss module: ``values`` for the
+        covered parameters, detached copies for the other trainable ones (so a backward pass
+        reaches no ``.grad`` of the caller's). Names are read at call time: compiled
+        submodules are swapped for the modules they wrap while the operator evaluates."""
+        chosen = {id(p): value for p, value in zip(self.params, values, strict=True)}
+        return {
+            name: chosen[id(p)] if id(p) in chosen else p.detach()
+            for name, p in self._loss_module.named_parameters()
+            if id(p) in chosen or p.requires_grad
+        }
+
+    def _gradient_at(self, values: Sequence[torch.Tensor]) -> Gradients:
+        """The mean gradient with the covered parameters set to ``values``, first-order only
+        (a plain backward pass, so reentrant checkpoints work)."""
+        total: Gradients = [None] * len(values)
+        for index, batch in enumerate(self.batches):
+            leaves = [value.detach().requires_grad_() for value in values]
+            with self._isolated(index):
+                torch.func.functional_call(
+                    self._loss_module, self._substitutes(leaves), (batch, True), strict=False
                 )
-                return torch.cat([g.reshape(block.shape[1], -1) for g in grads], dim=1).mT
-            except RuntimeError:
-                self._batched_ok = False  # an op without a batching rule: loop instead
-        columns = []
-        for j in range(block.shape[1]):
-            grads = torch.autograd.grad(
-                flat_grad,
-                self.params,
-                grad_outputs=block[:, j],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            columns.append(torch.cat([g.reshape(-1) for g in grads]))
-        return torch.stack(columns, dim=1)
+            total = [
+                t if leaf.grad is None else leaf.grad if t is None else t + leaf.grad
+                for t, leaf in zip(total, leaves, strict=True)
+            ]
+        return [None if t is None else t / len(self.batches) for t in total]
+
+    def _gradients_along(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat gradients at θ - εv, θ and θ + εv as the columns of a (dim, 3) block,
+        with the step ε of :func:`finite_difference_step`."""
+        base = [p.detach() for p in self.params]
+        step = finite_difference_step(base, v)
+        shift = unflatten(v * step, base)
+        points = [
+            [b - s for b, s in zip(base, shift, strict=True)],
+            base,
+            [b + s for b, s in zip(base, shift, strict=True)],
+        ]
+        return torch.stack([flatten(self._gradient_at(x), base) for x in points], dim=1), step
 
     def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
-        wrapper = _LossModule(self.model, self.loss_fn)
-        names = ["model." + name for name in self.param_names]
         primals = tuple(p.detach() for p in self.params)
         total = torch.zeros_like(block)
         for index, batch in enumerate(self.batches):
 
             def loss_at(*values: torch.Tensor, batch: Any = batch) -> torch.Tensor:
-                return torch.func.functional_call(
-                    wrapper, dict(zip(names, values, strict=True)), (batch,), strict=False
+                return torch.func.functional_call(  # type: ignore[no-any-return]
+                    self._loss_module, self._substitutes(values), (batch,), strict=False
                 )
 
             gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
             for j in range(block.shape[1]):
-                tangents = self._unflatten(block[:, j])
+                tangents = tuple(unflatten(block[:, j], self.params))
                 with self._isolated(index):
                     try:
                         _, hv = torch.func.jvp(gradient, primals, tangents)
                     except RuntimeError as error:
                         if "mutate a captured Tensor" not in str(error):
                             raise
-                        raise RuntimeError(
+                        raise UnreliableProductError(
                             "hvp_method='forward_over_reverse' cannot run a model whose forward "
                             "mutates its buffers (BatchNorm in train mode); use "
                             "hvp_method='reuse_graph', or put the model in eval mode"
@@ -344,14 +413,102 @@ class HessianOperator(CurvatureOperator):
                 total[:, j] += torch.cat([h.reshape(-1) for h in hv])
         return total / len(self.batches)
 
-    def _unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pieces, offset = [], 0
-        for p in self.params:
-            pieces.append(v[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return tuple(pieces)
+    def _custom_functions(self) -> list[str]:
+        """The custom autograd Functions on the first batch's loss graph (for messages)."""
+        try:
+            with self._isolated(0):
+                return custom_functions(self._batch_loss(0))
+        except Exception:  # only a hint for a message: never let it hide the real failure
+            return []
+
+
+def _native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The parameters' own dtype when float32 or float64 (shared by all), else float32."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        return next(iter(dtypes))
+    return torch.float32
 
 
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class GradientGraphOperator(CurvatureOperator):
+    r"""The Hessian behind gradients that already carry their graph, as an operator.
+
+    An optimizer that called ``loss.backward(create_graph=True)`` (AdaHessian, for its
+    Hutchinson diagonal) holds :math:`g = \nabla_\theta L` with the graph that made it; each
+    product differentiates :math:`g^\top v` once more, :math:`Hv = \nabla_\theta(g^\top v)`,
+    without a new forward pass. A block of columns is one batched backward pass
+    (``is_grads_batched``) where autograd allows it, and one pass per column otherwise.
+    This is the same code path as :class:`HessianOperator`'s (``reuse_graph``).
+
+    Args:
+        params: the parameters :math:`\theta` (tensors that require grad), in flat-vector
+            order.
+        grads: one gradient per parameter, computed with ``create_graph=True`` (for
+            example ``[p.grad for p in params]`` after ``loss.backward(create_graph=True)``);
+            ``None`` for a parameter the loss does not use.
+
+    Raises:
+        ValueError: if ``params`` is empty, the lengths or shapes differ, a parameter does
+            not require grad, or no gradient carries a graph (``create_graph`` was not set).
+
+    Attributes:
+        batching_failure: why the last block fell back to one backward pass per column, or
+            ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> loss = (w**3).sum()                        # H = diag(6 w)
+        >>> loss.backward(create_graph=True)
+        >>> op = GradientGraphOperator([w], [w.grad])
+        >>> op.matvec(torch.ones(2))
+        tensor([ 6., 12.])
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+    ) -> None:
+        params, grads = list(params), list(grads)
+        if not params:
+            raise ValueError("params must hold at least one tensor, got an empty sequence")
+        if len(grads) != len(params):
+            raise ValueError(
+                f"grads must hold one gradient per parameter: got {len(grads)} for "
+                f"{len(params)} params"
+            )
+        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                raise ValueError(f"params[{index}] must be a tensor that requires grad")
+            if g is not None and (not isinstance(g, torch.Tensor) or g.shape != p.shape):
+                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(
+                    f"grads[{index}] must be None or a tensor of shape {tuple(p.shape)} "
+                    f"(the shape of params[{index}]), got {shape}"
+                )
+        if not any(g is not None and g.requires_grad for g in grads):
+            raise ValueError(
+                "grads carry no graph: compute them with loss.backward(create_graph=True) "
+                "or torch.autograd.grad(..., create_graph=True) (or the Hessian is zero)"
+            )
+        super().__init__(sum(p.numel() for p in params), params[0].device, params[0].dtype)
+        self.params = params
+        self.grads: list[torch.Tensor | None] | None = grads
+        self.batching_failure: str | None = None
+
+    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
+        if self.grads is None:
+            raise RuntimeError(
+                "GradientGraphOperator was released: build a new one from fresh gradients"
+            )
+        product, self.batching_failure = products_from_graph(self.grads, self.params, block)
+        return product
+
+    def release(self) -> None:
+        """Drop the gradients and so their graph (the operator cannot be used after)."""
+        self.grads = None

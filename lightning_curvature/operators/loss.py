@@ -1,0 +1,87 @@
+"""What the operators evaluate: the scalar loss of ``loss_fn(model, batch)``, the parameters
+the Hessian is taken over, and the loss as a module so ``torch.func.functional_call`` can
+evaluate it at other parameter values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+LossFn = Callable[[nn.Module, Any], Any]
+
+
+def scalar_loss(output: Any) -> torch.Tensor:
+    """The loss tensor in what a loss function (or a ``training_step``) returned."""
+    if isinstance(output, Mapping) and "loss" in output:
+        output = output["loss"]
+    if not isinstance(output, torch.Tensor) or output.numel() != 1:
+        raise ValueError(
+            "loss_fn must return a scalar tensor (or a mapping with a 'loss' entry), got "
+            f"{type(output).__name__}"
+            + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+        )
+    return output.reshape(())
+
+
+def resolve_params(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None,
+) -> tuple[list[str], list[nn.Parameter]]:
+    """Names and tensors of the parameters the Hessian is taken over.
+
+    ``None`` means every parameter with ``requires_grad`` (so only the adapters of a model
+    whose base is frozen); a name→parameter mapping or an iterable of parameters restricts
+    the Hessian to that block.
+    """
+    names_by_id = {id(p): name for name, p in model.named_parameters()}
+    if params is None:
+        chosen = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "params=None selects every parameter with requires_grad, but the "
+                "model has none: unfreeze some parameters or pass params"
+            )
+    else:
+        items = params.values() if isinstance(params, Mapping) else params
+        chosen = []
+        for p in items:
+            if not isinstance(p, torch.Tensor) or id(p) not in names_by_id:
+                raise ValueError(
+                    "params must be parameters of model (a name->parameter dict "
+                    "or an iterable of them)"
+                )
+            if not p.requires_grad:
+                raise ValueError(
+                    f"params includes {names_by_id[id(p)]!r}, which does not "
+                    "require grad; the Hessian is taken over trainable parameters"
+                )
+            chosen.append((names_by_id[id(p)], p))
+        if not chosen:
+            raise ValueError("params must name at least one parameter, got an empty collection")
+    seen: set[int] = set()
+    unique = [(n, p) for n, p in chosen if not (id(p) in seen or seen.add(id(p)))]
+    return [n for n, _ in unique], [p for _, p in unique]
+
+
+class LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap the
+    parameters it is evaluated at (for forward-over-reverse products)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, backward: bool = False) -> torch.Tensor:
+        """The loss on ``batch``; with ``backward``, also backpropagated here, inside
+        ``functional_call``, so that reentrant checkpoints recompute their forward at the
+        substituted parameters (and the result is detached)."""
+        loss = scalar_loss(self.loss_fn(self.model, batch))
+        if backward:
+            if loss.requires_grad:
+                loss.backward()
+            return loss.detach()
+        return loss

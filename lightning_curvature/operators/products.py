@@ -1,0 +1,146 @@
+r"""The ways one Hessian-vector product is computed, on tensors alone (no operator state).
+
+* :func:`products_from_graph` differentiates a gradient that carries its graph
+  (``create_graph=True``) once more: :math:`Hv = \nabla_\theta (g^\top v)`. A block of ``m``
+  columns is one batched backward pass (``is_grads_batched``, a vmap over the backward)
+  when every op on the graph has a batching rule, and ``m`` plain backward passes otherwise.
+* :func:`finite_difference_products` needs first-order gradients only (``gradient_at``):
+  central differences :math:`(\nabla L(\theta + \epsilon v) - \nabla L(\theta - \epsilon v))
+  / 2\epsilon`, with :math:`\epsilon` from :func:`finite_difference_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+GradientAt = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+
+
+def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One flat vector from per-parameter tensors; ``None`` (an unused parameter) is zeros."""
+    return torch.cat(
+        [
+            torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if t is None else t.reshape(-1)
+            for t, p in zip(tensors, like, strict=True)
+        ]
+    )
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a flat vector (or of the rows of a (dim, m) block) shaped like ``like``."""
+    pieces = vector.split([p.numel() for p in like], dim=0)
+    if vector.ndim == 1:
+        return [piece.view_as(p) for piece, p in zip(pieces, like, strict=True)]
+    return [piece for piece in pieces]
+
+
+def products_from_graph(
+    gradients: Sequence[torch.Tensor | None],
+    params: Sequence[torch.Tensor],
+    block: torch.Tensor,
+) -> tuple[torch.Tensor, str | None]:
+    """``H V`` for a (dim, m) block, by differentiating ``gradients`` (one per parameter,
+    with their graph) against ``params`` again.
+
+    Returns the (dim, m) product and, when the batched backward pass failed and the columns
+    were computed one by one, the reason (``None`` otherwise). The graph is kept, so the
+    same gradients serve every later product. Gradients that do not depend on the parameters
+    (``None``, or no graph) contribute zero rows to the product's input side; parameters the
+    gradients do not reach get zero rows in the output.
+    """
+    m = block.shape[1]
+    outputs, grad_outputs = [], []
+    for gradient, piece in zip(gradients, block.split([p.numel() for p in params]), strict=True):
+        if gradient is not None and gradient.requires_grad:
+            outputs.append(gradient.reshape(-1))
+            grad_outputs.append(piece)
+    if not outputs:
+        return torch.zeros_like(block), None  # the gradient is constant: H = 0
+    reason = None
+    if m > 1:
+        try:
+            batched = torch.autograd.grad(
+                outputs,
+                list(params),
+                grad_outputs=[piece.mT.contiguous() for piece in grad_outputs],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as error:  # an op on the graph has no batching rule
+            reason = f"batched backward failed ({_first_line(error)}); columns one by one"
+        else:
+            # Unused parameters get None (materialize_grads would drop the batch dimension).
+            return torch.cat(
+                [
+                    torch.zeros(m, p.numel(), device=block.device, dtype=block.dtype)
+                    if g is None
+                    else g.reshape(m, -1)
+                    for g, p in zip(batched, params, strict=True)
+                ],
+                dim=1,
+            ).mT, None
+    columns = []
+    for j in range(m):
+        grads = torch.autograd.grad(
+            outputs,
+            list(params),
+            grad_outputs=[piece[:, j] for piece in grad_outputs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        columns.append(flatten(grads, params))
+    return torch.stack(columns, dim=1), reason
+
+
+def finite_difference_step(params: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    r"""The step :math:`\epsilon` of a central difference along ``v`` (a 0-dim tensor on
+    ``v``'s device, so choosing it costs no host sync).
+
+    A central difference has truncation error :math:`O(\epsilon^2)` and rounding error
+    :math:`O(u / \epsilon)` (:math:`u` the unit roundoff of the dtype); the two balance at a
+    step of size :math:`u^{1/3}` relative to the scale of the parameters. The step is taken
+    so that the perturbation :math:`\epsilon v` has that size relative to the root-mean-square
+    parameter (at least 1, so parameters near zero still move by :math:`u^{1/3}`):
+
+    .. math:: \epsilon = u^{1/3} \, \frac{\max(1, \|\theta\|_{rms}) \sqrt{d}}{\|v\|}
+
+    which is :math:`4.9\cdot 10^{-3}` in float32 and :math:`6.1\cdot 10^{-6}` in float64 for
+    a unit-RMS ``v`` and parameters of RMS at most 1. A zero ``v`` gets a step of 1.
+    """
+    dim = sum(p.numel() for p in params)
+    with torch.no_grad():
+        squares = torch.stack([p.detach().to(v.dtype).square().sum() for p in params]).sum()
+        rms = (squares / dim).sqrt().clamp(min=1.0)
+        norm_v = torch.linalg.vector_norm(v)
+        roundoff = torch.finfo(v.dtype).eps / 2
+        step = roundoff ** (1 / 3) * rms * dim**0.5 / norm_v
+        return torch.where(norm_v > 0, step, torch.ones_like(step))
+
+
+def finite_difference_products(
+    gradient_at: GradientAt,
+    params: Sequence[torch.Tensor],
+    block: torch.Tensor,
+) -> torch.Tensor:
+    """``H V`` by central differences of first-order gradients, column by column:
+    two gradient evaluations per column. ``gradient_at(values)`` returns the gradient of the
+    loss (one tensor per parameter, ``None`` where unused) with the parameters replaced by
+    ``values``."""
+    base = [p.detach().to(block.dtype) for p in params]
+    columns = []
+    for j in range(block.shape[1]):
+        column = block[:, j]
+        step = finite_difference_step(base, column)
+        shift = unflatten(column * step, base)
+        plus = gradient_at([b + s for b, s in zip(base, shift, strict=True)])
+        minus = gradient_at([b - s for b, s in zip(base, shift, strict=True)])
+        columns.append((flatten(plus, base) - flatten(minus, base)) / (2 * step))
+    return torch.stack(columns, dim=1)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
