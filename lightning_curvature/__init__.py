@@ -6,6 +6,7 @@ and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_
 top of the spectrum, the trace and the spectral density.
 """
 
+from lightning_curvature import optim
 from lightning_curvature.estimators import (
     DiagonalResult,
     LanczosResult,
@@ -61,6 +62,7 @@ __all__ = [
     "hutchinson_trace",
     "lanczos",
     "mlp_chain_solve",
+    "optim",
     "power_iteration",
     "smoothed_density",
     "solve",
