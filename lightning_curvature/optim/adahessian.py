@@ -172,23 +172,29 @@ class AdaHessian(Optimizer):
             ValueError: a parameter this optimizer has no state for.
         """
         owners = {id(p): group for group in self.param_groups for p in group["params"]}
-        params = (
-            [p for g in self.param_groups for p in g["params"]] if params is None else list(params)
-        )
-        if not any(self.state[p].get("step", 0) > 0 for p in params if id(p) in owners):
+        if params is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+        params = list(params)
+        for index, p in enumerate(params):
+            if id(p) not in owners:
+                raise ValueError(
+                    f"params[{index}] (shape {tuple(p.shape)}) is not in any param group of "
+                    "this AdaHessian: pass only the parameters it updates"
+                )
+        if not any(self.state[p].get("step", 0) > 0 for p in params):
             return None
         pieces = []
         for index, p in enumerate(params):
-            state = self.state.get(p, {})
-            if id(p) not in owners or state.get("step", 0) == 0:
+            state = self.state[p]
+            if state.get("step", 0) == 0:
                 raise ValueError(
-                    f"params[{index}] (shape {tuple(p.shape)}) has no AdaHessian state: pass "
-                    "only parameters this optimizer has stepped"
+                    f"params[{index}] (shape {tuple(p.shape)}) has no AdaHessian state: it "
+                    "has not been updated yet (frozen, or no gradient so far)"
                 )
             group = owners[id(p)]
-            beta1 = group["betas"][0]
             pieces.append(
-                (1 - beta1 ** state["step"]) * self._denominator(state, group).reshape(-1)
+                (1 - group["betas"][0] ** state["step"])
+                * self._denominator(state, group).reshape(-1)
             )
         return torch.cat(pieces)
 
