@@ -267,7 +267,7 @@ def _riccati_solve(
     n, width = output_hessian.shape[:2]
     riccati = _block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
     linear = torch.zeros(n * width, rhs.shape[1], device=rhs.device, dtype=rhs.dtype)  # q_L
-    gains, feedforwards, spectra = [], [], []
+    gains, feedforwards, spectra, failures = [], [], [], []
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
         tangent_map = _parameter_tangent_map(layer)  # B_l, (a_l, p_l)
@@ -279,12 +279,7 @@ def _riccati_solve(
         if diagnostics:
             spectra.append(torch.linalg.eigvalsh(pivot))
         factors = torch.linalg.lu_factor_ex(pivot)
-        if bool(factors.info != 0):
-            raise torch.linalg.LinAlgError(
-                f"the pivot of layer {index + 1} (of {len(layers)}) is singular: the Schur "
-                "complement of H + εI on the layers from there to the output has a zero "
-                "eigenvalue; raise the damping"
-            )
+        failures.append(factors.info)  # checked once at the end: no host sync per layer
         local_rhs = rhs[offsets[index] : offsets[index + 1]] + tangent_map.mT @ linear
         feedforward = torch.linalg.lu_solve(factors.LU, factors.pivots, local_rhs)
         feedforwards.append(feedforward)
@@ -302,6 +297,14 @@ def _riccati_solve(
     gains.reverse()
     feedforwards.reverse()
     spectra.reverse()
+    singular = torch.stack(failures).flip(0).nonzero()
+    if singular.numel():
+        layer = int(singular[0, 0]) + 1
+        raise torch.linalg.LinAlgError(
+            f"the pivot of layer {layer} (of {len(layers)}) is singular: the Schur complement "
+            "of H + εI on the layers from there to the output has a zero eigenvalue; raise "
+            "the damping"
+        )
 
     pieces, state = [], None
     for layer, gain, feedforward in zip(layers, gains, feedforwards, strict=True):

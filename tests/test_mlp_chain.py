@@ -223,3 +223,11 @@ def test_frozen_parameters_and_bad_arguments_are_rejected_by_name():
     model[0].bias.requires_grad_(False)
     with pytest.raises(ValueError, match=r"0\.bias"):
         lc.mlp_chain_solve(model, "mse", batch, b)
+
+
+def test_an_exactly_singular_pivot_raises_naming_the_layer_and_the_fix():
+    # Zero inputs and no bias: the last layer's Hessian block is 0, so is its pivot at ε = 0.
+    model = nn.Sequential(nn.Linear(3, 2, bias=False)).double()
+    batch = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(torch.linalg.LinAlgError, match=r"layer 1 .*raise the damping"):
+        lc.mlp_chain_solve(model, "mse", batch, torch.ones(6, dtype=torch.float64), damping=0.0)

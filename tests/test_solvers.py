@@ -232,3 +232,28 @@ def test_non_finite_products_raise_floating_point_error():
     matrix[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         lc.solve(lc.DenseOperator(matrix), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["minres", "cg"])
+def test_on_gpu_convergence_is_checked_every_few_iterations_not_every_one(method):
+    import warnings
+
+    from lightning_curvature.solvers import GPU_CHECK_EVERY
+
+    eigenvalues = torch.logspace(-4, 0, 2000, dtype=torch.float64)
+    op = lc.DenseOperator(matrix_with_spectrum(eigenvalues).float().cuda())
+    b = torch.ones(2000, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = lc.solve(op, b, damping=0.0, tol=1e-9, max_iters=60, method=method)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert res.iterations == 60 and res.x.device.type == "cuda"
+    assert len(syncs) <= 60 // GPU_CHECK_EVERY * 3 + 10
+    assert len(syncs) < 60
