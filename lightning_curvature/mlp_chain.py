@@ -77,40 +77,28 @@ kinks' Dirac masses are not part of it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
 
+from lightning_curvature.chain_model import (
+    Layer,
+    backward,
+    forward,
+    head,
+    parse_batch,
+    parse_chain,
+    parse_loss,
+    parse_rhs,
+)
 from lightning_curvature.operators.hessian import HessianOperator
 from lightning_curvature.solvers import _real
 
+
 # Elementwise activations: their derivatives come from torch.func, so any of these works.
-ELEMENTWISE = (
-    nn.Identity,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.GELU,
-    nn.Softplus,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.LogSigmoid,
-    nn.Hardtanh,
-    nn.ReLU6,
-)
-LOSSES = {"mse": nn.MSELoss, "cross_entropy": nn.CrossEntropyLoss}
-
-
 @dataclass(frozen=True, eq=False)
 class ChainSolveResult:
     """The exact solution of ``(H + εI)x = b`` for a chain, with its evidence.
@@ -138,20 +126,6 @@ class ChainSolveResult:
     state_size: int
     block_size: int
     damping: float
-
-
-@dataclass
-class _Layer:
-    weight: torch.Tensor  # (w_out, w_in)
-    has_bias: bool
-    inputs: torch.Tensor  # z_{l-1}, (n, w_in)
-    input_slope: torch.Tensor | None  # σ'_{l-1}(u_{l-1}), (n, w_in); None for layer 1
-    input_curvature: torch.Tensor | None  # σ''_{l-1}(u_{l-1}), (n, w_in)
-    adjoint: torch.Tensor | None = None  # λ_l, (n, w_out)
-
-    @property
-    def num_params(self) -> int:
-        return self.weight.numel() + (self.weight.shape[0] if self.has_bias else 0)
 
 
 def mlp_chain_solve(
@@ -210,8 +184,8 @@ def mlp_chain_solve(
         >>> res.relative_residual < 1e-12
         True
     """
-    linears, activations = _parse_chain(model)
-    loss_module = _parse_loss(loss)
+    linears, activations = parse_chain(model)
+    loss_module = parse_loss(loss)
     damping = _real("damping", damping, minimum=0.0, inclusive=True)
     for name, flag in (("diagnostics", diagnostics), ("check_residual", check_residual)):
         if not isinstance(flag, bool):
@@ -221,13 +195,13 @@ def mlp_chain_solve(
     dtype = params[0].dtype if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    inputs, targets = _parse_batch(batch, linears[0].in_features, device, dtype)
+    inputs, targets = parse_batch(batch, linears[0].in_features, device, dtype)
     dim = sum(p.numel() for p in params)
-    rhs = _parse_rhs(b, dim, device, dtype)
+    rhs = parse_rhs(b, dim, device, dtype)
 
-    layers, top = _forward(linears, activations, inputs, dtype)
-    adjoint, output_hessian = _head(activations[-1], loss_module, top, targets)
-    _backward(layers, adjoint)
+    layers, top = forward(linears, activations, inputs, dtype)
+    adjoint, output_hessian = head(activations[-1], loss_module, top, targets)
+    backward(layers, adjoint)
     offsets = [0]
     for layer in layers:
         offsets.append(offsets[-1] + layer.num_params)
@@ -256,7 +230,7 @@ def mlp_chain_solve(
 
 
 def _riccati_solve(
-    layers: list[_Layer],
+    layers: list[Layer],
     output_hessian: torch.Tensor,
     rhs: torch.Tensor,
     offsets: list[int],
@@ -315,7 +289,7 @@ def _riccati_solve(
     return torch.cat(pieces), spectra
 
 
-def _parameter_tangent_map(layer: _Layer) -> torch.Tensor:
+def _parameter_tangent_map(layer: Layer) -> torch.Tensor:
     """``B_l``: δθ_l ↦ δu_l = δW z_{l-1} + δb for every sample, as an (n·w_out, p) matrix
     whose columns follow the flat order of ``weight`` (row-major) then ``bias``."""
     n, width_in = layer.inputs.shape
@@ -329,13 +303,13 @@ def _parameter_tangent_map(layer: _Layer) -> torch.Tensor:
     return torch.cat([weight_part, eye.repeat(n, 1)], dim=1)
 
 
-def _state_map(layer: _Layer) -> torch.Tensor:
+def _state_map(layer: Layer) -> torch.Tensor:
     """``A_l`` per sample: δu_{l-1} ↦ W_l (σ'_{l-1} ⊙ δu_{l-1}), shape (n, w_out, w_in)."""
     assert layer.input_slope is not None
     return layer.weight[None] * layer.input_slope[:, None, :]
 
 
-def _mixed_term(layer: _Layer) -> torch.Tensor:
+def _mixed_term(layer: Layer) -> torch.Tensor:
     """``S_l``: the bilinear term λ_lᵀ δW (σ'_{l-1} ⊙ δu_{l-1}), as (n·w_in, p)."""
     assert layer.input_slope is not None and layer.adjoint is not None
     n, width_in = layer.inputs.shape
@@ -348,7 +322,7 @@ def _mixed_term(layer: _Layer) -> torch.Tensor:
     return torch.cat([weight_part, weight_part.new_zeros(n * width_in, width_out)], dim=1)
 
 
-def _activation_curvature(layer: _Layer) -> torch.Tensor:
+def _activation_curvature(layer: Layer) -> torch.Tensor:
     """``Q_l``'s diagonal: σ''_{l-1}(u_{l-1}) ⊙ W_lᵀλ_l, shape (n, w_in)."""
     assert layer.input_curvature is not None and layer.adjoint is not None
     return layer.input_curvature * (layer.adjoint @ layer.weight)
@@ -385,76 +359,6 @@ def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,iab->iajb", eye, blocks).reshape(n * width, n * width)
 
 
-def _forward(
-    linears: list[nn.Linear],
-    activations: list[Callable[[torch.Tensor], torch.Tensor]],
-    inputs: torch.Tensor,
-    dtype: torch.dtype,
-) -> tuple[list[_Layer], torch.Tensor]:
-    """Pre-activations, slopes and curvatures of every layer; returns u_L too."""
-    with torch.no_grad():
-        z = activations[0](inputs)
-        layers: list[_Layer] = []
-        slope = curvature = None
-        for index, linear in enumerate(linears):
-            weight = linear.weight.detach().to(dtype)
-            layers.append(_Layer(weight, linear.bias is not None, z, slope, curvature))
-            u = z @ weight.T
-            if linear.bias is not None:
-                u = u + linear.bias.detach().to(dtype)
-            if index + 1 < len(linears):
-                z, slope, curvature = _derivatives(activations[index + 1], u)
-    return layers, u
-
-
-def _derivatives(
-    activation: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """σ(u), σ'(u), σ''(u) elementwise, by torch.func on the scalar function."""
-    flat = u.reshape(-1)
-    first = vmap(grad(activation))(flat)
-    second = vmap(grad(grad(activation)))(flat)
-    return activation(u), first.view_as(u), second.view_as(u)
-
-
-def _head(
-    activation: Callable[[torch.Tensor], torch.Tensor],
-    loss: nn.Module,
-    top: torch.Tensor,
-    targets: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """λ_L = ∇h and the per-sample blocks of ∇²h, h(U) = loss(σ_L(U), Y).
-
-    MSE and cross-entropy are sums over samples, so ∇²h is block diagonal: its blocks are
-    read off with one Hessian-vector product per output coordinate, each probing that
-    coordinate in every sample at once.
-    """
-    width = top.shape[1]
-    with torch.enable_grad():
-        outputs = top.detach().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(
-            loss(activation(outputs), targets), outputs, create_graph=True
-        )
-        columns = []
-        for j in range(width):
-            direction = torch.zeros_like(top)
-            direction[:, j] = 1.0
-            (column,) = torch.autograd.grad(
-                gradient, outputs, direction, retain_graph=True, allow_unused=True
-            )
-            columns.append(torch.zeros_like(top) if column is None else column)
-    # columns[j][i, :] is column j of sample i's block.
-    return gradient.detach(), torch.stack(columns, dim=2).detach()
-
-
-def _backward(layers: list[_Layer], adjoint: torch.Tensor) -> None:
-    """Back-propagate λ: λ_{l-1} = σ'_{l-1} ⊙ (W_lᵀ λ_l), stored on each layer."""
-    for layer in reversed(layers):
-        layer.adjoint = adjoint
-        if layer.input_slope is not None:
-            adjoint = layer.input_slope * (adjoint @ layer.weight)
-
-
 def _true_residual(model, loss, inputs, targets, x, rhs, damping, dtype) -> float:
     """‖(H + εI)x − b‖/‖b‖ with the engine's Hessian-vector product (independent of the
     structured solve), largest over columns."""
@@ -487,102 +391,3 @@ def _warn_if_ill_conditioned(conditions: tuple[float, ...], dtype: torch.dtype) 
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _parse_chain(model: object) -> tuple[list[nn.Linear], list[Callable]]:
-    """Linear layers, and the elementwise function before each one and after the last."""
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(
-            f"model must be an nn.Sequential of nn.Linear layers and elementwise activations, "
-            f"got {type(model).__name__}"
-        )
-    linears: list[nn.Linear] = []
-    groups: list[list[nn.Module]] = [[]]
-    for name, module in _leaves(model):
-        if isinstance(module, nn.Linear):
-            linears.append(module)
-            groups.append([])
-        elif isinstance(module, ELEMENTWISE):
-            groups[-1].append(module)
-        else:
-            raise ValueError(
-                f"model must be an nn.Sequential of nn.Linear layers and elementwise "
-                f"activations ({', '.join(c.__name__ for c in ELEMENTWISE)}); its module "
-                f"{name!r} is {type(module).__name__}"
-            )
-    if not linears:
-        raise ValueError("model must contain at least one nn.Linear layer, got none")
-    for index, linear in enumerate(linears[1:], start=1):
-        if linear.in_features != linears[index - 1].out_features:
-            raise ValueError(
-                f"model's Linear layers do not chain: layer {index} has out_features "
-                f"{linears[index - 1].out_features}, layer {index + 1} in_features "
-                f"{linear.in_features}"
-            )
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        raise ValueError(f"every parameter of model must require grad; frozen: {frozen}")
-    return linears, [_compose(group) for group in groups]
-
-
-def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    leaves = []
-    for name, child in module.named_children():
-        path = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            leaves.extend(_leaves(child, path + "."))
-        else:
-            leaves.append((path, child))
-    return leaves
-
-
-def _compose(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def apply(t: torch.Tensor) -> torch.Tensor:
-        for module in modules:
-            t = module(t)
-        return t
-
-    return apply
-
-
-def _parse_loss(loss: object) -> nn.Module:
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)} as a string, got {loss!r}")
-        return LOSSES[loss]()
-    if not isinstance(loss, tuple(LOSSES.values())):
-        raise ValueError(
-            "loss must be nn.MSELoss(), nn.CrossEntropyLoss(), 'mse' or 'cross_entropy', got "
-            f"{type(loss).__name__}"
-        )
-    if loss.reduction not in ("mean", "sum"):
-        raise ValueError(f"loss.reduction must be 'mean' or 'sum', got {loss.reduction!r}")
-    return loss
-
-
-def _parse_batch(batch, in_features, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("batch must be a pair (inputs, targets)")
-    inputs, targets = batch
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2:
-        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs)
-        raise ValueError(f"batch's inputs must have shape (n, {in_features}), got {shape}")
-    if inputs.shape[1] != in_features:
-        raise ValueError(
-            f"batch's inputs must have shape (n, {in_features}), got {tuple(inputs.shape)}"
-        )
-    if not isinstance(targets, torch.Tensor) or targets.shape[0] != inputs.shape[0]:
-        raise ValueError("batch's targets must be a tensor with one row per input")
-    if targets.is_floating_point():
-        targets = targets.to(device=device, dtype=dtype)
-    return inputs.to(device=device, dtype=dtype), targets.to(device)
-
-
-def _parse_rhs(b: object, dim: int, device, dtype) -> torch.Tensor:
-    if not isinstance(b, torch.Tensor) or b.ndim not in (1, 2) or b.shape[0] != dim:
-        shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-        raise ValueError(f"b must be a tensor of shape ({dim},) or ({dim}, m), got {shape}")
-    if not b.is_floating_point() or (b.ndim == 2 and b.shape[1] == 0):
-        raise ValueError(f"b must be a non-empty floating-point tensor, got {b.dtype}")
-    b = b.to(device=device, dtype=dtype)
-    return b[:, None] if b.ndim == 1 else b
