@@ -6,6 +6,7 @@ and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_
 top of the spectrum, the trace and the spectral density.
 """
 
+from lightning_curvature import optim
 from lightning_curvature.estimators import (
     DiagonalResult,
     LanczosResult,
@@ -20,6 +21,7 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
+from lightning_curvature.mlp_chain import ChainSolveResult, mlp_chain_solve
 from lightning_curvature.operators import (
     DenseOperator,
     GradientGraphOperator,
@@ -29,6 +31,7 @@ from lightning_curvature.operators import (
 )
 from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks
 from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+from lightning_curvature.solvers import SolveResult, solve
 
 __version__ = "0.1.0"
 
@@ -44,6 +47,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BlockDiagonalOperator",
+    "ChainSolveResult",
     "CurvatureMonitor",
     "DenseOperator",
     "DiagonalResult",
@@ -55,14 +59,18 @@ __all__ = [
     "LanczosResult",
     "LinearOperator",
     "PowerIterationResult",
+    "SolveResult",
     "SpectralDensity",
     "TraceResult",
     "UnreliableProductError",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lanczos",
+    "mlp_chain_solve",
+    "optim",
     "parameter_blocks",
     "power_iteration",
     "smoothed_density",
+    "solve",
     "spectral_density",
 ]
