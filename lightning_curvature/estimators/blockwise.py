@@ -21,10 +21,12 @@ from numbers import Integral
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 
 from lightning_curvature.estimators._common import (
     LinearOperator,
     apply_block,
+    check_every,
     check_operator,
     check_positive_int,
     make_generator,
@@ -32,14 +34,7 @@ from lightning_curvature.estimators._common import (
     raise_if_not_finite,
 )
 from lightning_curvature.estimators.hutchinson import TraceResult
-from lightning_curvature.estimators.lanczos import (
-    CHECK_EVERY,
-    _Basis,
-    _evidence,
-    _ritz,
-    _spectral_scale,
-    default_num_iters,
-)
+from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 
 Block = tuple[str, slice]
 
@@ -277,7 +272,8 @@ def blockwise_lambda_max(
     packing = _PackedBlocks(blocks, op.dim, op.device)
     caps = [min(num_iters, piece.stop - piece.start) for _, piece in blocks]
     steps_cap = max(caps)
-    basis = _Basis(op.dim, op.device, op.dtype, capacity=steps_cap)
+    # One row per step, shared by the blocks (each block's vector is zero elsewhere).
+    basis = torch.empty((steps_cap, op.dim), device=op.device, dtype=op.dtype)
     alpha = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
     beta = torch.zeros_like(alpha)
     tiny = 1e3 * torch.finfo(op.dtype).eps
@@ -289,7 +285,7 @@ def blockwise_lambda_max(
 
     active = list(range(len(blocks)))
     final: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
-    size, num_matvecs, next_check = 0, 0, CHECK_EVERY
+    size, num_matvecs, next_check = 0, 0, check_every(op.device)
     while active:
         w = block_products(op, blocks, basis[size][:, None], active)[:, 0]
         num_matvecs += len(active)
@@ -305,7 +301,7 @@ def blockwise_lambda_max(
             basis[size] = w / packing.expand(norms.clamp_min(tiny)) * packing.expand(keep)
         if size < next_check and size not in caps:
             continue
-        next_check = size + CHECK_EVERY
+        next_check = size + check_every(op.device)
         a_all = alpha[:size].double().cpu().numpy()  # one host sync: the tridiagonals
         b_all = beta[:size].double().cpu().numpy()
         for index in list(active):
@@ -331,33 +327,37 @@ def blockwise_lambda_max(
 
 
 def _project_out(
-    basis: _Basis, packing: _PackedBlocks, size: int, w: torch.Tensor
+    basis: torch.Tensor, packing: _PackedBlocks, size: int, w: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` minus, block by block, its components on the first ``size`` basis vectors
+    """``w`` minus, block by block, its components on the first ``size`` basis rows
     (classical Gram-Schmidt twice, as in :func:`lanczos`), and those (size, L) components."""
+    rows = basis[:size]
     total = None
     for _ in range(2):
-        rows_list = basis._leading(size)
-        coefficients = torch.cat([packing.sums(rows * w) for rows in rows_list])
-        offset = 0
-        for rows in rows_list:
-            chunk = coefficients[offset : offset + rows.shape[0]]
-            w = w - (rows * packing.expand(chunk)).sum(dim=0)
-            offset += rows.shape[0]
+        coefficients = packing.sums(rows * w)
+        w = w - (rows * packing.expand(coefficients)).sum(dim=0)
         total = coefficients if total is None else total + coefficients
     assert total is not None
     return w, total
 
 
 def _lambda_max_evidence(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
-    theta, vectors = _ritz(a, b)
+    """λmax of one block's tridiagonal, its residual, its error bound (the residual: a gap
+    taken from Ritz values is not certified, see :func:`~.lanczos.error_bounds`) and the
+    block's spectral scale."""
+    if a.size == 1:
+        theta, vectors = a.copy(), np.ones((1, 1))
+    else:
+        theta, vectors = eigh_tridiagonal(a, b[:-1])
+    residuals = np.abs(b[-1] * vectors[-1])
     top = np.array([theta.size - 1])
-    residuals, bounds = _evidence(theta, vectors, b[-1], top)
-    return float(theta[-1]), float(residuals[0]), float(bounds[0]), _spectral_scale(theta)
+    bound = float(error_bounds(theta, residuals, top)[0])
+    scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
+    return float(theta[-1]), float(residuals[-1]), bound, scale
 
 
 def _bound_ok(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
-    if a.size < 2:  # one Ritz value has no gap, so its bound r²/gap would read 0
+    if a.size < 2:  # one step certifies nothing
         return False
     _, _, bound, scale = _lambda_max_evidence(a, b)
     return bound <= tol * scale
