@@ -11,10 +11,11 @@ under manual optimization) misses none; no step is measured twice.
 The cadence is the user's ``every_n_steps``, honoured exactly (never skipped; one warning
 if it costs more than ``max_overhead``), or, with ``every_n_steps=None``, calibrated once
 and then fixed, so curves are comparable and reruns reproducible. Calibration measures at
-steps :math:`s_0 + 1, 2, 4, 8` (:math:`s_0` the step training started from: on a fresh
-run, the log-spaced steps), times a full measurement :math:`t_f` (the first: cold, so the
-estimate errs towards sparse), a track one :math:`t_t` and a training step :math:`t_s`
-(medians), and picks the smallest power of two :math:`n` with
+steps :math:`s_0 + 1, 2, 4, \dots, 32` (:math:`s_0` the step training started from: on a
+fresh run, the log-spaced steps), times a full measurement :math:`t_f` (the first: cold,
+so the estimate errs towards sparse), a track one :math:`t_t` (the median) and a training
+step :math:`t_s` (the mean over the 32 steps: the run pays for its slow steps too), and
+picks the smallest power of two :math:`n` with
 
 .. math:: \frac{(F - 1)\,t_t + t_f}{F \cdot n \cdot t_s} \le \text{max\_overhead},
     \qquad F = \text{full\_every},
@@ -82,8 +83,9 @@ FULL: Tier = "full"
 
 # The cadence when every_n_steps=None and max_overhead=None: nothing to calibrate against.
 DEFAULT_EVERY_N_STEPS = 100
-# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, 8).
-CALIBRATION_SPAN = 8
+# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, ..., 32):
+# 32 timed training steps, as the step time has a heavy tail (preemption, GC, loading).
+CALIBRATION_SPAN = 32
 # The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
 MAX_CALIBRATED_EVERY_N_STEPS = 2**16
 # Samples kept for an estimate: bounded, so the state stays small.
@@ -319,8 +321,10 @@ class MeasurementSchedule:
                 steps = step - self.last_step
                 self.train_seconds += self._unassigned_seconds
                 self.train_steps += steps
-                if self._collecting():
-                    _append(self._samples["step"], self._unassigned_seconds / steps)
+                if self._collecting():  # one sample per step, so their mean is time / steps
+                    per_step = self._unassigned_seconds / steps
+                    for _ in range(min(steps, _MAX_SAMPLES)):
+                        _append(self._samples["step"], per_step)
                 self._unassigned_seconds = 0.0
         self._mark = now
 
@@ -371,7 +375,8 @@ class MeasurementSchedule:
         return _Costs(
             track=statistics.median(samples[TRACK] or samples[FULL]),
             full=statistics.median(samples[FULL] or samples[TRACK]),
-            step=statistics.median(samples["step"]),
+            # The mean: the run pays for the slow steps too (the median would not).
+            step=statistics.fmean(samples["step"]),
             full_every=self.full_every,
         )
 
