@@ -47,22 +47,25 @@ def exact_lambda_max(loss, theta):
     return torch.linalg.eigvalsh(hessian)[-1].item()
 
 
+LEARNING_RATE = 0.06
+
+
 @pytest.fixture(scope="module")
 def sharpening_runs():
-    """λmax at the scheduled steps of full-batch GD (η = 0.06, 1,500 steps), and of the
-    same run with the last layer's weights doubled at step 750 (followed to step 1,100:
-    the jump and four measurements after it)."""
+    """λmax at the scheduled steps of full-batch GD (η = 0.06, 1,500 steps); of the same
+    run with the last layer's weights doubled at step 750; and of it with η raised 5× at
+    step 750 (both followed to step 1,100: four measurements after the change)."""
     loss, theta, last_layer_weight = digits_regression()
-    learning_rate = 0.06
 
-    def run(theta, first, last, jump):
+    def run(theta, first, last, change=None):
         series, branch = {}, None
         theta = theta.clone().requires_grad_()
         for step in range(first, last + 1):
+            learning_rate = LEARNING_RATE * (5 if change == "lr" and step > JUMP_STEP else 1)
             (gradient,) = torch.autograd.grad(loss(theta), theta)
             with torch.no_grad():
                 theta -= learning_rate * gradient
-                if step == jump:
+                if change == "scale" and step == JUMP_STEP:
                     theta[last_layer_weight] *= 2.0
             if step in SCHEDULED_STEPS:
                 series[step] = exact_lambda_max(loss, theta.detach())
@@ -70,10 +73,11 @@ def sharpening_runs():
                 branch = theta.detach().clone()
         return series, branch
 
-    smooth, at_branch = run(theta, 1, 1500, jump=None)
-    tail, _ = run(at_branch, JUMP_STEP, 1100, jump=JUMP_STEP)
-    jumped = {s: v for s, v in smooth.items() if s < JUMP_STEP} | tail
-    return smooth, jumped
+    smooth, at_branch = run(theta, 1, 1500)
+    before = {s: v for s, v in smooth.items() if s < JUMP_STEP}
+    jumped = before | run(at_branch, JUMP_STEP, 1100, "scale")[0]
+    catapult = before | run(at_branch, JUMP_STEP, 1100, "lr")[0]
+    return smooth, jumped, catapult
 
 
 def feed(tracker, series, ratio=None):
@@ -87,7 +91,7 @@ def feed(tracker, series, ratio=None):
 
 @pytest.mark.slow  # the shared fixture trains 1,850 steps and takes 26 Hessians
 def test_progressive_sharpening_on_a_real_run_stays_quiet(sharpening_runs):
-    smooth, _ = sharpening_runs
+    smooth, _, _ = sharpening_runs
     values = list(smooth.values())
     # The run really sharpens (λmax triples), the early points are flat, and the rule that
     # compared with the median of the last 20 measurements fired six times on it.
@@ -98,12 +102,29 @@ def test_progressive_sharpening_on_a_real_run_stays_quiet(sharpening_runs):
 
 @pytest.mark.slow  # the shared fixture trains 1,850 steps and takes 26 Hessians
 def test_a_layer_scaled_up_mid_run_fires_once_at_the_first_measurement_after(sharpening_runs):
-    smooth, jumped = sharpening_runs
+    smooth, jumped, _ = sharpening_runs
     assert jumped[800] > 2 * smooth[800]  # the truth: a genuine jump between 700 and 800
     fired = feed(AlertTracker(), jumped)
     assert [(a.kind, a.step) for a in fired] == [(SPIKE, 800)]
     assert fired[0].value == jumped[800]
     assert fired[0].reference == max(jumped[s] for s in (500, 600, 700))
+
+
+@pytest.mark.slow  # the shared fixture
+def test_a_learning_rate_raised_into_a_catapult_trips_the_edge_rule_not_the_spike_rule(
+    sharpening_runs,
+):
+    _, _, catapult = sharpening_runs
+    # The truth: at 5η, λmax·η > 2, the loss catapults and λmax falls; no jump up to flag.
+    assert catapult[700] * 5 * LEARNING_RATE > 2 and catapult[800] < 0.8 * catapult[700]
+    # GD's stability ratio is λmax·η / 2, with the η in force at each step.
+    ratios = {s: v * LEARNING_RATE * (5 if s > JUMP_STEP else 1) / 2 for s, v in catapult.items()}
+    tracker = AlertTracker()
+    fired = [a for s in sorted(catapult) for a in tracker.update(s, catapult[s], ratios[s], True)]
+    # At the edge from 800 on (patience 3: 800, 900, 1000); never before, at η.
+    assert all(r < 0.9 for s, r in ratios.items() if s < JUMP_STEP)
+    assert all(ratios[s] >= 0.9 for s in (800, 900, 1000))
+    assert [(a.kind, a.step) for a in fired] == [(EDGE, 1000)]
 
 
 def test_one_jump_and_its_slow_fall_fire_once():
@@ -187,7 +208,7 @@ def test_a_single_excursion_above_the_edge_does_not_fire():
 
 @pytest.mark.slow  # the shared fixture trains 1,850 steps and takes 26 Hessians
 def test_a_resumed_tracker_fires_exactly_as_an_uninterrupted_one(sharpening_runs):
-    _, jumped = sharpening_runs
+    _, jumped, _ = sharpening_runs
     ratio = {s: min(1.0, s / 1000) for s in jumped}  # crosses edge_ratio=0.9 at 900
     steps = sorted(jumped)
 
