@@ -89,6 +89,27 @@ def test_a_global_step_that_jumps_measures_at_every_crossed_multiple(stride):
     assert [s for s, _ in measured] == expected
 
 
+@pytest.mark.parametrize("every_n_steps", [None, 6])
+def test_upcoming_announces_every_measurement_before_the_step(every_n_steps):
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=every_n_steps, clock=clock)
+    schedule.start(0)
+    announced, measured = [], []
+    for step in range(2, 301, 2):  # two optimizer steps per batch
+        upcoming = schedule.upcoming(step)
+        clock.advance(2 * STEP_SECONDS)
+        decision = schedule.decide(step)
+        announced += [step] if upcoming else []
+        if decision.measure:
+            assert decision.tier == upcoming
+            measured.append(step)
+            with schedule.timed(decision):
+                clock.advance(TRACK_SECONDS if decision.tier == TRACK else FULL_SECONDS)
+    assert measured and set(measured) <= set(announced)
+    # Only the call that calibrates (its cadence not known yet) may announce in vain.
+    assert set(announced) - set(measured) == ({34} if every_n_steps is None else set())
+
+
 def test_gradient_accumulation_repeats_steps_without_measuring_twice():
     clock = FakeClock()
     schedule = MeasurementSchedule(clock=clock)

@@ -219,6 +219,11 @@ class MeasurementSchedule:
         self.last_step = max(self.last_step, step)
         return Decision(step=step, tier=tier, info=info, warning=warning)
 
+    def upcoming(self, step: int) -> Tier | None:
+        """The tier :meth:`decide` would give at ``step`` now, without deciding or timing
+        (the monitor keeps θ_{s−1} only before a step that will be measured)."""
+        return self._tier(self.last_step, step)
+
     @contextmanager
     def timed(self, decision: Decision) -> Iterator[None]:
         """Time the measurement ``decision`` asked for; it counts (and, while calibrating,
@@ -337,7 +342,11 @@ class MeasurementSchedule:
         if step <= last:
             return None
         n = self.cadence
-        if n is None:  # calibrating: s0 + 1, 2, 4, 8, ...
+        if n is None and self._calibration_due():
+            # Only upcoming() gets here: the call at this step will calibrate, and the
+            # cadence it fixes is not known yet, so say it may measure.
+            return FULL if self.num_full == 0 else TRACK
+        if n is None:  # calibrating: s0 + 1, 2, 4, ..., 32
             start = self.calibration_start
             scheduled = _crosses_power_of_two(last - start, step - start, below=math.inf)
         else:
