@@ -86,6 +86,8 @@ DEFAULT_EVERY_N_STEPS = 100
 # Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, ..., 32):
 # 32 timed training steps, as the step time has a heavy tail (preemption, GC, loading).
 CALIBRATION_SPAN = 32
+# Timed training steps before the overhead of an explicit cadence is judged.
+_WARNING_SPAN = 8
 # The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
 MAX_CALIBRATED_EVERY_N_STEPS = 2**16
 # Samples kept for an estimate: bounded, so the state stays small.
@@ -376,7 +378,8 @@ class MeasurementSchedule:
             and self._collecting()
             and bool(samples[FULL])
             and len(samples[TRACK]) + len(samples[FULL]) >= 2
-            and len(samples["step"]) >= CALIBRATION_SPAN
+            # A warning, not a decision: 8 steps give its order of magnitude early.
+            and len(samples["step"]) >= _WARNING_SPAN
         )
 
     def _costs(self) -> _Costs:
