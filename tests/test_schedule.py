@@ -214,6 +214,9 @@ def test_the_overhead_warning_names_the_cost_and_a_cadence_that_fits_once():
     assert train(quiet, clock2, 400)[2] == []
     within = MeasurementSchedule(every_n_steps=32, clock=(clock3 := FakeClock()))
     assert train(within, clock3, 400)[2] == []
+    # A short run hears it too: judged once 8 steps are timed.
+    every_step = MeasurementSchedule(every_n_steps=1, clock=(clock4 := FakeClock()))
+    assert len(train(every_step, clock4, 30)[2]) == 1
 
 
 def test_the_measured_overhead_and_summary_count_what_happened():

@@ -406,7 +406,8 @@ class MeasurementSchedule:
         text = (
             f"Curvature schedule: measuring every {chosen} steps for the rest of the run: "
             f"{costs}, so every {chosen} steps costs {self.estimated_overhead:.1%} of the training "
-            f"time, within max_overhead={self.max_overhead:g}"
+            f"time, {'within' if self.estimated_overhead <= self.max_overhead else 'above'} "
+            f"max_overhead={self.max_overhead:g}"
         )
         if proposed > 1:
             text += f" (every {proposed // 2} would cost {costs.overhead(proposed // 2):.1%})"
