@@ -34,7 +34,7 @@ class FakeClock:
         self.now += seconds
 
 
-def train(schedule, clock, steps, *, stride=1, start=0, costs=None, agree=None):
+def train(schedule, clock, steps, *, stride=1, start=0, costs=None, agree=None, step_time=None):
     """Run training from ``start`` to ``steps`` with global_step advancing by ``stride``
     per batch; every measurement costs ``costs[tier]`` seconds. Returns the measured
     (step, tier) pairs and every info/warning text."""
@@ -42,7 +42,7 @@ def train(schedule, clock, steps, *, stride=1, start=0, costs=None, agree=None):
     measured, infos, warnings = [], [], []
     schedule.start(start)
     for step in range(start + stride, steps + 1, stride):
-        clock.advance(STEP_SECONDS * stride)
+        clock.advance(step_time(step) if step_time else STEP_SECONDS * stride)
         decision = schedule.decide(step, agree=agree)
         infos += [decision.info] if decision.info else []
         warnings += [decision.warning] if decision.warning else []
@@ -89,6 +89,27 @@ def test_a_global_step_that_jumps_measures_at_every_crossed_multiple(stride):
     assert [s for s, _ in measured] == expected
 
 
+@pytest.mark.parametrize("every_n_steps", [None, 6])
+def test_upcoming_announces_every_measurement_before_the_step(every_n_steps):
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=every_n_steps, clock=clock)
+    schedule.start(0)
+    announced, measured = [], []
+    for step in range(2, 301, 2):  # two optimizer steps per batch
+        upcoming = schedule.upcoming(step)
+        clock.advance(2 * STEP_SECONDS)
+        decision = schedule.decide(step)
+        announced += [step] if upcoming else []
+        if decision.measure:
+            assert decision.tier == upcoming
+            measured.append(step)
+            with schedule.timed(decision):
+                clock.advance(TRACK_SECONDS if decision.tier == TRACK else FULL_SECONDS)
+    assert measured and set(measured) <= set(announced)
+    # Only the call that calibrates (its cadence not known yet) may announce in vain.
+    assert set(announced) - set(measured) == ({34} if every_n_steps is None else set())
+
+
 def test_gradient_accumulation_repeats_steps_without_measuring_twice():
     clock = FakeClock()
     schedule = MeasurementSchedule(clock=clock)
@@ -126,13 +147,24 @@ def test_the_calibrated_cadence_is_the_hand_computed_power_of_two_and_stays_fixe
     assert train(again, clock2, 600)[0] == measured
 
 
+def test_calibration_charges_the_slow_steps_a_run_pays_for():
+    # Every 8th step takes 45 ms (a preempted or data-loading step), the others 5 ms: the
+    # run takes 10 ms a step on average, so the cadence is the 32 worked out above, not
+    # the 64 that the typical 5 ms step would give.
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    train(schedule, clock, 100, step_time=lambda step: 0.045 if step % 8 == 0 else 0.005)
+    assert schedule.cadence == 32
+
+
 def test_cheap_measurements_calibrate_to_every_step():
     clock = FakeClock()
     schedule = MeasurementSchedule(clock=clock)
     cheap = {TRACK: 0.0001, FULL: 0.0004}  # (7·0.1 + 0.4)/8 ms over 10 ms: 1.4%
-    measured, _, _ = train(schedule, clock, 40, costs=cheap)
+    measured, _, _ = train(schedule, clock, 50, costs=cheap)
     assert schedule.cadence == 1
-    assert [s for s, _ in measured] == [1, 2, 4, 8, *range(9, 41)]
+    # Calibration at 1, 2, 4, ..., 32; from the next step on, every step.
+    assert [s for s, _ in measured] == [1, 2, 4, 8, 16, 32, *range(33, 51)]
 
 
 def test_without_a_budget_the_default_cadence_is_fixed_from_the_start():
@@ -182,6 +214,9 @@ def test_the_overhead_warning_names_the_cost_and_a_cadence_that_fits_once():
     assert train(quiet, clock2, 400)[2] == []
     within = MeasurementSchedule(every_n_steps=32, clock=(clock3 := FakeClock()))
     assert train(within, clock3, 400)[2] == []
+    # A short run hears it too: judged once 8 steps are timed.
+    every_step = MeasurementSchedule(every_n_steps=1, clock=(clock4 := FakeClock()))
+    assert len(train(every_step, clock4, 30)[2]) == 1
 
 
 def test_the_measured_overhead_and_summary_count_what_happened():
@@ -239,9 +274,9 @@ def test_an_old_checkpoint_without_schedule_state_calibrates_from_the_resumed_st
     schedule = MeasurementSchedule(clock=clock)
     schedule.load_state_dict({})
     measured, infos, _ = train(schedule, clock, 700, start=500)
-    # Calibration at 500 + 1, 2, 4, 8, then the multiples of the calibrated 32.
-    assert [s for s, _ in measured][:4] == [501, 502, 504, 508]
-    assert [s for s, _ in measured][4:] == list(range(512, 701, 32))
+    # Calibration at 500 + 1, 2, 4, ..., 32, then the multiples of the calibrated 32.
+    assert [s for s, _ in measured][:6] == [501, 502, 504, 508, 516, 532]
+    assert [s for s, _ in measured][6:] == list(range(544, 701, 32))
     assert len(infos) == 1
 
 

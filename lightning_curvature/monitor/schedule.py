@@ -1,57 +1,52 @@
 r"""When to measure: a fixed cadence, two tiers, and the same decision on every rank.
 
-:class:`MeasurementSchedule` says, after each optimizer step, whether to measure and how:
+:class:`MeasurementSchedule` says after each optimizer step whether to measure, and how:
+**track** (λmax and what hangs on it; cheap) at every multiple of the cadence :math:`n`
+and, with ``log_spaced``, at steps 1, 2, 4, 8, ... below :math:`n`, where curvature
+changes fastest; **full** (top-k, trace, density, ...) at the first measurement of the
+run and at every multiple of ``full_every``·:math:`n`. A scheduled step is measured when
+``global_step`` *crosses* it, so a step that advances by two per batch (two optimizers
+under manual optimization) misses none; no step is measured twice.
 
-- **track**, a cheap measurement (λmax and what hangs on it), at every scheduled step:
-  every multiple of the cadence :math:`n`, and, with ``log_spaced``, the steps
-  1, 2, 4, 8, ... below :math:`n`, where curvature changes fastest;
-- **full** (top-k, trace, density, ...) at the first measurement of the run and at every
-  multiple of ``full_every``·:math:`n`, i.e. every ``full_every``-th point of the cadence.
-
-A step is scheduled when the training step *crosses* it: when ``global_step`` advances by
-two per batch (two optimizers under manual optimization), the multiple of :math:`n` that
-falls between two calls is measured at the later one. No step is measured twice.
-
-**The cadence** is either the user's ``every_n_steps``, honoured exactly (never skipped;
-if it costs more than ``max_overhead``, one warning says so and how to lower it), or,
-with ``every_n_steps=None``, calibrated once and then fixed for the whole run, so curves
-are comparable and reruns reproducible. Calibration measures at steps
-:math:`s_0 + 1, 2, 4, 8` (:math:`s_0` the step training started from, so on a fresh run
-the log-spaced steps themselves), times a full measurement :math:`t_f` (the first), a
-track one :math:`t_t` (the median of the others) and a training step :math:`t_s` (the
-median step time between calls), and picks the smallest power of two :math:`n` with
+The cadence is the user's ``every_n_steps``, honoured exactly (never skipped; one warning
+if it costs more than ``max_overhead``), or, with ``every_n_steps=None``, calibrated once
+and then fixed, so curves are comparable and reruns reproducible. Calibration measures at
+steps :math:`s_0 + 1, 2, 4, \dots, 32` (:math:`s_0` the step training started from: on a
+fresh run, the log-spaced steps), times a full measurement :math:`t_f` (the first: cold,
+so the estimate errs towards sparse), a track one :math:`t_t` (the median) and a training
+step :math:`t_s` (the mean over the 32 steps: the run pays for its slow steps too), and
+picks the smallest power of two :math:`n` with
 
 .. math:: \frac{(F - 1)\,t_t + t_f}{F \cdot n \cdot t_s} \le \text{max\_overhead},
+    \qquad F = \text{full\_every},
 
-the measurement time per ``full_every`` = :math:`F` cadence points over the training
-time between them (the first, cold, full measurement makes the estimate conservative).
+the measurement time of :math:`F` cadence points over the training time between them.
 With ``max_overhead=None`` the cadence is :data:`DEFAULT_EVERY_N_STEPS`.
 
-**Ranks.** Decisions depend only on steps and counters, never on a clock, except the
-calibrated cadence: the clock-derived number is passed through ``agree`` (e.g. a
-broadcast of rank 0's value) in the one :meth:`~MeasurementSchedule.decide` call that
-calibrates. That call comes at the same step on every rank, so a collective is safe there.
+**Ranks.** Decisions depend on steps and counters, never on a clock, except the one
+calibrated number: it goes through ``agree`` (e.g. a broadcast of rank 0's value) in the
+one :meth:`~MeasurementSchedule.decide` call that calibrates, which comes at the same step
+on every rank, so a collective there is safe.
 
 **Calling protocol** (what :class:`~lightning_curvature.CurvatureMonitor` does)::
 
     schedule = MeasurementSchedule(every_n_steps=None, max_overhead=0.05)
     schedule.start(trainer.global_step)                       # on_train_start
-    # on_train_batch_end, on every rank, every batch (even while the monitor waits for
-    # its probe batches: the calls time the training steps):
+    # on_train_batch_end, on every rank, every batch (also while waiting for probe
+    # batches: the calls time the training steps):
     decision = schedule.decide(trainer.global_step, agree=broadcast_from_rank_zero)
     if decision.info: rank_zero_info(decision.info)           # the calibration line
-    if decision.warning: rank_zero_warn(decision.warning)     # overhead above budget
+    if decision.warning: rank_zero_warn(decision.warning)     # over budget, once
     if decision.tier is not None:                             # "track" or "full"
         try:
-            with schedule.timed(decision):                    # times it; counts it if
-                record = measure(..., full=decision.full)     # no exception escapes
+            with schedule.timed(decision):                    # counted unless it raises
+                record = measure(..., full=decision.full)
         except Exception: ...                                 # counted as failed
     schedule.summary()                                        # on_train_end
     schedule.state_dict() / schedule.load_state_dict(state)   # checkpoints
 
-A decision that is not timed (the monitor skipped it, say for want of probe batches) is
-not counted; the first full measurement is retried at the next scheduled step until one
-completes.
+A decision that is not timed (skipped, say for want of probe batches) is not counted;
+the first full measurement is retried at each scheduled step until one completes.
 
 Example::
 
@@ -88,12 +83,19 @@ FULL: Tier = "full"
 
 # The cadence when every_n_steps=None and max_overhead=None: nothing to calibrate against.
 DEFAULT_EVERY_N_STEPS = 100
-# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, 8).
-CALIBRATION_SPAN = 8
+# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, ..., 32):
+# 32 timed training steps, as the step time has a heavy tail (preemption, GC, loading).
+CALIBRATION_SPAN = 32
+# Timed training steps before the overhead of an explicit cadence is judged.
+_WARNING_SPAN = 8
 # The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
 MAX_CALIBRATED_EVERY_N_STEPS = 2**16
 # Samples kept for an estimate: bounded, so the state stays small.
 _MAX_SAMPLES = 64
+_KINDS = ("step", TRACK, FULL)  # what the timing samples are of
+# The state that survives resume, besides the calibrated cadence and the samples.
+_COUNTS = ("calibration_start", "last_step", "num_track", "num_full", "num_failed", "train_steps")
+_SECONDS = ("measure_seconds", "train_seconds")
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,9 @@ class MeasurementSchedule:
         clock: seconds as a float; injected so tests can use a fake clock.
 
     Raises:
-        ValueError: naming the argument, for ``every_n_steps`` or ``full_every`` that is
-            not an integer >= 1 (``None`` allowed for ``every_n_steps``), ``max_overhead``
-            outside (0, 1], ``log_spaced`` that is not a bool, or a ``clock`` that is not
-            callable.
+        ValueError: naming the argument: ``every_n_steps`` (or ``None``) or ``full_every``
+            not an integer >= 1, ``max_overhead`` (or ``None``) outside (0, 1],
+            ``log_spaced`` not a bool, ``clock`` not callable.
     """
 
     def __init__(
@@ -183,7 +184,7 @@ class MeasurementSchedule:
         self.train_steps = 0
         # The projected overhead of the cadence, from the calibration samples.
         self.estimated_overhead: float | None = None
-        self._samples: dict[str, list[float]] = {"step": [], TRACK: [], FULL: []}
+        self._samples: dict[str, list[float]] = {kind: [] for kind in _KINDS}
         # The clock at the last call or measurement end; None: the next call only reads it.
         self._mark: float | None = None
         self._unassigned_seconds = 0.0  # training time not yet spread over a step
@@ -258,7 +259,7 @@ class MeasurementSchedule:
                 "was given explicitly and is honoured as it is"
             )
         self.cadence = _check_cadence(every_n_steps)
-        self._samples = {"step": [], TRACK: [], FULL: []}
+        self._samples = {kind: [] for kind in _KINDS}
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -272,65 +273,49 @@ class MeasurementSchedule:
 
     def summary(self) -> str:
         """A few sentences for the end of a run: points logged, cadence, overhead."""
-        points = self.num_track + self.num_full
         failed = f", {self.num_failed} failed" if self.num_failed else ""
-        tiers = f"{self.num_track} track, {self.num_full} full{failed}"
-        text = f"Curvature measurements: {points} ({tiers})"
+        text = (
+            f"Curvature measurements: {self.num_track + self.num_full} ({self.num_track} "
+            f"track, {self.num_full} full{failed})"
+        )
         if self.cadence is None:
             text += " while calibrating the cadence"
         else:
-            if self.every_n_steps is not None:
-                how = "as asked"
-            elif self.max_overhead is not None:
-                how = "calibrated"
-            else:
-                how = "the default"
-            text += f", every {self.cadence} steps ({how})"
-            if self.log_spaced and self.cadence > 1:
-                text += " and at steps 1, 2, 4, … below it"
-            text += f", full every {self.full_every * self.cadence} steps"
-        text += "."
+            how = "as asked" if self.every_n_steps is not None else "calibrated"
+            how = "the default" if self.max_overhead is None and self.every_n_steps is None else how
+            log_spaced = " and at steps 1, 2, 4, … below it" if self.log_spaced else ""
+            text += (
+                f", every {self.cadence} steps ({how}){log_spaced}, full every "
+                f"{self.full_every * self.cadence} steps"
+            )
         if math.isfinite(self.overhead):
-            budget = "" if self.max_overhead is None else f" (max_overhead {self.max_overhead:.0%})"
-            text += f" Measuring took {self.overhead:.1%} of the training time{budget}."
-        return text
+            budget = "" if self.max_overhead is None else f" (max_overhead {self.max_overhead:g})"
+            text += f". Measuring took {self.overhead:.1%} of the training time{budget}"
+        return text + "."
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         calibrated = self.every_n_steps is None and self.max_overhead is not None
         return {
             "calibrated_every_n_steps": self.cadence if calibrated else None,
-            "calibration_start": self.calibration_start,
-            "last_step": self.last_step,
-            "num_track": self.num_track,
-            "num_full": self.num_full,
-            "num_failed": self.num_failed,
-            "measure_seconds": self.measure_seconds,
-            "train_seconds": self.train_seconds,
-            "train_steps": self.train_steps,
+            **{name: getattr(self, name) for name in (*_COUNTS, *_SECONDS)},
             "estimated_overhead": self.estimated_overhead,
             "samples": {kind: list(values) for kind, values in self._samples.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # .get() defaults: checkpoints written before these keys existed still load.
+        # .get() defaults: checkpoints written before a key existed still load.
         calibrated = state.get("calibrated_every_n_steps")
         if calibrated is not None and self.every_n_steps is None and self.max_overhead is not None:
             self.cadence = int(calibrated)
-        self.calibration_start = int(state.get("calibration_start", 0))
-        self.last_step = int(state.get("last_step", self.last_step))
-        self.num_track = int(state.get("num_track", 0))
-        self.num_full = int(state.get("num_full", 0))
-        self.num_failed = int(state.get("num_failed", 0))
-        self.measure_seconds = float(state.get("measure_seconds", 0.0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.train_steps = int(state.get("train_steps", 0))
+        for name in _COUNTS:
+            setattr(self, name, int(state.get(name, 0)))
+        for name in _SECONDS:
+            setattr(self, name, float(state.get(name, 0.0)))
         estimated = state.get("estimated_overhead")
         self.estimated_overhead = None if estimated is None else float(estimated)
         samples = state.get("samples", {})
-        self._samples = {
-            kind: [float(v) for v in samples.get(kind, [])] for kind in ("step", TRACK, FULL)
-        }
+        self._samples = {kind: [float(v) for v in samples.get(kind, [])] for kind in _KINDS}
 
     # ------------------------------------------------------------------ internals
     def _time_training(self, step: int) -> None:
@@ -343,8 +328,10 @@ class MeasurementSchedule:
                 steps = step - self.last_step
                 self.train_seconds += self._unassigned_seconds
                 self.train_steps += steps
-                if self._collecting():
-                    _append(self._samples["step"], self._unassigned_seconds / steps)
+                if self._collecting():  # one sample per step, so their mean is time / steps
+                    per_step = self._unassigned_seconds / steps
+                    for _ in range(min(steps, _MAX_SAMPLES)):
+                        _append(self._samples["step"], per_step)
                 self._unassigned_seconds = 0.0
         self._mark = now
 
@@ -357,7 +344,11 @@ class MeasurementSchedule:
         if step <= last:
             return None
         n = self.cadence
-        if n is None:  # calibrating: s0 + 1, 2, 4, 8, ...
+        if n is None and self._calibration_due():
+            # Only upcoming() gets here: the call at this step will calibrate, and the
+            # cadence it fixes is not known yet, so say it may measure.
+            return FULL if self.num_full == 0 else TRACK
+        if n is None:  # calibrating: s0 + 1, 2, 4, ..., 32
             start = self.calibration_start
             scheduled = _crosses_power_of_two(last - start, step - start, below=math.inf)
         else:
@@ -387,68 +378,80 @@ class MeasurementSchedule:
             and self._collecting()
             and bool(samples[FULL])
             and len(samples[TRACK]) + len(samples[FULL]) >= 2
-            and len(samples["step"]) >= CALIBRATION_SPAN
+            # A warning, not a decision: 8 steps give its order of magnitude early.
+            and len(samples["step"]) >= _WARNING_SPAN
         )
 
-    def _costs(self) -> tuple[float, float, float]:
-        """Seconds of a track measurement, a full one and a training step, from samples."""
-        full = statistics.median(self._samples[FULL] or self._samples[TRACK])
-        track = statistics.median(self._samples[TRACK] or self._samples[FULL])
-        step = statistics.median(self._samples["step"])
-        return track, full, step
-
-    def _overhead_of(self, every_n_steps: int, costs: tuple[float, float, float]) -> float:
-        track, full, step = costs
-        per_point = ((self.full_every - 1) * track + full) / self.full_every
-        return per_point / (every_n_steps * step) if step > 0 else math.inf
+    def _costs(self) -> _Costs:
+        samples = self._samples
+        return _Costs(
+            track=statistics.median(samples[TRACK] or samples[FULL]),
+            full=statistics.median(samples[FULL] or samples[TRACK]),
+            # The mean: the run pays for the slow steps too (the median would not).
+            step=statistics.fmean(samples["step"]),
+            full_every=self.full_every,
+        )
 
     def _calibrate(self, agree: Callable[[int], int] | None) -> str:
         assert self.max_overhead is not None  # a cadence is fixed at once otherwise
         costs = self._costs()
-        proposed = 1
+        proposed = 1  # the densest power of two within budget
         while (
-            proposed < MAX_CALIBRATED_EVERY_N_STEPS
-            and self._overhead_of(proposed, costs) > self.max_overhead
+            proposed < MAX_CALIBRATED_EVERY_N_STEPS and costs.overhead(proposed) > self.max_overhead
         ):
             proposed *= 2
         chosen = proposed if agree is None else _check_cadence(agree(proposed))
         self.fix_cadence(chosen)
-        self.estimated_overhead = self._overhead_of(chosen, costs)
-        track, full, step = costs
+        self.estimated_overhead = costs.overhead(chosen)
         text = (
-            f"Curvature schedule: measuring every {chosen} steps for the rest of the run. "
-            f"A track measurement takes {_ms(track)}, a full one {_ms(full)} (every "
-            f"{self.full_every}th point), a training step {_ms(step)}: every {chosen} steps "
-            f"costs {self.estimated_overhead:.1%} of the training time, within "
+            f"Curvature schedule: measuring every {chosen} steps for the rest of the run: "
+            f"{costs}, so every {chosen} steps costs {self.estimated_overhead:.1%} of the training "
+            f"time, {'within' if self.estimated_overhead <= self.max_overhead else 'above'} "
             f"max_overhead={self.max_overhead:g}"
         )
         if proposed > 1:
-            text += (
-                f" (every {proposed // 2} would cost {self._overhead_of(proposed // 2, costs):.1%})"
-            )
+            text += f" (every {proposed // 2} would cost {costs.overhead(proposed // 2):.1%})"
         if chosen != proposed:
             text += f"; this rank's timing alone suggested every {proposed}, rank 0's is used"
         return text + ". Pass every_n_steps to choose the cadence yourself."
 
     def _overhead_warning(self) -> str | None:
         assert self.every_n_steps is not None and self.max_overhead is not None
-        costs = self._costs()
-        n = self.every_n_steps
-        self.estimated_overhead = self._overhead_of(n, costs)
-        self._samples = {"step": [], TRACK: [], FULL: []}
+        costs, n = self._costs(), self.every_n_steps
+        self.estimated_overhead = costs.overhead(n)
+        self._samples = {kind: [] for kind in _KINDS}
         if self.estimated_overhead <= self.max_overhead:
             return None
-        # The smallest cadence within budget: overhead falls as 1/n.
+        # The smallest cadence within budget: the overhead falls as 1/n.
         fits = math.ceil(self.estimated_overhead * n / self.max_overhead * (1 - 1e-12))
-        track, full, step = costs
         return (
             f"Measuring curvature every {n} steps costs about {self.estimated_overhead:.1%} of "
-            f"the training time (a track measurement {_ms(track)}, a full one {_ms(full)} "
-            f"every {self.full_every}th point, a training step {_ms(step)}), above "
-            f"max_overhead={self.max_overhead:g}. Every scheduled step is still measured, as "
-            f"asked. To lower the cost: a larger every_n_steps (every_n_steps={fits} would "
-            "fit), a smaller k, trace=False, fewer num_batches, a larger full_every; or "
-            "max_overhead=None to silence this warning."
+            f"the training time ({costs}), above max_overhead={self.max_overhead:g}. Every "
+            "scheduled step is still measured, as asked. To lower the cost: a larger "
+            f"every_n_steps (every_n_steps={fits} would fit), a smaller k, trace=False, fewer "
+            "num_batches, a larger full_every; or max_overhead=None to silence this warning."
+        )
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Seconds of a track measurement, a full one and a training step, and the overhead
+    they give a cadence: the measurement time of ``full_every`` cadence points (one of
+    them full) over the training time of the steps between them."""
+
+    track: float
+    full: float
+    step: float
+    full_every: int
+
+    def overhead(self, every_n_steps: int) -> float:
+        per_point = ((self.full_every - 1) * self.track + self.full) / self.full_every
+        return per_point / (every_n_steps * self.step) if self.step > 0 else math.inf
+
+    def __str__(self) -> str:
+        return (
+            f"a track measurement takes {_ms(self.track)}, a full one {_ms(self.full)} (one "
+            f"point in {self.full_every}), a training step {_ms(self.step)}"
         )
 
 
