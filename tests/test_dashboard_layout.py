@@ -23,10 +23,15 @@ from tests.lightning_models import read_events
 
 RECORD = Measurement(
     step=1,
-    loss=1.0,
+    tier="full",
+    probe_loss=1.0,
     lambda_max=3.0,
+    lambda_max_error_bound=0.0,
+    lambda_max_converged=True,
     eigenvalues=(3.0, 2.0),
     error_bounds=(0.0, 0.0),
+    eigenvalues_converged=True,
+    lambda_min_converged=True,
     converged=True,
     ritz_values=(1.0, 2.0, 3.0),
     num_matvecs=10,
