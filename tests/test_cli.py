@@ -140,11 +140,14 @@ def test_demo_lambda_max_rises_and_every_sgd_tag_is_logged(sharpening_demo, fina
     tags = set(events.Tags()["scalars"])
     assert DESIGN_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
     assert "curvature/preconditioned_lambda_max" not in tags  # plain SGD
-    curve = [value for _, value in scalars(events, "curvature/lambda_max")]
+    points = scalars(events, "curvature/lambda_max")
+    curve = [value for _, value in points]
     assert len(curve) >= 5
     assert curve[-1] > 1.8 * curve[0]
-    rises = sum(b > a for a, b in itertools.pairwise(curve))
-    assert rises >= 0.8 * (len(curve) - 1)
+    # λmax first dips for a few steps (the log-spaced points see it), then rises steadily.
+    later = [value for step, value in points if step >= 256]
+    rises = sum(b > a for a, b in itertools.pairwise(later))
+    assert len(later) >= 3 and rises >= 0.8 * (len(later) - 1)
 
     # Independent truth: λmax of the model at initialisation and of the saved final model,
     # on the monitor's probe batch (the first training batch).

@@ -86,7 +86,7 @@ def test_monitor_yaml_adds_the_monitor_to_any_model(tmp_path):
         ),
     )
     monitor = monitor_of(cli.trainer)
-    assert monitor.every_n_steps == 100 and monitor.settings.k == 5
+    assert monitor.schedule.every_n_steps is None and monitor.settings.k == 5
     tags = set(read_events(cli.trainer.logger.log_dir).Tags()["scalars"])
     assert DESIGN_TAGS | {f"curvature/eigenvalue_{i}" for i in range(1, 6)} <= tags
 
