@@ -57,3 +57,11 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_open_unit(name: str, value: object) -> float:
+    """``value`` as a float strictly between 0 and 1, or a ValueError naming ``name``."""
+    number = check_number(name, value, above=0.0, allowed="a number in (0, 1)")
+    if number >= 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return number

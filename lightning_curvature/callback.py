@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_curvature._checks import check_bool, check_choice, check_int, check_number
+from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
 from lightning_curvature.monitor.measuring import (
     Context,
     RankFailure,
@@ -27,7 +28,7 @@ from lightning_curvature.monitor.measuring import (
     measure_module,
 )
 from lightning_curvature.monitor.objective import Mode, training_step_loss
-from lightning_curvature.monitor.probes import ProbeKind, ProbeSet
+from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import Publisher
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
@@ -181,18 +182,8 @@ class CurvatureMonitor(Callback):
                 f"'/', got {tag_prefix!r}"
             )
         if lr_factor_on_alert is not None:
-            check_number(
-                "lr_factor_on_alert",
-                lr_factor_on_alert,
-                above=0.0,
-                allowed="a number in (0, 1) or None",
-            )
-            if lr_factor_on_alert >= 1:
-                raise ValueError(
-                    f"lr_factor_on_alert must be a number in (0, 1) or None, got "
-                    f"{lr_factor_on_alert!r}"
-                )
-        self.params = _check_params(params)
+            lr_factor_on_alert = check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
+        self.params = check_params(params)
         self.tag_prefix = tag_prefix
         self.loss_fn = loss_fn
         self.mode: Mode = mode
@@ -206,7 +197,7 @@ class CurvatureMonitor(Callback):
         self.settings = MeasureSettings(
             k=k,
             num_iters=num_iters,
-            tol=_check_tol(tol),
+            tol=check_open_unit("tol", tol),
             trace=bool(trace),
             num_probes=check_int("num_probes", num_probes, 2),
             density=bool(spectral_density),
@@ -266,7 +257,7 @@ class CurvatureMonitor(Callback):
                 "function: pass CurvatureMonitor(loss_fn=...) to measure it"
             )
             return
-        self._param_names = _select(pl_module, self.params)
+        self._param_names = select_parameters(pl_module, self.params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
@@ -322,7 +313,10 @@ class CurvatureMonitor(Callback):
                 )
         except Exception as caught:
             error = caught
-        error = self._agree_on_failure(trainer, error)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            error = agree_on_failure(
+                error, trainer.strategy, trainer.world_size, trainer.global_rank
+            )
         if error is not None:
             self._failed(error)
             return
@@ -429,25 +423,6 @@ class CurvatureMonitor(Callback):
                     group["lr"] = group["lr"] * self.lr_factor_on_alert
 
     # ------------------------------------------------------------------ failures
-    def _agree_on_failure(
-        self, trainer: pl.Trainer, error: BaseException | None
-    ) -> BaseException | None:
-        """Under DDP every rank skips when any rank failed, and every rank reports the real
-        cause: the failure of the rank where it happened, not the non-finite products the
-        all-reduce carried to the others."""
-        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return error
-        if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
-            return None
-        report = None if error is None else (isinstance(error, RankFailure), _describe(error))
-        reports: list[Any] = [None] * trainer.world_size
-        torch.distributed.all_gather_object(reports, report)
-        failed = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-        rank, (_, text) = next(((k, r) for k, r in failed if r[0]), failed[0])
-        if error is not None and rank == trainer.global_rank:
-            return error
-        return RuntimeError(f"on rank {rank}: {text}")
-
     def _failed(self, error: BaseException) -> None:
         if self.on_error == "raise":
             raise error
@@ -459,7 +434,7 @@ class CurvatureMonitor(Callback):
         self._warn_once(
             cause,
             "CurvatureMonitor: a measurement failed and was skipped; training goes on. "
-            f"Cause: {_describe(error)}. {_fix_for(error)}",
+            f"Cause: {describe(error)}. {fix_for(error)}",
         )
         if self.failures_in_a_row >= self.max_failures:
             self._disable(f"{self.failures_in_a_row} measurements in a row failed (last: {cause})")
@@ -474,85 +449,8 @@ class CurvatureMonitor(Callback):
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
 
 
-def _check_tol(tol: Any) -> float:
-    value = check_number("tol", tol, above=0.0, allowed="a number in (0, 1)")
-    if value >= 1:
-        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-    return value
-
-
 def _rank_zero_value(trainer: pl.Trainer) -> Callable[[int], int]:
     def agree(value: int) -> int:
         return int(trainer.strategy.broadcast(value, src=0))
 
     return agree
-
-
-def _check_params(params: Any) -> str | tuple[str, ...] | None:
-    if params is None:
-        return None
-    if isinstance(params, str):
-        try:
-            re.compile(params)
-        except re.error as error:
-            raise ValueError(f"params is not a valid regular expression: {error}") from None
-        return params
-    try:
-        names = tuple(params)
-    except TypeError:
-        names = None
-    if not names or not all(isinstance(name, str) for name in names):
-        raise ValueError(
-            "params must be None (every trainable parameter), a regular expression, or a "
-            f"non-empty list of parameter names, got {params!r}"
-        )
-    return names
-
-
-def _select(module: nn.Module, params: str | tuple[str, ...] | None) -> list[str]:
-    """The names of the parameters a monitor measures, in the module's order."""
-    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    if params is None:
-        chosen = trainable
-    elif isinstance(params, str):
-        chosen = [name for name in trainable if re.search(params, name)]
-    else:
-        unknown = sorted(set(params) - set(trainable))
-        if unknown:
-            raise ValueError(
-                f"params names {unknown} that are not trainable parameters of "
-                f"{type(module).__name__}; choose from {trainable[:10]}"
-                + (" ..." if len(trainable) > 10 else "")
-            )
-        chosen = [name for name in trainable if name in set(params)]
-    if not chosen:
-        raise ValueError(
-            f"params={params!r} selects no trainable parameter of {type(module).__name__}; "
-            f"its trainable parameters are {trainable[:10]}"
-            + (" ..." if len(trainable) > 10 else "")
-        )
-    return chosen
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, RankFailure):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
-
-
-def _fix_for(error: BaseException) -> str:
-    error = error.__cause__ if isinstance(error, RankFailure) and error.__cause__ else error
-    text = str(error)
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text:
-        return "Fix: use fewer or smaller probe batches (num_batches, probe_dataloader)."
-    if isinstance(error, FloatingPointError):
-        return (
-            "Fix: the loss or its curvature is not finite on the probe batches; check the "
-            "learning rate, or pass a probe_dataloader with clean data."
-        )
-    if "derivative for" in text and "not implemented" in text:
-        return (
-            "Fix: an op in the model has no double backward; replace it, or restrict the "
-            "Hessian to parameters that avoid it (params=)."
-        )
-    return "Fix: pass on_error='raise' to see the full traceback."

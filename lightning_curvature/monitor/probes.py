@@ -1,4 +1,4 @@
-"""On what a measurement runs: the probe batches.
+"""On what a measurement runs: the probe batches, and the parameters it covers.
 
 ``"fixed"`` probes are the first ``num_batches`` training batches (or batches drawn once from
 a ``probe_dataloader``), copied once when they pass by, so every measurement of a run sees
@@ -11,9 +11,11 @@ mappings, namedtuples and dataclasses.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_curvature.batches import detached_copy, move_batch
@@ -72,3 +74,50 @@ class ProbeSet:
 
     def load_state_dict(self, batches: list[Any]) -> None:
         self.stored = list(batches)
+
+
+def check_params(params: Any) -> str | tuple[str, ...] | None:
+    """A monitor's ``params`` argument, checked: None, a regular expression, or names."""
+    if params is None:
+        return None
+    if isinstance(params, str):
+        try:
+            re.compile(params)
+        except re.error as error:
+            raise ValueError(f"params is not a valid regular expression: {error}") from None
+        return params
+    try:
+        names = tuple(params)
+    except TypeError:
+        names = None
+    if not names or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            "params must be None (every trainable parameter), a regular expression, or a "
+            f"non-empty list of parameter names, got {params!r}"
+        )
+    return names
+
+
+def select_parameters(module: nn.Module, params: str | tuple[str, ...] | None) -> list[str]:
+    """The names of the parameters a monitor measures, in the module's order."""
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    if params is None:
+        chosen = trainable
+    elif isinstance(params, str):
+        chosen = [name for name in trainable if re.search(params, name)]
+    else:
+        unknown = sorted(set(params) - set(trainable))
+        if unknown:
+            raise ValueError(
+                f"params names {unknown} that are not trainable parameters of "
+                f"{type(module).__name__}; choose from {trainable[:10]}"
+                + (" ..." if len(trainable) > 10 else "")
+            )
+        chosen = [name for name in trainable if name in set(params)]
+    if not chosen:
+        raise ValueError(
+            f"params={params!r} selects no trainable parameter of {type(module).__name__}; "
+            f"its trainable parameters are {trainable[:10]}"
+            + (" ..." if len(trainable) > 10 else "")
+        )
+    return chosen
