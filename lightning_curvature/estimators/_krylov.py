@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg import eigh_tridiagonal  # type: ignore[import-untyped]
 
 from lightning_curvature.estimators._common import (
     LinearOperator,
@@ -174,12 +174,12 @@ def krylov_projection(
 
     outside: torch.Tensor | None = None  # (dim, r) seed residuals, kept orthogonal to Q
     if seeds is not None:
-        for column in seeds.to(device=device, dtype=dtype).unbind(dim=1)[:max_iters]:
-            norm = torch.linalg.vector_norm(column)
+        for candidate in seeds.to(device=device, dtype=dtype).unbind(dim=1)[:max_iters]:
+            norm = torch.linalg.vector_norm(candidate)
             if basis.size:
-                column, _ = basis.project_out(column, adaptive=False)
-            if float(torch.linalg.vector_norm(column)) > 1e-3 * float(norm):
-                basis.append(column / torch.linalg.vector_norm(column))
+                candidate, _ = basis.project_out(candidate, adaptive=False)
+            if float(torch.linalg.vector_norm(candidate)) > 1e-3 * float(norm):
+                basis.append(candidate / torch.linalg.vector_norm(candidate))
     num_seeds = basis.size
     next_vector = start / torch.linalg.vector_norm(start)
     residual: torch.Tensor | None = None  # the last Krylov column's part outside Q

@@ -94,7 +94,8 @@ def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray) 
     eigenvalue between two Ritz values can be missing altogether (seen with 4 steps: a
     neighbour at 39 with a small residual while the eigenvalue 60 was not yet found).
     """
-    return residuals[indices].astype(np.float64)
+    bounds: np.ndarray = residuals[indices].astype(np.float64)
+    return bounds
 
 
 def _spectral_scale(theta: np.ndarray) -> float:
@@ -223,7 +224,8 @@ def lanczos(
 
     def seed_weights(matrix: np.ndarray) -> np.ndarray:
         _, vectors = np.linalg.eigh(matrix)
-        return vectors[:, wanted_indices(matrix.shape[0], k, which)].sum(axis=1)
+        weights: np.ndarray = vectors[:, wanted_indices(matrix.shape[0], k, which)].sum(axis=1)
+        return weights
 
     run = krylov_projection(
         op,
