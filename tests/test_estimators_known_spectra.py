@@ -332,3 +332,27 @@ def test_power_iteration_stops_on_the_same_span_on_every_device():
     result = lc.power_iteration(op_with_spectrum(spectrum), num_iters=500, tol=1e-6)
     assert result.converged and result.num_iters > CHECK_SPAN
     assert result.eigenvalue == pytest.approx(1.0, rel=1e-3)
+
+
+def test_the_accelerator_path_checks_every_few_steps_and_agrees_with_the_cpu_path(monkeypatch):
+    # On an accelerator the loop never waits on the host: both Gram-Schmidt passes always
+    # run and breakdowns are found at the checks, every few steps, and the steps after
+    # one discarded. Forcing that schedule on the CPU must give the same answers.
+    from lightning_curvature.estimators import _common, _krylov
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 120, generator=generator, dtype=torch.float64)
+    gram = x.T @ x  # rank 10: the Krylov space is invariant after 10 steps
+    truth = torch.linalg.eigvalsh(gram).flip(0)
+    spectrum = torch.cat([torch.tensor([9.0, 7.5, 6.0]), bulk(197)])
+    cpu = [lc.lanczos(lc.DenseOperator(gram), k=12), lc.lanczos(op_with_spectrum(spectrum), k=3)]
+    monkeypatch.setattr(_krylov, "check_every", lambda device: _common.ACCELERATOR_CHECK_EVERY)
+    accelerator = [
+        lc.lanczos(lc.DenseOperator(gram), k=12),
+        lc.lanczos(op_with_spectrum(spectrum), k=3),
+    ]
+    torch.testing.assert_close(accelerator[0].eigenvalues, truth[:12], rtol=1e-8, atol=1e-8)
+    assert accelerator[0].converged
+    assert accelerator[0].num_matvecs >= cpu[0].num_matvecs  # discarded steps still count
+    torch.testing.assert_close(accelerator[1].eigenvalues, cpu[1].eigenvalues, rtol=1e-6, atol=0)
+    assert accelerator[1].num_iters % _common.ACCELERATOR_CHECK_EVERY == 0

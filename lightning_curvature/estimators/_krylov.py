@@ -165,7 +165,8 @@ def krylov_projection(
     """
     dim, device, dtype = op.dim, op.device, op.dtype
     max_iters = min(max_iters, dim)
-    adaptive = device.type == "cpu"
+    period = check_every(device)
+    adaptive = period == 1  # a host sync per step is free only where checks are
     basis = _Basis(dim, device, dtype, capacity=max_iters)
     upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
     betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
@@ -240,7 +241,6 @@ def krylov_projection(
 
     checked = num_seeds
     next_check = max(min_steps, num_seeds + 1)
-    period = check_every(device)
     while basis.size < max_iters:
         column = basis.size
         basis.append(next_vector)
