@@ -241,7 +241,8 @@ def krylov_projection(
 
     checked = num_seeds
     next_check = max(min_steps, num_seeds + 1)
-    while basis.size < max_iters:
+    # ``max_iters`` bounds the products too: a block restart must not spend them twice.
+    while basis.size < max_iters and (num_matvecs < max_iters or known_product is not None):
         column = basis.size
         basis.append(next_vector)
         if outside is not None:
@@ -257,7 +258,8 @@ def krylov_projection(
         betas[column] = beta
         residual, next_vector = w, w / beta.clamp_min(torch.finfo(dtype).tiny)
         size = basis.size
-        if size < next_check and size < max_iters:
+        last = size >= max_iters or (num_matvecs >= max_iters and known_product is None)
+        if size < next_check and not last:
             continue
 
         # One host transfer: the projected matrix and the couplings, for breakdowns.
