@@ -92,7 +92,9 @@ def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray) 
     the Ritz values cannot certify one: they under-represent clusters (a Ritz value inside
     a dense cluster has neighbours far away while eigenvalues sit right next to it), and an
     eigenvalue between two Ritz values can be missing altogether (seen with 4 steps: a
-    neighbour at 39 with a small residual while the eigenvalue 60 was not yet found).
+    neighbour at 39 with a small residual while the eigenvalue 60 was not yet found; and
+    after 6 steps, Ritz values converged near 10 and 8 with the eigenvalue 9 missing, so
+    even a resolved neighbour certifies nothing).
     """
     bounds: np.ndarray = residuals[indices].astype(np.float64)
     return bounds
