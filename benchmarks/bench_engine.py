@@ -256,6 +256,30 @@ def pyhessian_tuned(model, batch, top_n, truth, target, repeats):
     raise RuntimeError("PyHessian did not reach the target accuracy")
 
 
+def arpack_rows(model, batch, truth, top_n, quantity, repeats):
+    """scipy's ARPACK on our operator, and curvlinops' operator with ARPACK (its documented
+    way to get top eigenvalues), both at ARPACK's tol=1e-4; curvlinops timed less often."""
+    x, y = batch
+
+    def ours_arpack():
+        op = lc.HessianOperator(model, loss_fn, [batch])
+        return peers.scipy_eigsh_top_eigenvalues(op, top_n, tol=1e-4)
+
+    rows = []
+    for label, call, times in (
+        (f"scipy `eigsh(k={top_n}, which='LA', tol=1e-4)` on our operator", ours_arpack, repeats),
+        (
+            f"curvlinops `HessianLinearOperator` + `eigsh(k={top_n}, which='LA', tol=1e-4)`",
+            lambda: peers.curvlinops_top_eigenvalues(model, CRITERION, x, y, top_n, tol=1e-4),
+            max(1, repeats // 3),
+        ),
+    ):
+        seconds, peer = timed(call, times)
+        error = max(relative(a, b) for a, b in zip(peer.eigenvalues, truth, strict=False))
+        rows.append((quantity, label, seconds, peer.num_hvps, error))
+    return rows
+
+
 def side_by_side(model, batch, truth, trace_truth, repeats, label):
     x, y = batch
     rows = []
@@ -310,6 +334,8 @@ def side_by_side(model, batch, truth, trace_truth, repeats, label):
         )
     )
 
+    rows += arpack_rows(model, batch, truth, 1, "λmax", repeats)
+
     seconds, ours5 = timed(lambda: ours_top(model, batch, 5), repeats)
     ours5_error = max(
         relative(a, b) for a, b in zip(ours5.eigenvalues.tolist(), truth, strict=True)
@@ -357,6 +383,7 @@ def side_by_side(model, batch, truth, trace_truth, repeats, label):
         )
     )
     eigenthings_top5_seconds = seconds
+    rows += arpack_rows(model, batch, truth, 5, "top-5", repeats)
 
     exact, exact_stderr = trace_truth
     seconds, ours_tr = timed(lambda: ours_trace(model, batch, 30), repeats)

@@ -19,32 +19,17 @@ Peers (public APIs only, nothing copied from them):
 
 How HVPs are counted (independently of the peers' own reports)
 ---------------------------------------------------------------
-Inside :func:`count_autograd` we temporarily replace ``torch.autograd.grad`` and
-``torch.autograd.backward`` (``Tensor.backward`` calls the latter through the module
-attribute, so it is covered too; both peers look the functions up at call time) with
-counting wrappers, and put a forward hook on the model's root module. A call is
-classified by what it differentiates:
+At each tool's Hessian-vector-product boundary, never inside torch:
 
-* one 0-dim tensor (the scalar loss) -> first-order gradient (``num_grads``);
-* anything else (a list of per-parameter gradient tensors, differentiated against a
-  ``grad_outputs`` vector) -> second-order call, i.e. one Hessian-vector product
-  (``num_hvps``); with ``is_grads_batched=True`` it counts one per batched vector.
+* hessian-eigenthings and curvlinops/ARPACK take an operator object: the solver gets a
+  counting wrapper (:class:`CountingEigenthingsOperator`, or a scipy ``LinearOperator``
+  whose ``matvec``/``matmat`` count columns) around the tool's own operator.
+* PyHessian has no operator object: its solver calls the module-level function
+  ``pyhessian.hessian.hessian_vector_product(gradsH, params, v)`` once per HVP, and
+  :func:`count_pyhessian_products` swaps that one name for a counting wrapper while the
+  block runs. Its constructor's forward/backward (one, reused for every HVP) is not an HVP.
 
-This is exact for both peers because the only vector-valued quantity either one
-differentiates is the gradient (it would misclassify only a model whose trainable
-parameters are all 0-dim, or a loss that is not a scalar):
-
-* PyHessian: the constructor does one forward and ``loss.backward(create_graph=True)``
-  (1 first-order call, reused for every HVP); each power/Hutchinson step is one
-  ``torch.autograd.grad(gradsH, params, grad_outputs=v, retain_graph=True)`` (1 HVP, no
-  forward).
-* eigenthings ``HessianOperator(method="autograd")``: each ``matvec`` redoes the forward,
-  calls ``torch.autograd.grad(loss, params, create_graph=True)`` (first order) and then
-  ``torch.autograd.grad(grads, params, grad_outputs=v)`` (1 HVP). So it costs one forward
-  and one first-order backward more per HVP than PyHessian. It does not use torch.func for
-  the Hessian (only its GGN/Fisher operators use ``torch.func.jvp/vjp/vmap``).
-  With ``hvp_method="finite_difference"`` there is no second-order call: each HVP is two
-  plain gradients, so we report ``num_hvps = num_grads // 2`` for that mode.
+Forward passes are counted with a forward hook on the model (public API).
 
 Side effects handled by :func:`preserve_model_state` (every adapter runs inside it)
 ----------------------------------------------------------------------------------
@@ -76,18 +61,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "AutogradCounts",
+    "Counts",
     "PeerResult",
-    "count_autograd",
+    "count_pyhessian_products",
+    "curvlinops_top_eigenvalues",
     "eigenthings_top_eigenvalues",
     "eigenthings_trace",
     "preserve_model_state",
     "pyhessian_top_eigenvalues",
     "pyhessian_trace",
+    "scipy_eigsh_top_eigenvalues",
 ]
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,7 +98,6 @@ class PeerResult:
     eigenvalues: list[float] | None = None
     trace: float | None = None
     num_forwards: int = 0  # forward passes of the model during the peer call
-    num_grads: int = 0  # first-order gradient evaluations (autograd calls on the scalar loss)
     raw: Any = field(default=None, repr=False, compare=False)  # the peer's own result object
 
 
@@ -118,64 +105,73 @@ class PeerResult:
 
 
 @dataclass
-class AutogradCounts:
+class Counts:
     hvps: int = 0
-    grads: int = 0
     forwards: int = 0
 
 
-def _as_tensor_tuple(obj: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(obj, torch.Tensor):
-        return (obj,)
-    return tuple(t for t in obj if isinstance(t, torch.Tensor))
-
-
-def _classify(counts: AutogradCounts, outputs: Any, grad_outputs: Any, batched: bool) -> None:
-    outs = _as_tensor_tuple(outputs)
-    if len(outs) == 1 and outs[0].dim() == 0:
-        counts.grads += 1
-        return
-    n = 1
-    if batched and grad_outputs is not None:
-        gos = _as_tensor_tuple(grad_outputs)
-        n = int(gos[0].shape[0]) if gos else 1
-    counts.hvps += n
-
-
 @contextlib.contextmanager
-def count_autograd(model: nn.Module | None = None) -> Iterator[AutogradCounts]:
-    """Count HVPs, first-order gradients and forwards while the block runs (see module doc).
-
-    Not thread-safe: it patches ``torch.autograd.grad`` / ``torch.autograd.backward``.
-    """
-    counts = AutogradCounts()
-    orig_grad = torch.autograd.grad
-    orig_backward = torch.autograd.backward
-
-    def grad(outputs: Any, inputs: Any, grad_outputs: Any = None, *args: Any, **kwargs: Any):
-        _classify(counts, outputs, grad_outputs, bool(kwargs.get("is_grads_batched", False)))
-        return orig_grad(outputs, inputs, grad_outputs, *args, **kwargs)
-
-    def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any):
-        _classify(counts, tensors, grad_tensors, False)
-        return orig_backward(tensors, grad_tensors, *args, **kwargs)
-
-    handle = None
-    if model is not None:
-
-        def hook(*_: Any) -> None:
-            counts.forwards += 1
-
-        handle = model.register_forward_hook(hook)
-    torch.autograd.grad = grad
-    torch.autograd.backward = backward
+def count_forwards(model: nn.Module, counts: Counts) -> Iterator[Counts]:
+    handle = model.register_forward_hook(
+        lambda *_: setattr(counts, "forwards", counts.forwards + 1)
+    )
     try:
         yield counts
     finally:
-        torch.autograd.grad = orig_grad
-        torch.autograd.backward = orig_backward
-        if handle is not None:
-            handle.remove()
+        handle.remove()
+
+
+@contextlib.contextmanager
+def count_pyhessian_products(model: nn.Module) -> Iterator[Counts]:
+    """Count PyHessian's HVPs at its one product function (see the module docstring)."""
+    import sys
+
+    import pyhessian  # noqa: F401  (loads pyhessian.hessian)
+
+    module = sys.modules["pyhessian.hessian"]
+    original = module.hessian_vector_product
+    counts = Counts()
+
+    def counted(gradsH: Any, params: Any, v: Any) -> Any:
+        counts.hvps += 1
+        return original(gradsH, params, v)
+
+    module.hessian_vector_product = counted
+    try:
+        with count_forwards(model, counts):
+            yield counts
+    finally:
+        module.hessian_vector_product = original
+
+
+def counting_eigenthings_operator(inner: Any, counts: Counts) -> Any:
+    """An eigenthings ``CurvatureOperator`` that forwards to ``inner`` and counts products."""
+    import hessian_eigenthings as he
+
+    class CountingEigenthingsOperator(he.CurvatureOperator):
+        size = property(lambda self: inner.size)
+        device = property(lambda self: inner.device)
+        dtype = property(lambda self: inner.dtype)
+
+        def matvec(self, v: torch.Tensor) -> torch.Tensor:
+            counts.hvps += 1 if v.ndim == 1 else v.shape[-1]
+            return inner.matvec(v)
+
+    return CountingEigenthingsOperator()
+
+
+def counting_scipy_operator(dim: int, matmat: Callable[[Any], Any], counts: Counts) -> Any:
+    """A float64 scipy ``LinearOperator`` whose products are counted per column."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    def product(block: Any) -> Any:
+        block = np.asarray(block, dtype=np.float64)
+        columns = block.reshape(dim, -1)
+        counts.hvps += columns.shape[1]
+        return np.asarray(matmat(columns), dtype=np.float64).reshape(block.shape)
+
+    return LinearOperator((dim, dim), matvec=product, matmat=product, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- state
@@ -244,7 +240,7 @@ def _pyhessian_run(
 
     with preserve_model_state(model, seed), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_CYCLE_WARNING)
-        with count_autograd(model) as counts:
+        with count_pyhessian_products(model) as counts:
             t0 = time.perf_counter()
             comp = hessian(model, criterion, data=(x, y), cuda=False)
             out = getattr(comp, call)(**kwargs)
@@ -296,7 +292,6 @@ def pyhessian_top_eigenvalues(
         notes,
         eigenvalues=values,
         num_forwards=counts.forwards,
-        num_grads=counts.grads,
         raw=vals,
     )
 
@@ -338,7 +333,6 @@ def pyhessian_trace(
         notes,
         trace=est,
         num_forwards=counts.forwards,
-        num_grads=counts.grads,
         raw=samples,
     )
 
@@ -359,10 +353,6 @@ def _eigenthings_operator(
     return he.HessianOperator(
         model, [(x, y)], he.supervised_loss(criterion), method=hvp_method, **(operator_kwargs or {})
     )
-
-
-def _hvps(counts: AutogradCounts, hvp_method: str) -> int:
-    return counts.grads // 2 if hvp_method == "finite_difference" else counts.hvps
 
 
 def eigenthings_top_eigenvalues(
@@ -415,9 +405,11 @@ def eigenthings_top_eigenvalues(
     with preserve_model_state(model):
         if force_eval:
             model.eval()
-        with count_autograd(model) as counts:
+        counts = Counts()
+        with count_forwards(model, counts):
             t0 = time.perf_counter()
             op = _eigenthings_operator(model, criterion, x, y, hvp_method, operator_kwargs)
+            op = counting_eigenthings_operator(op, counts)
             res = solver(op, **kwargs)
             seconds = time.perf_counter() - t0
         del op
@@ -436,11 +428,10 @@ def eigenthings_top_eigenvalues(
     return PeerResult(
         "hessian-eigenthings",
         seconds,
-        _hvps(counts, hvp_method),
+        counts.hvps,
         notes,
         eigenvalues=values,
         num_forwards=counts.forwards,
-        num_grads=counts.grads,
         raw=res,
     )
 
@@ -473,9 +464,11 @@ def eigenthings_trace(
     with preserve_model_state(model):
         if force_eval:
             model.eval()
-        with count_autograd(model) as counts:
+        counts = Counts()
+        with count_forwards(model, counts):
             t0 = time.perf_counter()
             op = _eigenthings_operator(model, criterion, x, y, hvp_method, operator_kwargs)
+            op = counting_eigenthings_operator(op, counts)
             res = he.trace(op, **kwargs)
             seconds = time.perf_counter() - t0
         del op
@@ -488,10 +481,76 @@ def eigenthings_trace(
     return PeerResult(
         "hessian-eigenthings",
         seconds,
-        _hvps(counts, hvp_method),
+        counts.hvps,
         notes,
         trace=float(res.estimate),
         num_forwards=counts.forwards,
-        num_grads=counts.grads,
         raw=res,
+    )
+
+
+# --------------------------------------------------------------------------- ARPACK
+
+
+def scipy_eigsh_top_eigenvalues(op: Any, top_n: int = 1, *, tol: float = 1e-4) -> PeerResult:
+    """scipy's ``eigsh`` (ARPACK, implicitly restarted Lanczos) on *our* HVP operator:
+    the same products, another algorithm. ``tol`` is ARPACK's relative accuracy."""
+    from scipy.sparse.linalg import eigsh
+
+    counts = Counts()
+
+    def matmat(block: Any) -> Any:
+        tensor = torch.as_tensor(block, dtype=op.dtype, device=op.device)
+        return op.matmat(tensor).double().cpu().numpy()
+
+    linear = counting_scipy_operator(op.dim, matmat, counts)
+    start = np.random.default_rng(0).standard_normal(op.dim)
+    t0 = time.perf_counter()
+    values = eigsh(linear, k=top_n, which="LA", tol=tol, v0=start, return_eigenvectors=False)
+    seconds = time.perf_counter() - t0
+    return PeerResult(
+        "scipy eigsh",
+        seconds,
+        counts.hvps,
+        f"ARPACK which='LA', tol={tol:g}",
+        eigenvalues=_sorted_desc(values),
+    )
+
+
+def curvlinops_top_eigenvalues(
+    model: nn.Module,
+    criterion: Criterion,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    top_n: int = 1,
+    *,
+    tol: float = 1e-4,
+) -> PeerResult:
+    """curvlinops' ``HessianLinearOperator`` (its own HVPs) with scipy's ``eigsh`` on it, the
+    way curvlinops' documentation computes top eigenvalues."""
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    counts = Counts()
+    with preserve_model_state(model):
+        with count_forwards(model, counts):
+            t0 = time.perf_counter()
+            hessian = HessianLinearOperator(
+                model, criterion, params, [(x, y)], check_deterministic=False
+            ).to_scipy()
+            dim = hessian.shape[0]
+            linear = counting_scipy_operator(dim, hessian.matmat, counts)
+            start = np.random.default_rng(0).standard_normal(dim)
+            values = eigsh(
+                linear, k=top_n, which="LA", tol=tol, v0=start, return_eigenvectors=False
+            )
+            seconds = time.perf_counter() - t0
+    return PeerResult(
+        "curvlinops",
+        seconds,
+        counts.hvps,
+        f"HessianLinearOperator + eigsh(which='LA', tol={tol:g})",
+        eigenvalues=_sorted_desc(values),
+        num_forwards=counts.forwards,
     )

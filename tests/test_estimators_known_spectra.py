@@ -302,8 +302,57 @@ def test_non_finite_products_raise_a_clear_error():
         (lambda op: lc.spectral_density(op, num_runs=0), "num_runs"),
         (lambda op: lc.spectral_density(op, sigma=0.0), "sigma"),
         (lambda op: lc.lanczos(op, seed="zero"), "seed"),
+        (lambda op: lc.lanczos(op, k=True), "k"),
+        (lambda op: lc.lanczos(op, tol=False), "tol"),
+        (lambda op: lc.lanczos(op, init=torch.ones(10, 11)), "init"),
     ],
 )
 def test_bad_arguments_name_themselves(call, argument):
     with pytest.raises(ValueError, match=argument):
         call(lc.DenseOperator(torch.eye(10)))
+
+
+def test_numpy_numbers_are_accepted_where_python_numbers_are():
+    op = op_with_spectrum(torch.cat([torch.tensor([4.0, 3.0]), bulk(98)]))
+    result = lc.lanczos(
+        op, k=np.int64(2), num_iters=np.int32(30), tol=np.float32(1e-3), seed=np.int64(0)
+    )
+    assert result.eigenvalues[0].item() == pytest.approx(4.0, rel=1e-3)
+    assert lc.power_iteration(op, num_iters=np.int64(5), tol=np.float64(1e-3)).num_iters == 5
+    assert lc.hutchinson_trace(op, num_probes=np.int64(4)).num_probes == 4
+
+
+def test_power_iteration_stops_on_the_same_span_on_every_device():
+    # The Rayleigh quotient is compared with its value CHECK_SPAN iterations earlier, so a
+    # check every iteration (CPU) stops where checks every CHECK_SPAN (GPU) would, or sooner
+    # by less than CHECK_SPAN iterations.
+    from lightning_curvature.estimators.power import CHECK_SPAN
+
+    spectrum = torch.cat([torch.tensor([1.0]), torch.linspace(0.0, 0.9, 199, dtype=torch.float64)])
+    result = lc.power_iteration(op_with_spectrum(spectrum), num_iters=500, tol=1e-6)
+    assert result.converged and result.num_iters > CHECK_SPAN
+    assert result.eigenvalue == pytest.approx(1.0, rel=1e-3)
+
+
+def test_the_accelerator_path_checks_every_few_steps_and_agrees_with_the_cpu_path(monkeypatch):
+    # On an accelerator the loop never waits on the host: both Gram-Schmidt passes always
+    # run and breakdowns are found at the checks, every few steps, and the steps after
+    # one discarded. Forcing that schedule on the CPU must give the same answers.
+    from lightning_curvature.estimators import _common, _krylov
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 120, generator=generator, dtype=torch.float64)
+    gram = x.T @ x  # rank 10: the Krylov space is invariant after 10 steps
+    truth = torch.linalg.eigvalsh(gram).flip(0)
+    spectrum = torch.cat([torch.tensor([9.0, 7.5, 6.0]), bulk(197)])
+    cpu = [lc.lanczos(lc.DenseOperator(gram), k=12), lc.lanczos(op_with_spectrum(spectrum), k=3)]
+    monkeypatch.setattr(_krylov, "check_every", lambda device: _common.ACCELERATOR_CHECK_EVERY)
+    accelerator = [
+        lc.lanczos(lc.DenseOperator(gram), k=12),
+        lc.lanczos(op_with_spectrum(spectrum), k=3),
+    ]
+    torch.testing.assert_close(accelerator[0].eigenvalues, truth[:12], rtol=1e-8, atol=1e-8)
+    assert accelerator[0].converged
+    assert accelerator[0].num_matvecs >= cpu[0].num_matvecs  # discarded steps still count
+    torch.testing.assert_close(accelerator[1].eigenvalues, cpu[1].eigenvalues, rtol=1e-6, atol=0)
+    assert accelerator[1].num_iters % _common.ACCELERATOR_CHECK_EVERY == 0

@@ -121,3 +121,21 @@ def test_error_bounds_are_exact_residual_norms_with_a_warm_start():
         )
         torch.testing.assert_close(warm.residuals, true_residuals, rtol=1e-6, atol=1e-12)
     assert np.all(np.diff(warm.eigenvalues.numpy()) <= 0)
+
+
+def test_a_resolved_neighbour_ritz_value_does_not_certify_a_gap():
+    # With this start, 6 steps find 10 and 8 but not 9: a Kato–Temple bound r²/gap with
+    # the gap to the (well resolved) neighbour at 8 claimed 6e-4 against a true 1e-3.
+    spectrum = torch.cat(
+        [
+            torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64),
+            torch.linspace(-0.75, -0.70, 30, dtype=torch.float64),
+            torch.linspace(-0.1, 1, 200, dtype=torch.float64),
+        ]
+    )
+    op = lc.DenseOperator(matrix_with_spectrum(spectrum, seed=3))
+    for seed in range(15):
+        result = lc.lanczos(op, k=1, seed=seed, tol=1e-4)
+        assert result.converged
+        error = abs(result.eigenvalues[0].item() - 10.0)
+        assert error <= result.error_bounds[0].item() + 1e-12, seed

@@ -86,3 +86,16 @@ def test_warm_start_on_a_real_network_measured_every_sgd_step():
             cross_entropy_loss(model, batches[step % 2]).backward()
             optimizer.step()
     assert statistics.median(matvecs) <= 8
+
+
+def test_a_warm_start_counts_its_seed_products_within_num_iters_and_returns_its_basis():
+    matrix = next(drifting_matrices(1))
+    op = lc.DenseOperator(matrix)
+    block = torch.linalg.qr(torch.randn(400, 3, dtype=torch.float64))[0]
+    result = lc.lanczos(op, k=1, num_iters=5, tol=0, init=block, return_basis=True)
+    assert result.num_matvecs == op.num_matvecs == 5
+    basis = result.basis
+    torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1], dtype=torch.float64))
+    torch.testing.assert_close(
+        result.basis_rayleigh, (basis * (matrix @ basis)).sum(dim=0), rtol=1e-10, atol=1e-10
+    )

@@ -94,3 +94,14 @@ def test_deflation_without_values_spends_one_product_per_column():
 def test_bad_deflation_arguments_name_themselves(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         lc.hutchinson_trace(lc.DenseOperator(torch.eye(10)), 10, **kwargs)
+
+
+def test_deflating_a_complete_basis_gives_the_exact_trace_with_zero_stderr():
+    spectrum = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    op = lc.DenseOperator(matrix_with_spectrum(spectrum))
+    everything = lc.lanczos(op, k=4, return_eigenvectors=True)
+    result = lc.hutchinson_trace(
+        op, 4, deflate=everything.eigenvectors, deflate_values=everything.eigenvalues
+    )
+    assert result.estimate == pytest.approx(4.5, abs=1e-12)
+    assert result.stderr == pytest.approx(0.0, abs=1e-12)

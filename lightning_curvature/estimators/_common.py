@@ -8,7 +8,7 @@ every random vector comes from a private ``torch.Generator`` seeded by the calle
 from __future__ import annotations
 
 import numbers
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -36,8 +36,9 @@ def check_operator(op: object) -> None:
             f"op must provide matvec(v), dim, device and dtype; {type(op).__name__} lacks "
             f"{', '.join(missing)}"
         )
-    if int(op.dim) < 1:
-        raise ValueError(f"op.dim must be at least 1, got {op.dim}")
+    dim = cast(Any, op).dim
+    if int(dim) < 1:
+        raise ValueError(f"op.dim must be at least 1, got {dim}")
 
 
 def is_integer(value: object) -> bool:
@@ -51,15 +52,15 @@ def is_real(value: object) -> bool:
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not is_integer(value) or value < minimum:  # type: ignore[operator]
+    if not is_integer(value) or cast(numbers.Integral, value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    return int(cast(numbers.Integral, value))
 
 
 def check_positive_float(name: str, value: object) -> float:
-    if not is_real(value) or not value > 0:  # type: ignore[operator]
+    if not is_real(value) or not float(cast(numbers.Real, value)) > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return float(cast(numbers.Real, value))
 
 
 def check_every(device: torch.device) -> int:
@@ -72,14 +73,15 @@ def make_generator(op: LinearOperator, seed: int) -> torch.Generator:
     if not is_integer(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     generator = torch.Generator(device=op.device)
-    generator.manual_seed(int(seed))  # type: ignore[call-overload]
+    generator.manual_seed(int(seed))
     return generator
 
 
 def random_unit_vectors(op: LinearOperator, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` Gaussian directions of unit length, as columns of a (dim, count) block."""
     block = torch.randn(op.dim, count, generator=generator, device=op.device, dtype=op.dtype)
-    return block / torch.linalg.vector_norm(block, dim=0, keepdim=True)
+    norms: torch.Tensor = torch.linalg.vector_norm(block, dim=0, keepdim=True)
+    return block / norms
 
 
 def rademacher(op: LinearOperator, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -92,7 +94,7 @@ def apply_block(op: LinearOperator, block: torch.Tensor) -> torch.Tensor:
     """``op`` applied to each column of ``block``; batched when the operator supports it."""
     matmat = getattr(op, "matmat", None)
     if matmat is not None:
-        return matmat(block)
+        return cast(torch.Tensor, matmat(block))
     return torch.stack([op.matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
+from scipy.linalg import eigh_tridiagonal  # type: ignore[import-untyped]
 
 from lightning_curvature.estimators._common import (
     LinearOperator,
@@ -165,7 +165,8 @@ def krylov_projection(
     """
     dim, device, dtype = op.dim, op.device, op.dtype
     max_iters = min(max_iters, dim)
-    adaptive = device.type == "cpu"
+    period = check_every(device)
+    adaptive = period == 1  # a host sync per step is free only where checks are
     basis = _Basis(dim, device, dtype, capacity=max_iters)
     upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
     betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
@@ -174,12 +175,12 @@ def krylov_projection(
 
     outside: torch.Tensor | None = None  # (dim, r) seed residuals, kept orthogonal to Q
     if seeds is not None:
-        for column in seeds.to(device=device, dtype=dtype).unbind(dim=1)[:max_iters]:
-            norm = torch.linalg.vector_norm(column)
+        for candidate in seeds.to(device=device, dtype=dtype).unbind(dim=1)[:max_iters]:
+            norm = torch.linalg.vector_norm(candidate)
             if basis.size:
-                column, _ = basis.project_out(column, adaptive=False)
-            if float(torch.linalg.vector_norm(column)) > 1e-3 * float(norm):
-                basis.append(column / torch.linalg.vector_norm(column))
+                candidate, _ = basis.project_out(candidate, adaptive=False)
+            if float(torch.linalg.vector_norm(candidate)) > 1e-3 * float(norm):
+                basis.append(candidate / torch.linalg.vector_norm(candidate))
     num_seeds = basis.size
     next_vector = start / torch.linalg.vector_norm(start)
     residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
@@ -240,8 +241,8 @@ def krylov_projection(
 
     checked = num_seeds
     next_check = max(min_steps, num_seeds + 1)
-    period = check_every(device)
-    while basis.size < max_iters:
+    # ``max_iters`` bounds the products too: a block restart must not spend them twice.
+    while basis.size < max_iters and (num_matvecs < max_iters or known_product is not None):
         column = basis.size
         basis.append(next_vector)
         if outside is not None:
@@ -257,7 +258,8 @@ def krylov_projection(
         betas[column] = beta
         residual, next_vector = w, w / beta.clamp_min(torch.finfo(dtype).tiny)
         size = basis.size
-        if size < next_check and size < max_iters:
+        last = size >= max_iters or (num_matvecs >= max_iters and known_product is None)
+        if size < next_check and not last:
             continue
 
         # One host transfer: the projected matrix and the couplings, for breakdowns.

@@ -60,7 +60,8 @@ def smoothed_density(
     """Gaussian-smoothed mixture of the quadrature rules, averaged over runs."""
     kernel = torch.exp(-0.5 * ((grid[:, None, None] - nodes[None]) / sigma) ** 2)
     kernel = kernel / (sigma * np.sqrt(2 * np.pi))
-    return (kernel * weights[None]).sum(dim=(1, 2)) / nodes.shape[0]
+    density: torch.Tensor = (kernel * weights[None]).sum(dim=(1, 2)) / nodes.shape[0]
+    return density
 
 
 def spectral_density(

@@ -178,11 +178,11 @@ def _check_deflation_block(op: LinearOperator, deflate: object) -> torch.Tensor:
         not isinstance(deflate, torch.Tensor)
         or deflate.ndim != 2
         or deflate.shape[0] != op.dim
-        or not 1 <= deflate.shape[1] < op.dim
+        or not 1 <= deflate.shape[1] <= op.dim
     ):
         shape = tuple(deflate.shape) if isinstance(deflate, torch.Tensor) else type(deflate)
         raise ValueError(
-            f"deflate must be a ({op.dim}, r) block with 1 <= r < {op.dim}, got {shape}"
+            f"deflate must be a ({op.dim}, r) block with 1 <= r <= {op.dim}, got {shape}"
         )
     block = deflate.detach().to(device=op.device, dtype=op.dtype)
     gram = block.mT @ block
