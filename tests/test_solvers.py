@@ -300,7 +300,13 @@ def test_iterating_past_an_exhausted_krylov_space_stays_finite_and_exact(method)
     b = _rhs(5, m=3)
     b[:, 2] = 0.0
     res = lc.solve(
-        lc.DenseOperator(matrix), b, damping=0.0, tol=1e-12, method=method, check_every=50
+        lc.DenseOperator(matrix),
+        b,
+        damping=0.0,
+        tol=1e-12,
+        method=method,
+        max_iters=200,
+        check_every=50,
     )
     assert res.converged and res.iterations == 50
     assert torch.allclose(res.x, torch.linalg.solve(matrix, b), rtol=1e-10, atol=1e-12)
