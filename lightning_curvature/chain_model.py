@@ -134,6 +134,11 @@ def parse_chain(model: object) -> tuple[list[nn.Linear], list[Callable]]:
     groups: list[list[nn.Module]] = [[]]
     for name, module in _leaves(model):
         if isinstance(module, nn.Linear):
+            if any(module is seen for seen in linears):
+                raise ValueError(
+                    f"model must be a chain of distinct layers; its module {name!r} reuses an "
+                    "earlier nn.Linear (shared weights)"
+                )
             linears.append(module)
             groups.append([])
         elif isinstance(module, ELEMENTWISE):
@@ -161,7 +166,10 @@ def parse_chain(model: object) -> tuple[list[nn.Linear], list[Callable]]:
 
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     leaves = []
-    for name, child in module.named_children():
+    # Not named_children(): it skips a module met twice, and a reused layer runs twice.
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             leaves.extend(_leaves(child, path + "."))

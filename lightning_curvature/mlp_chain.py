@@ -98,7 +98,6 @@ from lightning_curvature.operators.hessian import HessianOperator
 from lightning_curvature.solvers import _real
 
 
-# Elementwise activations: their derivatives come from torch.func, so any of these works.
 @dataclass(frozen=True, eq=False)
 class ChainSolveResult:
     """The exact solution of ``(H + εI)x = b`` for a chain, with its evidence.

@@ -187,6 +187,11 @@ def test_without_diagnostics_or_residual_check_the_fields_are_empty():
     assert (res.state_size, res.block_size) == (4 * 4, 4 * (3 + 1))
 
 
+def _shared_weights() -> nn.Sequential:
+    layer = nn.Linear(3, 3)
+    return nn.Sequential(layer, nn.Tanh(), layer)
+
+
 @pytest.mark.parametrize(
     ("model", "match"),
     [
@@ -195,6 +200,7 @@ def test_without_diagnostics_or_residual_check_the_fields_are_empty():
         (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 3)), "Dropout"),
         (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1), nn.Linear(3, 3)), "Softmax"),
         (nn.Sequential(nn.Tanh()), "at least one nn.Linear"),
+        (_shared_weights(), "shared weights"),
     ],
 )
 def test_a_model_that_is_not_a_chain_is_rejected(model, match):
