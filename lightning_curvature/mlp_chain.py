@@ -77,7 +77,7 @@ kinks' Dirac masses are not part of it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,10 @@ from lightning_curvature.chain_model import (
 )
 from lightning_curvature.operators.hessian import HessianOperator
 from lightning_curvature.solvers import _real
+
+# A pivot with more than this many times as many parameters as B has rows is handled in
+# B's row space (see _factor_pivot).
+LOW_RANK_RATIO = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -245,23 +249,19 @@ def _riccati_solve(
         layer = layers[index]
         tangent_map = _parameter_tangent_map(layer)  # B_l, (a_l, p_l)
         pb = riccati @ tangent_map
-        pivot = tangent_map.mT @ pb
-        pivot = 0.5 * (pivot + pivot.mT) + damping * torch.eye(
-            pivot.shape[0], device=pivot.device, dtype=pivot.dtype
-        )
-        if diagnostics:
-            spectra.append(torch.linalg.eigvalsh(pivot))
-        factors = torch.linalg.lu_factor_ex(pivot)
-        failures.append(factors.info)  # checked once at the end: no host sync per layer
+        solve_pivot, spectrum, info = _factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
+        if spectrum is not None:
+            spectra.append(spectrum)
+        failures.append(info)  # checked once at the end: no host sync per layer
         local_rhs = rhs[offsets[index] : offsets[index + 1]] + tangent_map.mT @ linear
-        feedforward = torch.linalg.lu_solve(factors.LU, factors.pivots, local_rhs)
+        feedforward = solve_pivot(local_rhs)
         feedforwards.append(feedforward)
         if index == 0:
             gains.append(None)
             break
         state_map = _state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
         coupling = _mixed_term(layer) + _transpose_apply(state_map, pb)  # N_l, (a_{l-1}, p_l)
-        gain = torch.linalg.lu_solve(factors.LU, factors.pivots, coupling.mT)  # R⁻¹Nᵀ
+        gain = solve_pivot(coupling.mT)  # R⁻¹Nᵀ
         gains.append(gain)
         riccati = _congruence(state_map, riccati) - coupling @ gain
         riccati = 0.5 * (riccati + riccati.mT)
@@ -286,6 +286,53 @@ def _riccati_solve(
         moved = _parameter_tangent_map(layer) @ step
         state = moved if state is None else _apply(_state_map(layer), state) + moved
     return torch.cat(pieces), spectra
+
+
+def _factor_pivot(
+    riccati: torch.Tensor,
+    tangent_map: torch.Tensor,
+    pb: torch.Tensor,
+    damping: float,
+    diagnostics: bool,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """Factor the pivot ``R = εI + BᵀPB`` (p × p); returns its solve, its eigenvalues (with
+    ``diagnostics``) and a nonzero tensor when it is singular.
+
+    ``BᵀPB`` has rank at most ``a`` (the rows of B). When ``p > 2a`` and ε > 0 the pivot is
+    handled in B's row space: with the thin QR ``Bᵀ = QT`` (Q p × a orthonormal),
+    ``R = Q(εI + TPTᵀ)Qᵀ + ε(I − QQᵀ)``, so
+    ``R⁻¹X = Q(εI + TPTᵀ)⁻¹QᵀX + ε⁻¹(X − QQᵀX)`` in O(pa² + a³) instead of O(p³), and R's
+    eigenvalues are those of the a × a matrix ``εI + TPTᵀ`` and ε (p − a times). Both
+    pieces are orthogonal projections: no cancellation, unlike Woodbury's identity.
+    """
+    rows, size = tangent_map.shape
+    if damping > 0 and size > LOW_RANK_RATIO * rows:
+        basis, triangle = torch.linalg.qr(tangent_map.mT)  # Bᵀ = QT
+        inner = triangle @ riccati @ triangle.mT
+        inner = 0.5 * (inner + inner.mT)
+        inner.diagonal().add_(damping)
+        values, vectors = torch.linalg.eigh(inner)
+
+        def solve(block: torch.Tensor) -> torch.Tensor:
+            coordinates = basis.mT @ block
+            inside = vectors @ ((vectors.mT @ coordinates) / values[:, None])
+            return basis @ inside + (block - basis @ coordinates) / damping
+
+        spectrum = None
+        if diagnostics:
+            spectrum = torch.cat([values, values.new_full((size - rows,), damping)])
+        return solve, spectrum, (values == 0).sum()
+
+    pivot = tangent_map.mT @ pb
+    pivot = 0.5 * (pivot + pivot.mT)
+    pivot.diagonal().add_(damping)
+    factors = torch.linalg.lu_factor_ex(pivot)
+    spectrum = torch.linalg.eigvalsh(pivot) if diagnostics else None
+    return (
+        lambda block: torch.linalg.lu_solve(factors.LU, factors.pivots, block),
+        spectrum,
+        factors.info,
+    )
 
 
 def _parameter_tangent_map(layer: Layer) -> torch.Tensor:

@@ -237,3 +237,34 @@ def test_an_exactly_singular_pivot_raises_naming_the_layer_and_the_fix():
     batch = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(torch.linalg.LinAlgError, match=r"layer 1 .*raise the damping"):
         lc.mlp_chain_solve(model, "mse", batch, torch.ones(6, dtype=torch.float64), damping=0.0)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.1])
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss()])
+def test_small_batches_use_the_low_rank_pivots_and_stay_exact(damping, loss):
+    # n = 2: a = 2·width ≤ p/2 for every layer, so the pivots go through Woodbury.
+    widths = [4, 5, 5, 5, 3]
+    model = _chain(widths, nn.Tanh)
+    batch = _batch(2, widths, loss)
+    dim = sum(p.numel() for p in model.parameters())
+    b = torch.randn(dim, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact, hessian = _dense_solve(model, loss, batch, b, damping)
+    res = lc.mlp_chain_solve(model, loss, batch, b, damping=damping)
+    assert _relative_error(res.x, exact) <= 1e-8
+    assert res.negative_eigenvalues == int((torch.linalg.eigvalsh(hessian) + damping < 0).sum())
+
+
+def test_low_rank_and_dense_pivot_factorisations_agree():
+    from lightning_curvature.mlp_chain import _factor_pivot
+
+    generator = torch.Generator().manual_seed(0)
+    tangent_map = torch.randn(4, 20, generator=generator, dtype=torch.float64)
+    symmetric = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    riccati = symmetric + symmetric.T  # indefinite, like P away from a minimum
+    pb = riccati @ tangent_map
+    block = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    pivot = tangent_map.T @ riccati @ tangent_map + 0.3 * torch.eye(20, dtype=torch.float64)
+    solve, spectrum, info = _factor_pivot(riccati, tangent_map, pb, 0.3, True)
+    assert int(info) == 0
+    torch.testing.assert_close(solve(block), torch.linalg.solve(pivot, block))
+    torch.testing.assert_close(spectrum.sort().values, torch.linalg.eigvalsh(pivot))
