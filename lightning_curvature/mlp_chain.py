@@ -86,13 +86,21 @@ from torch import nn
 
 from lightning_curvature.chain_model import (
     Layer,
+    activation_curvature,
+    apply_blocks,
     backward,
+    block_diagonal,
+    congruence,
     forward,
     head,
+    mixed_term,
+    parameter_tangent_map,
     parse_batch,
     parse_chain,
     parse_loss,
     parse_rhs,
+    state_map,
+    transpose_apply_blocks,
 )
 from lightning_curvature.operators.hessian import HessianOperator
 from lightning_curvature.solvers import _integer, _real
@@ -250,7 +258,7 @@ class _Stage:
 
     solve_pivot: Callable[[torch.Tensor], torch.Tensor]
     tangent_map: torch.Tensor
-    state_map: torch.Tensor | None = None
+    transition: torch.Tensor | None = None  # A_l
     coupling: torch.Tensor | None = None
     gain: torch.Tensor | None = None
 
@@ -259,11 +267,11 @@ def _factorize(
     layers: list[Layer], output_hessian: torch.Tensor, damping: float, diagnostics: bool
 ) -> tuple[list[_Stage], list[torch.Tensor]]:
     """The backward Riccati sweep: every pivot factorised, layer 1 first in the result."""
-    riccati = _block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
+    riccati = block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
     stages, spectra, failures = [], [], []
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
-        tangent_map = _parameter_tangent_map(layer)  # B_l, (a_l, p_l)
+        tangent_map = parameter_tangent_map(layer)  # B_l, (a_l, p_l)
         pb = riccati @ tangent_map
         solve_pivot, spectrum, info = _factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
         if spectrum is not None:
@@ -272,13 +280,13 @@ def _factorize(
         if index == 0:
             stages.append(_Stage(solve_pivot, tangent_map))
             break
-        state_map = _state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
-        coupling = _mixed_term(layer) + _transpose_apply(state_map, pb)  # N_l, (a_{l-1}, p_l)
+        transition = state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
+        coupling = mixed_term(layer) + transpose_apply_blocks(transition, pb)  # N_l, (a_{l-1}, p_l)
         gain = solve_pivot(coupling.mT)  # R⁻¹Nᵀ
-        stages.append(_Stage(solve_pivot, tangent_map, state_map, coupling, gain))
-        riccati = _congruence(state_map, riccati) - coupling @ gain
+        stages.append(_Stage(solve_pivot, tangent_map, transition, coupling, gain))
+        riccati = congruence(transition, riccati) - coupling @ gain
         riccati = 0.5 * (riccati + riccati.mT)
-        riccati.diagonal().add_(_activation_curvature(layer).reshape(-1))  # + Q_l
+        riccati.diagonal().add_(activation_curvature(layer).reshape(-1))  # + Q_l
     stages.reverse()
     spectra.reverse()
     singular = torch.stack(failures).flip(0).nonzero()
@@ -302,15 +310,15 @@ def _substitute(stages: list[_Stage], rhs: torch.Tensor, offsets: list[int]) -> 
         local = rhs[offsets[index] : offsets[index + 1]] + stage.tangent_map.mT @ linear
         feedforward = stage.solve_pivot(local)
         feedforwards.append(feedforward)
-        if stage.state_map is not None:
-            linear = _transpose_apply(stage.state_map, linear) - stage.coupling @ feedforward
+        if stage.transition is not None:
+            linear = transpose_apply_blocks(stage.transition, linear) - stage.coupling @ feedforward
     feedforwards.reverse()
     pieces, state = [], None
     for stage, feedforward in zip(stages, feedforwards, strict=True):
         step = feedforward if state is None else feedforward - stage.gain @ state
         pieces.append(step)
         moved = stage.tangent_map @ step
-        state = moved if state is None else _apply(stage.state_map, state) + moved
+        state = moved if state is None else apply_blocks(stage.transition, state) + moved
     return torch.cat(pieces)
 
 
@@ -359,76 +367,6 @@ def _factor_pivot(
         spectrum,
         factors.info,
     )
-
-
-def _parameter_tangent_map(layer: Layer) -> torch.Tensor:
-    """``B_l``: δθ_l ↦ δu_l = δW z_{l-1} + δb for every sample, as an (n·w_out, p) matrix
-    whose columns follow the flat order of ``weight`` (row-major) then ``bias``."""
-    n, width_in = layer.inputs.shape
-    width_out = layer.weight.shape[0]
-    eye = torch.eye(width_out, device=layer.weight.device, dtype=layer.weight.dtype)
-    weight_part = torch.einsum("rs,ic->irsc", eye, layer.inputs).reshape(
-        n * width_out, width_out * width_in
-    )
-    if not layer.has_bias:
-        return weight_part
-    return torch.cat([weight_part, eye.repeat(n, 1)], dim=1)
-
-
-def _state_map(layer: Layer) -> torch.Tensor:
-    """``A_l`` per sample: δu_{l-1} ↦ W_l (σ'_{l-1} ⊙ δu_{l-1}), shape (n, w_out, w_in)."""
-    assert layer.input_slope is not None
-    return layer.weight[None] * layer.input_slope[:, None, :]
-
-
-def _mixed_term(layer: Layer) -> torch.Tensor:
-    """``S_l``: the bilinear term λ_lᵀ δW (σ'_{l-1} ⊙ δu_{l-1}), as (n·w_in, p)."""
-    assert layer.input_slope is not None and layer.adjoint is not None
-    n, width_in = layer.inputs.shape
-    width_out = layer.weight.shape[0]
-    eye = torch.eye(width_in, device=layer.weight.device, dtype=layer.weight.dtype)
-    weight_part = torch.einsum("ir,ic,cd->icrd", layer.adjoint, layer.input_slope, eye)
-    weight_part = weight_part.reshape(n * width_in, width_out * width_in)
-    if not layer.has_bias:
-        return weight_part
-    return torch.cat([weight_part, weight_part.new_zeros(n * width_in, width_out)], dim=1)
-
-
-def _activation_curvature(layer: Layer) -> torch.Tensor:
-    """``Q_l``'s diagonal: σ''_{l-1}(u_{l-1}) ⊙ W_lᵀλ_l, shape (n, w_in)."""
-    assert layer.input_curvature is not None and layer.adjoint is not None
-    return layer.input_curvature * (layer.adjoint @ layer.weight)
-
-
-def _apply(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``A V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_in, m)."""
-    n, _, width_in = state_map.shape
-    return torch.einsum("iab,ibm->iam", state_map, vectors.reshape(n, width_in, -1)).reshape(
-        -1, vectors.shape[1]
-    )
-
-
-def _transpose_apply(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_out, m)."""
-    n, width_out, _ = state_map.shape
-    return torch.einsum("iab,iam->ibm", state_map, vectors.reshape(n, width_out, -1)).reshape(
-        -1, vectors.shape[1]
-    )
-
-
-def _congruence(state_map: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ P A`` with A block diagonal over samples, in O(n² w³) rather than O(n³ w³)."""
-    n, width_out, width_in = state_map.shape
-    blocks = matrix.reshape(n, width_out, n, width_out)
-    left = torch.einsum("iab,iajc->ibjc", state_map, blocks)
-    return torch.einsum("ibjc,jcd->ibjd", left, state_map).reshape(n * width_in, n * width_in)
-
-
-def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, w, w) per-sample blocks as one (n·w, n·w) block-diagonal matrix."""
-    n, width, _ = blocks.shape
-    eye = torch.eye(n, device=blocks.device, dtype=blocks.dtype)
-    return torch.einsum("ij,iab->iajb", eye, blocks).reshape(n * width, n * width)
 
 
 def _refine(stages, offsets, model, loss, batch, x, rhs, damping, steps):
