@@ -64,8 +64,16 @@ numbers in the result say how close it came.
 samples are coupled through the shared weights, so the state is the whole batch's), ``p``
 the parameters of one layer, ``width_out · (width_in + 1)``. Time
 :math:`O(L\max(a, p)^3)`, memory :math:`O(L\max(a, p)^2)`, against :math:`O(L^3p^3)` time and
-:math:`O(L^2p^2)` memory for the dense Hessian. Tall-skinny (deep, narrow, small batch) is
+:math:`O(L^2p^2)` memory for the dense Hessian. :math:`B_l^\top P_l B_l` has rank at most
+``a``, so when ``p > 2a`` (and ε > 0) each pivot is factorised in :math:`B_l`'s row space,
+:math:`O(pa^2 + a^3)`, and the whole solve costs :math:`O(L(a^3 + a^2p))`: linear in
+depth *and* in the layer's parameter count. Tall-skinny (deep, narrow, small batch) is
 where it wins.
+
+**Accuracy.** The elimination pivots layer by layer, never across layers; when ε is small
+against an indefinite :math:`H` it can lose digits (the pivots' condition numbers say
+how many). A few steps of iterative refinement on the true residual, measured with the
+engine's Hessian-vector product, recover them (``refine``).
 
 **Non-smooth activations.** ReLU and other piecewise-linear activations have
 :math:`\sigma'' = 0` almost everywhere, as autograd says: :math:`Q_l = 0`, and :math:`H` is
