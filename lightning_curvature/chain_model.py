@@ -5,7 +5,8 @@ elementwise activations and splits it into layers and the activations between th
 ``forward`` evaluates every layer's input, slope σ' and curvature σ'' (by ``torch.func`` on
 the scalar activation, so any elementwise module works); ``head`` gives the loss's gradient
 and per-sample Hessian blocks at the output; ``backward`` back-propagates the gradient
-(the multipliers λ of the derivation).
+(the multipliers λ of the derivation). The matrix builders give the blocks of the
+linearised chain that :mod:`.mlp_chain` factorises: ``B_l``, ``A_l``, ``S_l``, ``Q_l``.
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def parse_chain(model: object) -> tuple[list[nn.Linear], list[Callable]]:
     groups: list[list[nn.Module]] = [[]]
     for name, module in _leaves(model):
         if isinstance(module, nn.Linear):
+            if any(module is seen for seen in linears):
+                raise ValueError(
+                    f"model must be a chain of distinct layers; its module {name!r} reuses an "
+                    "earlier nn.Linear (shared weights)"
+                )
             linears.append(module)
             groups.append([])
         elif isinstance(module, ELEMENTWISE):
@@ -161,7 +167,10 @@ def parse_chain(model: object) -> tuple[list[nn.Linear], list[Callable]]:
 
 def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     leaves = []
-    for name, child in module.named_children():
+    # Not named_children(): it skips a module met twice, and a reused layer runs twice.
+    for name, child in module._modules.items():
+        if child is None:
+            continue
         path = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             leaves.extend(_leaves(child, path + "."))
@@ -220,3 +229,76 @@ def parse_rhs(b: object, dim: int, device, dtype) -> torch.Tensor:
         raise ValueError(f"b must be a non-empty floating-point tensor, got {b.dtype}")
     b = b.to(device=device, dtype=dtype)
     return b[:, None] if b.ndim == 1 else b
+
+
+# The chain's linearisation as matrices, samples in the leading position (see mlp_chain).
+
+
+def parameter_tangent_map(layer: Layer) -> torch.Tensor:
+    """``B_l``: δθ_l ↦ δu_l = δW z_{l-1} + δb for every sample, as an (n·w_out, p) matrix
+    whose columns follow the flat order of ``weight`` (row-major) then ``bias``."""
+    n, width_in = layer.inputs.shape
+    width_out = layer.weight.shape[0]
+    eye = torch.eye(width_out, device=layer.weight.device, dtype=layer.weight.dtype)
+    weight_part = torch.einsum("rs,ic->irsc", eye, layer.inputs).reshape(
+        n * width_out, width_out * width_in
+    )
+    if not layer.has_bias:
+        return weight_part
+    return torch.cat([weight_part, eye.repeat(n, 1)], dim=1)
+
+
+def state_map(layer: Layer) -> torch.Tensor:
+    """``A_l`` per sample: δu_{l-1} ↦ W_l (σ'_{l-1} ⊙ δu_{l-1}), shape (n, w_out, w_in)."""
+    assert layer.input_slope is not None
+    return layer.weight[None] * layer.input_slope[:, None, :]
+
+
+def mixed_term(layer: Layer) -> torch.Tensor:
+    """``S_l``: the bilinear term λ_lᵀ δW (σ'_{l-1} ⊙ δu_{l-1}), as (n·w_in, p)."""
+    assert layer.input_slope is not None and layer.adjoint is not None
+    n, width_in = layer.inputs.shape
+    width_out = layer.weight.shape[0]
+    eye = torch.eye(width_in, device=layer.weight.device, dtype=layer.weight.dtype)
+    weight_part = torch.einsum("ir,ic,cd->icrd", layer.adjoint, layer.input_slope, eye)
+    weight_part = weight_part.reshape(n * width_in, width_out * width_in)
+    if not layer.has_bias:
+        return weight_part
+    return torch.cat([weight_part, weight_part.new_zeros(n * width_in, width_out)], dim=1)
+
+
+def activation_curvature(layer: Layer) -> torch.Tensor:
+    """``Q_l``'s diagonal: σ''_{l-1}(u_{l-1}) ⊙ W_lᵀλ_l, shape (n, w_in)."""
+    assert layer.input_curvature is not None and layer.adjoint is not None
+    return layer.input_curvature * (layer.adjoint @ layer.weight)
+
+
+def apply_blocks(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``A V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_in, m)."""
+    n, _, width_in = state_map.shape
+    return torch.einsum("iab,ibm->iam", state_map, vectors.reshape(n, width_in, -1)).reshape(
+        -1, vectors.shape[1]
+    )
+
+
+def transpose_apply_blocks(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_out, m)."""
+    n, width_out, _ = state_map.shape
+    return torch.einsum("iab,iam->ibm", state_map, vectors.reshape(n, width_out, -1)).reshape(
+        -1, vectors.shape[1]
+    )
+
+
+def congruence(state_map: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``Aᵀ P A`` with A block diagonal over samples, in O(n² w³) rather than O(n³ w³)."""
+    n, width_out, width_in = state_map.shape
+    blocks = matrix.reshape(n, width_out, n, width_out)
+    left = torch.einsum("iab,iajc->ibjc", state_map, blocks)
+    return torch.einsum("ibjc,jcd->ibjd", left, state_map).reshape(n * width_in, n * width_in)
+
+
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, w, w) per-sample blocks as one (n·w, n·w) block-diagonal matrix."""
+    n, width, _ = blocks.shape
+    eye = torch.eye(n, device=blocks.device, dtype=blocks.dtype)
+    return torch.einsum("ij,iab->iajb", eye, blocks).reshape(n * width, n * width)

@@ -64,8 +64,16 @@ numbers in the result say how close it came.
 samples are coupled through the shared weights, so the state is the whole batch's), ``p``
 the parameters of one layer, ``width_out · (width_in + 1)``. Time
 :math:`O(L\max(a, p)^3)`, memory :math:`O(L\max(a, p)^2)`, against :math:`O(L^3p^3)` time and
-:math:`O(L^2p^2)` memory for the dense Hessian. Tall-skinny (deep, narrow, small batch) is
+:math:`O(L^2p^2)` memory for the dense Hessian. :math:`B_l^\top P_l B_l` has rank at most
+``a``, so when ``p > 2a`` (and ε > 0) each pivot is factorised in :math:`B_l`'s row space,
+:math:`O(pa^2 + a^3)`, and the whole solve costs :math:`O(L(a^3 + a^2p))`: linear in
+depth *and* in the layer's parameter count. Tall-skinny (deep, narrow, small batch) is
 where it wins.
+
+**Accuracy.** The elimination pivots layer by layer, never across layers; when ε is small
+against an indefinite :math:`H` it can lose digits (the pivots' condition numbers say
+how many). A few steps of iterative refinement on the true residual, measured with the
+engine's Hessian-vector product, recover them (``refine``).
 
 **Non-smooth activations.** ReLU and other piecewise-linear activations have
 :math:`\sigma'' = 0` almost everywhere, as autograd says: :math:`Q_l = 0`, and :math:`H` is
@@ -77,7 +85,7 @@ kinks' Dirac masses are not part of it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,19 +94,30 @@ from torch import nn
 
 from lightning_curvature.chain_model import (
     Layer,
+    activation_curvature,
+    apply_blocks,
     backward,
+    block_diagonal,
+    congruence,
     forward,
     head,
+    mixed_term,
+    parameter_tangent_map,
     parse_batch,
     parse_chain,
     parse_loss,
     parse_rhs,
+    state_map,
+    transpose_apply_blocks,
 )
 from lightning_curvature.operators.hessian import HessianOperator
-from lightning_curvature.solvers import _real
+from lightning_curvature.solvers import _integer, _real
+
+# A pivot with more than this many times as many parameters as B has rows is handled in
+# B's row space (see _factor_pivot).
+LOW_RANK_RATIO = 2
 
 
-# Elementwise activations: their derivatives come from torch.func, so any of these works.
 @dataclass(frozen=True, eq=False)
 class ChainSolveResult:
     """The exact solution of ``(H + εI)x = b`` for a chain, with its evidence.
@@ -107,7 +126,8 @@ class ChainSolveResult:
         x: the solution, shaped like ``b``, in the chain's flat parameter order
             (``model.parameters()``), on the model's device.
         relative_residual: ``‖(H + εI)x − b‖/‖b‖`` (largest over right-hand sides), checked
-            with the engine's Hessian-vector product; ``None`` with ``check_residual=False``.
+            with the engine's Hessian-vector product; ``None`` with ``check_residual=False``
+            and ``refine=0``.
         pivot_condition_numbers: ``|μ|max/|μ|min`` of each pivot ``R_l``, layer 1 first
             (``inf`` for a singular one); ``()`` with ``diagnostics=False``.
         negative_eigenvalues: the number of negative eigenvalues of ``H + εI`` (Sylvester's
@@ -138,6 +158,7 @@ def mlp_chain_solve(
     dtype: torch.dtype | None = None,
     diagnostics: bool = True,
     check_residual: bool = True,
+    refine: int = 3,
 ) -> ChainSolveResult:
     r"""Solve ``(H + εI)x = b`` exactly for a feed-forward chain, in time linear in depth.
 
@@ -160,6 +181,11 @@ def mlp_chain_solve(
             of ``H + εI``); costs about five LU factorisations of a pivot.
         check_residual: recompute the true relative residual with Hessian-vector products
             (one per right-hand side).
+        refine: at most this many steps of iterative refinement (each: one
+            Hessian-vector product per right-hand side and one O(L·a·p) re-solve with the
+            same factorisation), taken while they halve the residual; 0 for none. Block
+            elimination without pivoting across layers can lose digits when ε is small
+            against an indefinite H; refinement recovers them.
 
     Returns:
         A :class:`ChainSolveResult`.
@@ -190,6 +216,7 @@ def mlp_chain_solve(
     for name, flag in (("diagnostics", diagnostics), ("check_residual", check_residual)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
+    refine = _integer("refine", refine, minimum=0)
     params = list(model.parameters())
     device = params[0].device
     dtype = params[0].dtype if dtype is None else dtype
@@ -205,7 +232,8 @@ def mlp_chain_solve(
     offsets = [0]
     for layer in layers:
         offsets.append(offsets[-1] + layer.num_params)
-    x, spectra = _riccati_solve(layers, output_hessian, rhs, offsets, damping, diagnostics)
+    stages, spectra = _factorize(layers, output_hessian, damping, diagnostics)
+    x = _substitute(stages, rhs, offsets)
 
     conditions: tuple[float, ...] = ()
     negatives = None
@@ -214,8 +242,10 @@ def mlp_chain_solve(
         negatives = int(sum(int((mu < 0).sum()) for mu in spectra))
         _warn_if_ill_conditioned(conditions, dtype)
     residual = None
-    if check_residual:
-        residual = _true_residual(model, loss_module, inputs, targets, x, rhs, damping, dtype)
+    if check_residual or refine:
+        x, residual = _refine(
+            stages, offsets, model, loss_module, (inputs, targets), x, rhs, damping, refine
+        )
     n = inputs.shape[0]
     return ChainSolveResult(
         x=x[:, 0] if b.ndim == 1 else x,
@@ -229,149 +259,149 @@ def mlp_chain_solve(
     )
 
 
-def _riccati_solve(
-    layers: list[Layer],
-    output_hessian: torch.Tensor,
-    rhs: torch.Tensor,
-    offsets: list[int],
-    damping: float,
-    diagnostics: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The backward sweep (pivots and their solves), then the forward sweep."""
-    n, width = output_hessian.shape[:2]
-    riccati = _block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
-    linear = torch.zeros(n * width, rhs.shape[1], device=rhs.device, dtype=rhs.dtype)  # q_L
-    gains, feedforwards, spectra, failures = [], [], [], []
+@dataclass
+class _Stage:
+    """One layer's share of the factorisation: its pivot's solve, ``B_l``, ``A_l``, ``N_l``
+    and the gain ``R_l⁻¹N_lᵀ`` (the last three absent for layer 1)."""
+
+    solve_pivot: Callable[[torch.Tensor], torch.Tensor]
+    tangent_map: torch.Tensor
+    transition: torch.Tensor | None = None  # A_l
+    coupling: torch.Tensor | None = None
+    gain: torch.Tensor | None = None
+
+
+def _factorize(
+    layers: list[Layer], output_hessian: torch.Tensor, damping: float, diagnostics: bool
+) -> tuple[list[_Stage], list[torch.Tensor]]:
+    """The backward Riccati sweep: every pivot factorised, layer 1 first in the result."""
+    riccati = block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
+    stages, spectra, failures = [], [], []
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
-        tangent_map = _parameter_tangent_map(layer)  # B_l, (a_l, p_l)
+        tangent_map = parameter_tangent_map(layer)  # B_l, (a_l, p_l)
         pb = riccati @ tangent_map
-        pivot = tangent_map.mT @ pb
-        pivot = 0.5 * (pivot + pivot.mT) + damping * torch.eye(
-            pivot.shape[0], device=pivot.device, dtype=pivot.dtype
-        )
-        if diagnostics:
-            spectra.append(torch.linalg.eigvalsh(pivot))
-        factors = torch.linalg.lu_factor_ex(pivot)
-        failures.append(factors.info)  # checked once at the end: no host sync per layer
-        local_rhs = rhs[offsets[index] : offsets[index + 1]] + tangent_map.mT @ linear
-        feedforward = torch.linalg.lu_solve(factors.LU, factors.pivots, local_rhs)
-        feedforwards.append(feedforward)
+        solve_pivot, spectrum, info = _factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
+        if spectrum is not None:
+            spectra.append(spectrum)
+        failures.append(info)  # checked once at the end: no host sync per layer
         if index == 0:
-            gains.append(None)
+            stages.append(_Stage(solve_pivot, tangent_map))
             break
-        state_map = _state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
-        coupling = _mixed_term(layer) + _transpose_apply(state_map, pb)  # N_l, (a_{l-1}, p_l)
-        gain = torch.linalg.lu_solve(factors.LU, factors.pivots, coupling.mT)  # R⁻¹Nᵀ
-        gains.append(gain)
-        riccati = _congruence(state_map, riccati) - coupling @ gain
+        transition = state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
+        coupling = mixed_term(layer) + transpose_apply_blocks(transition, pb)  # N_l, (a_{l-1}, p_l)
+        gain = solve_pivot(coupling.mT)  # R⁻¹Nᵀ
+        stages.append(_Stage(solve_pivot, tangent_map, transition, coupling, gain))
+        riccati = congruence(transition, riccati) - coupling @ gain
         riccati = 0.5 * (riccati + riccati.mT)
-        riccati.diagonal().add_(_activation_curvature(layer).reshape(-1))  # + Q_l
-        linear = _transpose_apply(state_map, linear) - coupling @ feedforward
-    gains.reverse()
-    feedforwards.reverse()
+        riccati.diagonal().add_(activation_curvature(layer).reshape(-1))  # + Q_l
+    stages.reverse()
     spectra.reverse()
     singular = torch.stack(failures).flip(0).nonzero()
     if singular.numel():
-        layer = int(singular[0, 0]) + 1
+        layer_number = int(singular[0, 0]) + 1
         raise torch.linalg.LinAlgError(
-            f"the pivot of layer {layer} (of {len(layers)}) is singular: the Schur complement "
-            "of H + εI on the layers from there to the output has a zero eigenvalue; raise "
-            "the damping"
+            f"the pivot of layer {layer_number} (of {len(layers)}) is singular: the Schur "
+            "complement of H + εI on the layers from there to the output has a zero "
+            "eigenvalue; raise the damping"
         )
+    return stages, spectra
 
+
+def _substitute(stages: list[_Stage], rhs: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Solve with the factorisation: backwards for ``q_l`` and ``R_l⁻¹g_l``, then forwards
+    for the tangents δu_l and the steps δθ_l. O(L·a·p) per right-hand side."""
+    linear = rhs.new_zeros(stages[-1].tangent_map.shape[0], rhs.shape[1])  # q_L = 0
+    feedforwards = []
+    for index in range(len(stages) - 1, -1, -1):
+        stage = stages[index]
+        local = rhs[offsets[index] : offsets[index + 1]] + stage.tangent_map.mT @ linear
+        feedforward = stage.solve_pivot(local)
+        feedforwards.append(feedforward)
+        if stage.transition is not None:
+            linear = transpose_apply_blocks(stage.transition, linear) - stage.coupling @ feedforward
+    feedforwards.reverse()
     pieces, state = [], None
-    for layer, gain, feedforward in zip(layers, gains, feedforwards, strict=True):
-        step = feedforward if state is None else feedforward - gain @ state
+    for stage, feedforward in zip(stages, feedforwards, strict=True):
+        step = feedforward if state is None else feedforward - stage.gain @ state
         pieces.append(step)
-        moved = _parameter_tangent_map(layer) @ step
-        state = moved if state is None else _apply(_state_map(layer), state) + moved
-    return torch.cat(pieces), spectra
+        moved = stage.tangent_map @ step
+        state = moved if state is None else apply_blocks(stage.transition, state) + moved
+    return torch.cat(pieces)
 
 
-def _parameter_tangent_map(layer: Layer) -> torch.Tensor:
-    """``B_l``: δθ_l ↦ δu_l = δW z_{l-1} + δb for every sample, as an (n·w_out, p) matrix
-    whose columns follow the flat order of ``weight`` (row-major) then ``bias``."""
-    n, width_in = layer.inputs.shape
-    width_out = layer.weight.shape[0]
-    eye = torch.eye(width_out, device=layer.weight.device, dtype=layer.weight.dtype)
-    weight_part = torch.einsum("rs,ic->irsc", eye, layer.inputs).reshape(
-        n * width_out, width_out * width_in
-    )
-    if not layer.has_bias:
-        return weight_part
-    return torch.cat([weight_part, eye.repeat(n, 1)], dim=1)
+def _factor_pivot(
+    riccati: torch.Tensor,
+    tangent_map: torch.Tensor,
+    pb: torch.Tensor,
+    damping: float,
+    diagnostics: bool,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """Factor the pivot ``R = εI + BᵀPB`` (p × p); returns its solve, its eigenvalues (with
+    ``diagnostics``) and a nonzero tensor when it is singular.
 
+    ``BᵀPB`` has rank at most ``a`` (the rows of B). When ``p > 2a`` and ε > 0 the pivot is
+    handled in B's row space: with the thin QR ``Bᵀ = QT`` (Q p × a orthonormal),
+    ``R = Q(εI + TPTᵀ)Qᵀ + ε(I − QQᵀ)``, so
+    ``R⁻¹X = Q(εI + TPTᵀ)⁻¹QᵀX + ε⁻¹(X − QQᵀX)`` in O(pa² + a³) instead of O(p³), and R's
+    eigenvalues are those of the a × a matrix ``εI + TPTᵀ`` and ε (p − a times). Both
+    pieces are orthogonal projections: no cancellation, unlike Woodbury's identity.
+    """
+    rows, size = tangent_map.shape
+    if damping > 0 and size > LOW_RANK_RATIO * rows:
+        basis, triangle = torch.linalg.qr(tangent_map.mT)  # Bᵀ = QT
+        inner = triangle @ riccati @ triangle.mT
+        inner = 0.5 * (inner + inner.mT)
+        inner.diagonal().add_(damping)
+        values, vectors = torch.linalg.eigh(inner)
 
-def _state_map(layer: Layer) -> torch.Tensor:
-    """``A_l`` per sample: δu_{l-1} ↦ W_l (σ'_{l-1} ⊙ δu_{l-1}), shape (n, w_out, w_in)."""
-    assert layer.input_slope is not None
-    return layer.weight[None] * layer.input_slope[:, None, :]
+        def solve(block: torch.Tensor) -> torch.Tensor:
+            coordinates = basis.mT @ block
+            inside = vectors @ ((vectors.mT @ coordinates) / values[:, None])
+            return basis @ inside + (block - basis @ coordinates) / damping
 
+        spectrum = None
+        if diagnostics:
+            spectrum = torch.cat([values, values.new_full((size - rows,), damping)])
+        return solve, spectrum, (values == 0).sum()
 
-def _mixed_term(layer: Layer) -> torch.Tensor:
-    """``S_l``: the bilinear term λ_lᵀ δW (σ'_{l-1} ⊙ δu_{l-1}), as (n·w_in, p)."""
-    assert layer.input_slope is not None and layer.adjoint is not None
-    n, width_in = layer.inputs.shape
-    width_out = layer.weight.shape[0]
-    eye = torch.eye(width_in, device=layer.weight.device, dtype=layer.weight.dtype)
-    weight_part = torch.einsum("ir,ic,cd->icrd", layer.adjoint, layer.input_slope, eye)
-    weight_part = weight_part.reshape(n * width_in, width_out * width_in)
-    if not layer.has_bias:
-        return weight_part
-    return torch.cat([weight_part, weight_part.new_zeros(n * width_in, width_out)], dim=1)
-
-
-def _activation_curvature(layer: Layer) -> torch.Tensor:
-    """``Q_l``'s diagonal: σ''_{l-1}(u_{l-1}) ⊙ W_lᵀλ_l, shape (n, w_in)."""
-    assert layer.input_curvature is not None and layer.adjoint is not None
-    return layer.input_curvature * (layer.adjoint @ layer.weight)
-
-
-def _apply(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``A V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_in, m)."""
-    n, _, width_in = state_map.shape
-    return torch.einsum("iab,ibm->iam", state_map, vectors.reshape(n, width_in, -1)).reshape(
-        -1, vectors.shape[1]
-    )
-
-
-def _transpose_apply(state_map: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ V`` for per-sample blocks A (n, w_out, w_in) and V (n·w_out, m)."""
-    n, width_out, _ = state_map.shape
-    return torch.einsum("iab,iam->ibm", state_map, vectors.reshape(n, width_out, -1)).reshape(
-        -1, vectors.shape[1]
+    pivot = tangent_map.mT @ pb
+    pivot = 0.5 * (pivot + pivot.mT)
+    pivot.diagonal().add_(damping)
+    factors = torch.linalg.lu_factor_ex(pivot)
+    spectrum = torch.linalg.eigvalsh(pivot) if diagnostics else None
+    return (
+        lambda block: torch.linalg.lu_solve(factors.LU, factors.pivots, block),
+        spectrum,
+        factors.info,
     )
 
 
-def _congruence(state_map: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``Aᵀ P A`` with A block diagonal over samples, in O(n² w³) rather than O(n³ w³)."""
-    n, width_out, width_in = state_map.shape
-    blocks = matrix.reshape(n, width_out, n, width_out)
-    left = torch.einsum("iab,iajc->ibjc", state_map, blocks)
-    return torch.einsum("ibjc,jcd->ibjd", left, state_map).reshape(n * width_in, n * width_in)
+def _refine(stages, offsets, model, loss, batch, x, rhs, damping, steps):
+    """Iterative refinement on the true residual, measured with the engine's
+    Hessian-vector product (independent of the structured factorisation): ``x += solve(r)``
+    while it lowers the residual, at most ``steps`` times. Returns x and its residual."""
 
+    def loss_fn(module: nn.Module, pair: Any) -> torch.Tensor:
+        return loss(module(pair[0]), pair[1])
 
-def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, w, w) per-sample blocks as one (n·w, n·w) block-diagonal matrix."""
-    n, width, _ = blocks.shape
-    eye = torch.eye(n, device=blocks.device, dtype=blocks.dtype)
-    return torch.einsum("ij,iab->iajb", eye, blocks).reshape(n * width, n * width)
-
-
-def _true_residual(model, loss, inputs, targets, x, rhs, damping, dtype) -> float:
-    """‖(H + εI)x − b‖/‖b‖ with the engine's Hessian-vector product (independent of the
-    structured solve), largest over columns."""
-
-    def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
-        return loss(module(batch[0]), batch[1])
-
-    op = HessianOperator(model, loss_fn, [(inputs, targets)], dtype=dtype)
-    with op:
-        residual = op.matmat(x) + damping * x - rhs
     norms = torch.linalg.vector_norm(rhs, dim=0)
-    relative = torch.linalg.vector_norm(residual, dim=0) / torch.where(norms > 0, norms, 1.0)
-    return float(relative.max())
+    norms = torch.where(norms > 0, norms, 1.0)
+    with HessianOperator(model, loss_fn, [batch], dtype=rhs.dtype) as op:
+
+        def residual_of(candidate: torch.Tensor) -> torch.Tensor:
+            return rhs - op.matmat(candidate) - damping * candidate
+
+        residual = residual_of(x)
+        worst = float((torch.linalg.vector_norm(residual, dim=0) / norms).max())
+        for _ in range(steps):
+            candidate = x + _substitute(stages, residual, offsets)
+            candidate_residual = residual_of(candidate)
+            relative = torch.linalg.vector_norm(candidate_residual, dim=0) / norms
+            if float(relative.max()) >= 0.5 * worst:
+                break  # refinement no longer pays (or the factorisation is too inaccurate)
+            x, residual, worst = candidate, candidate_residual, float(relative.max())
+    return x, worst
 
 
 def _condition(spectrum: torch.Tensor) -> float:

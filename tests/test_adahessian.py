@@ -274,3 +274,26 @@ def test_in_a_lightning_trainer_it_matches_a_manual_loop(tmp_path):
     for trained, expected in zip(net.parameters(), manual.parameters(), strict=True):
         torch.testing.assert_close(trained, expected)
     assert not torch.allclose(net[0].weight, initial[0].weight)
+
+
+def test_a_run_resumed_from_its_state_dict_continues_exactly():
+    def train(model, opt, steps):
+        for step in steps:
+            inputs, targets = _data("mlp", step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(inputs), targets).backward(create_graph=True)
+            opt.step()
+
+    straight = _mlp()
+    straight_opt = AdaHessian(straight.parameters(), lr=0.05, update_each=2)
+    train(straight, straight_opt, range(5))
+
+    first = _mlp()
+    first_opt = AdaHessian(first.parameters(), lr=0.05, update_each=2)
+    train(first, first_opt, range(3))
+    resumed = copy.deepcopy(first)
+    resumed_opt = AdaHessian(resumed.parameters(), lr=0.05, update_each=2)
+    resumed_opt.load_state_dict(copy.deepcopy(first_opt.state_dict()))
+    train(resumed, resumed_opt, range(3, 5))
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

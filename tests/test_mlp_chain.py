@@ -181,10 +181,16 @@ def test_without_diagnostics_or_residual_check_the_fields_are_empty():
         torch.ones(dim, dtype=torch.float64),
         diagnostics=False,
         check_residual=False,
+        refine=0,
     )
     assert res.pivot_condition_numbers == () and res.negative_eigenvalues is None
     assert res.relative_residual is None
     assert (res.state_size, res.block_size) == (4 * 4, 4 * (3 + 1))
+
+
+def _shared_weights() -> nn.Sequential:
+    layer = nn.Linear(3, 3)
+    return nn.Sequential(layer, nn.Tanh(), layer)
 
 
 @pytest.mark.parametrize(
@@ -195,6 +201,7 @@ def test_without_diagnostics_or_residual_check_the_fields_are_empty():
         (nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 3)), "Dropout"),
         (nn.Sequential(nn.Linear(3, 3), nn.Softmax(dim=1), nn.Linear(3, 3)), "Softmax"),
         (nn.Sequential(nn.Tanh()), "at least one nn.Linear"),
+        (_shared_weights(), "shared weights"),
     ],
 )
 def test_a_model_that_is_not_a_chain_is_rejected(model, match):
@@ -231,3 +238,51 @@ def test_an_exactly_singular_pivot_raises_naming_the_layer_and_the_fix():
     batch = (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(torch.linalg.LinAlgError, match=r"layer 1 .*raise the damping"):
         lc.mlp_chain_solve(model, "mse", batch, torch.ones(6, dtype=torch.float64), damping=0.0)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.1])
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss()])
+def test_small_batches_use_the_low_rank_pivots_and_stay_exact(damping, loss):
+    # n = 2: a = 2·width ≤ p/2 for every layer, so the pivots go through Woodbury.
+    widths = [4, 5, 5, 5, 3]
+    model = _chain(widths, nn.Tanh)
+    batch = _batch(2, widths, loss)
+    dim = sum(p.numel() for p in model.parameters())
+    b = torch.randn(dim, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact, hessian = _dense_solve(model, loss, batch, b, damping)
+    res = lc.mlp_chain_solve(model, loss, batch, b, damping=damping)
+    assert _relative_error(res.x, exact) <= 1e-8
+    assert res.negative_eigenvalues == int((torch.linalg.eigvalsh(hessian) + damping < 0).sum())
+
+
+def test_low_rank_and_dense_pivot_factorisations_agree():
+    from lightning_curvature.mlp_chain import _factor_pivot
+
+    generator = torch.Generator().manual_seed(0)
+    tangent_map = torch.randn(4, 20, generator=generator, dtype=torch.float64)
+    symmetric = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    riccati = symmetric + symmetric.T  # indefinite, like P away from a minimum
+    pb = riccati @ tangent_map
+    block = torch.randn(20, 3, generator=generator, dtype=torch.float64)
+    pivot = tangent_map.T @ riccati @ tangent_map + 0.3 * torch.eye(20, dtype=torch.float64)
+    solve, spectrum, info = _factor_pivot(riccati, tangent_map, pb, 0.3, True)
+    assert int(info) == 0
+    torch.testing.assert_close(solve(block), torch.linalg.solve(pivot, block))
+    torch.testing.assert_close(spectrum.sort().values, torch.linalg.eigvalsh(pivot))
+
+
+def test_refinement_recovers_the_digits_elimination_loses_at_small_damping():
+    # ε = 1e-5 against an indefinite H (cond ≈ 1.5e5): block elimination without pivoting
+    # across layers leaves a relative residual of ~1e-3 to 0.3; refinement brings it down.
+    widths = [4, 5, 5, 5, 3]
+    model = _chain(widths, nn.Tanh)
+    loss = nn.CrossEntropyLoss()
+    batch = _batch(2, widths, loss)
+    dim = sum(p.numel() for p in model.parameters())
+    b = torch.randn(dim, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    exact, _ = _dense_solve(model, loss, batch, b, 1e-5)
+    raw = lc.mlp_chain_solve(model, loss, batch, b, damping=1e-5, refine=0)
+    refined = lc.mlp_chain_solve(model, loss, batch, b, damping=1e-5)
+    assert raw.relative_residual > 1e-4
+    assert refined.relative_residual <= 1e-8
+    assert _relative_error(refined.x, exact) <= 1e-8

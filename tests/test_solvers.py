@@ -257,3 +257,56 @@ def test_on_gpu_convergence_is_checked_every_few_iterations_not_every_one(method
     assert res.iterations == 60 and res.x.device.type == "cuda"
     assert len(syncs) <= 60 // GPU_CHECK_EVERY * 3 + 10
     assert len(syncs) < 60
+
+
+class _MatvecOnly:
+    """An operator with matvec alone (no matmat), as the protocol allows."""
+
+    def __init__(self, matrix):
+        self.matrix, self.dim = matrix, matrix.shape[0]
+        self.device, self.dtype = matrix.device, matrix.dtype
+
+    def matvec(self, v):
+        return self.matrix @ v
+
+
+def test_an_operator_without_matmat_is_solved_column_by_column():
+    matrix = _indefinite()
+    b = _rhs(matrix.shape[0], m=2)
+    res = lc.solve(_MatvecOnly(matrix), b, damping=0.0, tol=1e-11)
+    assert res.converged
+    assert torch.allclose(res.x, torch.linalg.solve(matrix, b), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["minres", "cg"])
+def test_sparse_convergence_checks_give_the_same_answer(method):
+    # check_every > 1 is the accelerator's setting; columns that converge between checks
+    # must stay put (CG freezes them, MINRES's φ̄ is 0 once its Krylov space is exhausted).
+    matrix = matrix_with_spectrum(torch.linspace(0.5, 4.0, 30, dtype=torch.float64))
+    b = _rhs(30, m=3)
+    every = lc.solve(lc.DenseOperator(matrix), b, damping=0.0, tol=1e-10, method=method)
+    sparse = lc.solve(
+        lc.DenseOperator(matrix), b, damping=0.0, tol=1e-10, method=method, check_every=7
+    )
+    assert sparse.converged and sparse.iterations >= every.iterations
+    assert torch.allclose(sparse.x, every.x, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["minres", "cg"])
+def test_iterating_past_an_exhausted_krylov_space_stays_finite_and_exact(method):
+    # dim 5, checks every 50 iterations: 45 iterations run after the exact solution.
+    eigenvalues = torch.tensor([-2.0, -1.0, 1.0, 3.0, 5.0], dtype=torch.float64)
+    matrix = matrix_with_spectrum(eigenvalues if method == "minres" else eigenvalues + 3.0)
+    b = _rhs(5, m=3)
+    b[:, 2] = 0.0
+    res = lc.solve(
+        lc.DenseOperator(matrix),
+        b,
+        damping=0.0,
+        tol=1e-12,
+        method=method,
+        max_iters=200,
+        check_every=50,
+    )
+    assert res.converged and res.iterations == 50
+    assert torch.allclose(res.x, torch.linalg.solve(matrix, b), rtol=1e-10, atol=1e-12)
