@@ -141,6 +141,36 @@ def finite_difference_products(
     return torch.stack(columns, dim=1)
 
 
+def gradients_along(
+    gradient_at: GradientAt, params: Sequence[torch.Tensor], v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat gradients at θ - εv, θ and θ + εv as the columns of a (dim, 3) block, with
+    the step ε of :func:`finite_difference_step` (for checking products against them)."""
+    base = [p.detach().to(v.dtype) for p in params]
+    step = finite_difference_step(base, v)
+    shift = unflatten(v * step, base)
+    points = [
+        [b - s for b, s in zip(base, shift, strict=True)],
+        base,
+        [b + s for b, s in zip(base, shift, strict=True)],
+    ]
+    return torch.stack([flatten(gradient_at(x), base) for x in points], dim=1), step
+
+
+def forward_over_reverse_products(
+    loss_at: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], block: torch.Tensor
+) -> torch.Tensor:
+    """``H V`` of ``loss_at(*values)`` at the parameters' values: ``torch.func.jvp`` of
+    ``torch.func.grad``, one forward-mode pass per column."""
+    primals = tuple(p.detach() for p in params)
+    gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
+    columns = []
+    for j in range(block.shape[1]):
+        _, hv = torch.func.jvp(gradient, primals, tuple(unflatten(block[:, j], primals)))
+        columns.append(torch.cat([h.reshape(-1) for h in hv]))
+    return torch.stack(columns, dim=1)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
