@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-GradientAt = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+GradientAt = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor | None]]
 
 
 def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -30,7 +30,7 @@ def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Views of a flat vector (or of the rows of a (dim, m) block) shaped like ``like``."""
-    pieces = vector.split([p.numel() for p in like], dim=0)
+    pieces = torch.split(vector, [p.numel() for p in like], dim=0)
     if vector.ndim == 1:
         return [piece.view_as(p) for piece, p in zip(pieces, like, strict=True)]
     return [piece for piece in pieces]
@@ -52,7 +52,9 @@ def products_from_graph(
     """
     m = block.shape[1]
     outputs, grad_outputs = [], []
-    for gradient, piece in zip(gradients, block.split([p.numel() for p in params]), strict=True):
+    for gradient, piece in zip(
+        gradients, torch.split(block, [p.numel() for p in params]), strict=True
+    ):
         if gradient is not None and gradient.requires_grad:
             outputs.append(gradient.reshape(-1))
             grad_outputs.append(piece)
@@ -166,7 +168,7 @@ def forward_over_reverse_products(
     gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
     columns = []
     for j in range(block.shape[1]):
-        _, hv = torch.func.jvp(gradient, primals, tuple(unflatten(block[:, j], primals)))
+        hv = torch.func.jvp(gradient, primals, tuple(unflatten(block[:, j], primals)))[1]
         columns.append(torch.cat([h.reshape(-1) for h in hv]))
     return torch.stack(columns, dim=1)
 
