@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from lightning_curvature.operators.base import CurvatureOperator
-from lightning_curvature.operators.products import products_from_graph
+from lightning_curvature.operators.products import batch_columns_by_default, products_from_graph
 
 
 class GradientGraphOperator(CurvatureOperator):
@@ -17,7 +17,8 @@ class GradientGraphOperator(CurvatureOperator):
     Hutchinson diagonal) holds :math:`g = \nabla_\theta L` with the graph that made it; each
     product differentiates :math:`g^\top v` once more, :math:`Hv = \nabla_\theta(g^\top v)`,
     without a new forward pass. A block of columns is one batched backward pass
-    (``is_grads_batched``) where autograd allows it, and one pass per column otherwise.
+    (``is_grads_batched``) on accelerators where autograd allows it, and one pass per column
+    otherwise.
     This is the same code path as :class:`HessianOperator`'s (``reuse_graph``).
 
     Args:
@@ -32,8 +33,10 @@ class GradientGraphOperator(CurvatureOperator):
             not require grad, or no gradient carries a graph (``create_graph`` was not set).
 
     Attributes:
-        batching_failure: why the last block fell back to one backward pass per column, or
-            ``None``.
+        batch_columns: whether a block is one batched backward pass (``is_grads_batched``);
+            by default on accelerators, not on a CPU (measured no faster there). Settable.
+        batching_failure: why the last batched block fell back to one backward pass per
+            column, or ``None``.
 
     Example::
 
@@ -75,13 +78,16 @@ class GradientGraphOperator(CurvatureOperator):
         self.params = params
         self.grads: list[torch.Tensor | None] | None = grads
         self.batching_failure: str | None = None
+        self.batch_columns = batch_columns_by_default(self.device)
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         if self.grads is None:
             raise RuntimeError(
                 "GradientGraphOperator was released: build a new one from fresh gradients"
             )
-        product, self.batching_failure = products_from_graph(self.grads, self.params, block)
+        product, self.batching_failure = products_from_graph(
+            self.grads, self.params, block, self.batch_columns
+        )
         return product
 
     def release(self) -> None:

@@ -48,6 +48,7 @@ from lightning_curvature.operators.context import eager, holds_rnn, isolated_eva
 from lightning_curvature.operators.gradient_graph import GradientGraphOperator
 from lightning_curvature.operators.loss import LossFn, LossModule, resolve_params, scalar_loss
 from lightning_curvature.operators.products import (
+    batch_columns_by_default,
     finite_difference_products,
     forward_over_reverse_products,
     gradients_along,
@@ -103,7 +104,11 @@ class HessianOperator(CurvatureOperator):
         num_matvecs: products computed so far (a block of m counts m);
         param_names: the names of the covered parameters, in flat-vector order;
         last_check: the latest :class:`HvpCheck` (``None`` before one ran);
-        batching_failure: why the latest block was computed column by column, or ``None``.
+        batch_columns: whether a block of products is one batched backward pass
+            (``is_grads_batched``) rather than one pass per column; by default on
+            accelerators, not on a CPU (measured no faster there). Settable.
+        batching_failure: why the latest batched block fell back to one pass per column,
+            or ``None``.
 
     The products run with autocast off, with the math scaled-dot-product-attention kernel
     (fused attention kernels have no double backward) and, for models with an RNN, with
@@ -165,6 +170,7 @@ class HessianOperator(CurvatureOperator):
         self._loss: float | None = None
         self.last_check: HvpCheck | None = None
         self.batching_failure: str | None = None
+        self.batch_columns = batch_columns_by_default(self.device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -282,7 +288,9 @@ class HessianOperator(CurvatureOperator):
         return self._forward_over_reverse(block)
 
     def _from_graph(self, gradients: Gradients, block: torch.Tensor) -> torch.Tensor:
-        product, self.batching_failure = products_from_graph(gradients, self.params, block)
+        product, self.batching_failure = products_from_graph(
+            gradients, self.params, block, self.batch_columns
+        )
         return product
 
     # ------------------------------------------------------------------ internals

@@ -36,13 +36,24 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     return [piece for piece in pieces]
 
 
+def batch_columns_by_default(device: torch.device) -> bool:
+    """Whether a block of products is one batched backward pass by default on ``device``.
+
+    Not on a CPU: there the vmapped backward measured no faster per column than one backward
+    per column, and up to 1.3x slower (benchmarks/RESULTS.md, "Hessian-vector products");
+    on accelerators one pass saves a kernel launch per column and per op."""
+    return device.type != "cpu"
+
+
 def products_from_graph(
     gradients: Sequence[torch.Tensor | None],
     params: Sequence[torch.Tensor],
     block: torch.Tensor,
+    batched: bool = True,
 ) -> tuple[torch.Tensor, str | None]:
     """``H V`` for a (dim, m) block, by differentiating ``gradients`` (one per parameter,
-    with their graph) against ``params`` again.
+    with their graph) against ``params`` again; ``batched``: try one batched backward pass
+    for the whole block first.
 
     Returns the (dim, m) product and, when the batched backward pass failed and the columns
     were computed one by one, the reason (``None`` otherwise). The graph is kept, so the
@@ -61,7 +72,7 @@ def products_from_graph(
     if not outputs:
         return torch.zeros_like(block), None  # the gradient is constant: H = 0
     reason = None
-    if m > 1:
+    if m > 1 and batched:
         try:
             batched = torch.autograd.grad(
                 outputs,
