@@ -303,7 +303,10 @@ class CompiledInside(nn.Module):
 
 @pytest.mark.parametrize(
     ("make_model", "backend"),
-    [(CompiledInside, "aot_eager"), (lambda b: torch.compile(tanh_mlp(), backend=b), "eager")],
+    [
+        pytest.param(CompiledInside, "aot_eager", marks=pytest.mark.slow),  # compiles ~4 s
+        (lambda b: torch.compile(tanh_mlp(), backend=b), "eager"),
+    ],
     ids=["compiled_submodule", "compiled_model"],
 )
 def test_compiled_modules_are_differentiated_eagerly(make_model, backend):
@@ -359,3 +362,31 @@ def test_cudnn_is_switched_off_only_for_models_with_an_rnn():
 def test_verify_must_be_a_bool():
     with pytest.raises(ValueError, match="verify"):
         lc.HessianOperator(tanh_mlp(), cross_entropy_loss, mlp_batches(), verify="yes")
+
+
+@torch.compile(backend="aot_eager")
+def compiled_activation(x):
+    return 1.5 * torch.tanh(x)
+
+
+class CompiledFunctionInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(10, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(compiled_activation(self.inp(x)))
+
+
+def test_a_compiled_function_falls_back_to_finite_differences():
+    # A compiled function (not module) cannot be swapped for its eager version: the compiled
+    # backward refuses create_graph, and "auto" measures by finite differences instead.
+    model = CompiledFunctionInside()
+    batches = mlp_batches()
+    v = torch.randn(124, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = finite_difference_hvp(model, cross_entropy_loss, batches, v)
+    op = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot be differentiated twice"):
+        assert relative_error(op.matvec(v), truth) < 1e-6
+    assert op.method_used == "finite_difference"
