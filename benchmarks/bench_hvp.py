@@ -12,7 +12,9 @@ Models and data (scikit-learn's bundled digits, one probe batch of 512 images):
 * the digits MLP 64→256→256→10 (85,002 parameters), with ReLU and with tanh, after 100
   full-batch SGD steps (so the Hessian is that of a network in training);
 * a small CNN (conv 1→16 3×3, BatchNorm, ReLU, conv 16→32 3×3, BatchNorm, ReLU, global
-  average pool, linear 32→10; 5,258 parameters) in train mode (batch statistics).
+  average pool, linear 32→10; 5,258 parameters) in train mode (batch statistics);
+* the tanh MLP with its first activation replaced by a custom autograd Function whose
+  backward is marked ``@once_differentiable`` (double backward silently drops its path).
 
 Each timing is the median CPU time of several repeats after a warm-up, in one process, on
 one torch thread (CPU time, not wall time: the benchmark machine is shared). The printout
@@ -154,10 +156,57 @@ def accuracy_rows(model: nn.Module, batch, vectors: int) -> list[tuple[str, floa
     return rows
 
 
+class OnceDifferentiableTanh(torch.autograd.Function):
+    """tanh with a backward marked @once_differentiable: double backward drops its path."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class CustomTanh(nn.Module):
+    def forward(self, x):
+        return OnceDifferentiableTanh.apply(x)
+
+
+def broken_rows(model: nn.Module, batch) -> list[tuple[str, str]]:
+    """The tanh MLP with its first activation swapped for the custom one: what the check
+    sees, and λmax with and without the fallback, against the plain model in float64."""
+    broken = nn.Sequential(*[CustomTanh() if i == 1 else m for i, m in enumerate(model)])
+    exact = lc.lanczos(lc.HessianOperator(model, loss_fn, [batch], dtype=torch.float64), k=1)
+    truth = float(exact.eigenvalues[0])
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        silent = lc.HessianOperator(
+            broken, loss_fn, [batch], dtype=dtype, hvp_method="reuse_graph", verify=False
+        )
+        check = silent.check()
+        wrong = float(lc.lanczos(silent, k=1).eigenvalues[0])
+        auto = lc.HessianOperator(broken, loss_fn, [batch], dtype=dtype)
+        fixed = float(lc.lanczos(auto, k=1).eigenvalues[0])
+        rows.append(
+            (
+                str(dtype).removeprefix("torch."),
+                f"{check.symmetry_error:.1e} | {check.finite_difference_error:.1e} | "
+                f"{check.passed} | {abs(wrong - truth) / truth:.1e} | {auto.method_used} | "
+                f"{abs(fixed - truth) / truth:.1e}",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only-broken", action="store_true", help="the custom-Function rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -172,6 +221,10 @@ def main() -> None:
         ),
     }
     print(f"Machine: {machine()}\n")
+    if args.only_broken:
+        for dtype, row in broken_rows(*models["digits MLP, tanh (85,002 parameters)"]):
+            print(f"| {dtype} | {row} |")
+        return
     for name, (model, batch) in models.items():
         rows = cost_rows(model, batch, repeats)
         gradient = rows[0][1]
@@ -193,6 +246,14 @@ def main() -> None:
                 f"{check.finite_difference_error:.1e} | "
                 f"{check.finite_difference_uncertainty:.1e} | {check.passed} |"
             )
+    print("\n### A custom @once_differentiable tanh in the digits MLP (tanh)\n")
+    print(
+        "| dtype | check: symmetry | check: FD error | check passed | λmax error, "
+        "`reuse_graph` unchecked | `auto` uses | λmax error, `auto` |"
+    )
+    print("|---|---:|---:|---|---:|---|---:|")
+    for dtype, row in broken_rows(*models["digits MLP, tanh (85,002 parameters)"]):
+        print(f"| {dtype} | {row} |")
 
 
 if __name__ == "__main__":
