@@ -35,8 +35,8 @@ import torch
 # mode, dropout, attention, adapters) give symmetry errors below 3e-8 in float32 and 6e-17
 # in float64; a custom Function with @once_differentiable gives 1.4e-3..1e-2, in the loss or
 # in a side branch. Finite differences of healthy models agree to 1e-3 (float32, where the
-# step crosses no kink) and 1.3e-7 (float64); the dropped side branch is 4e-2 off. The finite-difference test
-# forgives three times the difference's own uncertainty (kinks, rounding) on top.
+# step crosses no kink) and 1.3e-7 (float64); the dropped side branch is 4e-2 off. The
+# finite-difference test forgives three times the difference's own uncertainty on top.
 SYMMETRY_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 FINITE_DIFFERENCE_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-5}
 
