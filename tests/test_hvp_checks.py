@@ -163,6 +163,13 @@ def test_auto_falls_back_to_finite_differences_once_and_says_why():
     assert not op.last_check.passed
     expected = torch.linalg.eigvalsh(exact).flip(0)[:2]
     torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-6, atol=0)
+    # The monitor builds one operator per measurement: the same text each time, so Python
+    # shows the warning once.
+    again = lc.HessianOperator(model, cross_entropy_loss, mlp_batches(), dtype=torch.float64)
+    with pytest.warns(UserWarning) as second:
+        again.check(seed=7)
+        again.matvec(torch.ones(again.dim, dtype=torch.float64))
+    assert str(second[0].message) == str(record[0].message)
 
 
 @pytest.mark.parametrize("method", ["reuse_graph", "recompute"])
