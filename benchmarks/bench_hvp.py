@@ -121,6 +121,10 @@ def cost_rows(model: nn.Module, batch, repeats: int) -> list[tuple[str, float]]:
         rows.append((f"matvec, `{method}`", seconds))
         seconds = timed(lambda op=op: op.matmat(block), max(2, repeats // 4))
         rows.append((f"matmat of 8, per vector, `{method}`", seconds / 8))
+        if method in ("reuse_graph", "recompute"):  # one batched backward pass per block
+            op.batch_columns = True
+            seconds = timed(lambda op=op: op.matmat(block), max(2, repeats // 4))
+            rows.append((f"matmat of 8, per vector, `{method}`, batched", seconds / 8))
 
     def first_product(verify: bool) -> None:
         lc.HessianOperator(model, loss_fn, [batch], verify=verify).matvec(v)
