@@ -163,6 +163,13 @@ def test_auto_falls_back_to_finite_differences_once_and_says_why():
     assert not op.last_check.passed
     expected = torch.linalg.eigvalsh(exact).flip(0)[:2]
     torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-6, atol=0)
+    # The monitor builds one operator per measurement: the same text each time, so Python
+    # shows the warning once.
+    again = lc.HessianOperator(model, cross_entropy_loss, mlp_batches(), dtype=torch.float64)
+    with pytest.warns(UserWarning) as second:
+        again.check(seed=7)
+        again.matvec(torch.ones(again.dim, dtype=torch.float64))
+    assert str(second[0].message) == str(record[0].message)
 
 
 @pytest.mark.parametrize("method", ["reuse_graph", "recompute"])
@@ -175,15 +182,16 @@ def test_an_explicit_method_that_fails_its_check_raises(method):
 
 
 @pytest.mark.parametrize(
-    ("make_model", "make_batches"),
+    ("make_model", "make_batches", "smooth"),
     [
-        (tanh_mlp, mlp_batches),
-        (lambda: small_cnn().eval(), lambda: classification_batches(2, 8, (1, 8, 8), 3)),
-        (AdapterModel, mlp_batches),
+        (tanh_mlp, mlp_batches, True),
+        (relu_mlp, mlp_batches, False),
+        (lambda: small_cnn().eval(), lambda: classification_batches(2, 8, (1, 8, 8), 3), False),
+        (AdapterModel, mlp_batches, True),
     ],
-    ids=["tanh_mlp", "cnn_eval", "adapters"],
+    ids=["tanh_mlp", "relu_mlp", "cnn_eval", "adapters"],
 )
-def test_finite_difference_products_match_the_dense_hessian(make_model, make_batches):
+def test_finite_difference_products_match_the_dense_hessian(make_model, make_batches, smooth):
     model = make_model()
     batches = make_batches()
     exact = dense_hessian(model, cross_entropy_loss, batches)
@@ -191,13 +199,17 @@ def test_finite_difference_products_match_the_dense_hessian(make_model, make_bat
     op = lc.HessianOperator(
         model, cross_entropy_loss, batches, dtype=torch.float64, hvp_method="finite_difference"
     )
-    assert relative_error(op.matmat(block), exact @ block) < 1e-3  # measured: about 1e-8
+    # The contract is 1e-3; measured 1e-8 .. 1.3e-7 (kinks included: the float64 step is
+    # too small to cross them).
+    assert relative_error(op.matmat(block), exact @ block) < 1e-6
     assert op.num_matvecs == 3 + 2 and op.last_check.passed
-    fast = lc.HessianOperator(model, cross_entropy_loss, batches, hvp_method="finite_difference")
-    # float32: the step balances truncation against rounding; measured 2e-4 .. 4e-3 (smooth)
-    product = fast.matvec(block[:, 0].float()).double()
-    if make_model is tanh_mlp or make_model is AdapterModel:
-        assert relative_error(product, exact @ block[:, 0]) < 1e-2
+    assert op.method_used == "finite_difference" and op.fallback_reason is None
+    if smooth:  # float32 on smooth models: measured 1.6e-4 .. 1.1e-3
+        fast = lc.HessianOperator(
+            model, cross_entropy_loss, batches, hvp_method="finite_difference"
+        )
+        product = fast.matvec(block[:, 0].float()).double()
+        assert relative_error(product, exact @ block[:, 0]) < 3e-3
 
 
 def test_finite_differences_leave_model_grads_buffers_modes_and_rng_untouched():
@@ -298,7 +310,10 @@ class CompiledInside(nn.Module):
 
 @pytest.mark.parametrize(
     ("make_model", "backend"),
-    [(CompiledInside, "aot_eager"), (lambda b: torch.compile(tanh_mlp(), backend=b), "eager")],
+    [
+        pytest.param(CompiledInside, "aot_eager", marks=pytest.mark.slow),  # compiles ~4 s
+        (lambda b: torch.compile(tanh_mlp(), backend=b), "eager"),
+    ],
     ids=["compiled_submodule", "compiled_model"],
 )
 def test_compiled_modules_are_differentiated_eagerly(make_model, backend):
@@ -354,3 +369,31 @@ def test_cudnn_is_switched_off_only_for_models_with_an_rnn():
 def test_verify_must_be_a_bool():
     with pytest.raises(ValueError, match="verify"):
         lc.HessianOperator(tanh_mlp(), cross_entropy_loss, mlp_batches(), verify="yes")
+
+
+@torch.compile(backend="aot_eager")
+def compiled_activation(x):
+    return 1.5 * torch.tanh(x)
+
+
+class CompiledFunctionInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = nn.Linear(10, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(compiled_activation(self.inp(x)))
+
+
+def test_a_compiled_function_falls_back_to_finite_differences():
+    # A compiled function (not module) cannot be swapped for its eager version: the compiled
+    # backward refuses create_graph, and "auto" measures by finite differences instead.
+    model = CompiledFunctionInside()
+    batches = mlp_batches()
+    v = torch.randn(124, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = finite_difference_hvp(model, cross_entropy_loss, batches, v)
+    op = lc.HessianOperator(model, cross_entropy_loss, batches, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="cannot be differentiated twice"):
+        assert relative_error(op.matvec(v), truth) < 1e-6
+    assert op.method_used == "finite_difference"

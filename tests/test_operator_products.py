@@ -33,6 +33,7 @@ def test_matmat_with_an_unused_parameter_matches_columns_and_dense(m, method):
     data = batches()
     op = lc.HessianOperator(model, cross_entropy_loss, data, dtype=torch.float64, hvp_method=method)
     assert op.dim == 828
+    op.batch_columns = True  # the batched path, which CPUs skip by default
     exact = dense_hessian(model, cross_entropy_loss, data)
     block = torch.randn(op.dim, m, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     product = op.matmat(block)
@@ -46,10 +47,21 @@ def test_matmat_with_an_unused_parameter_matches_columns_and_dense(m, method):
 def test_trace_on_a_model_with_an_unused_parameter():
     model = UnusedHead()
     data = batches()
-    op = lc.HessianOperator(model, cross_entropy_loss, data, dtype=torch.float64)
     exact = float(torch.trace(dense_hessian(model, cross_entropy_loss, data)))
-    result = lc.hutchinson_trace(op, num_probes=64)
-    assert abs(result.estimate - exact) < 4 * result.stderr + 1e-9
+    estimates = []
+    for batched in (True, False):
+        op = lc.HessianOperator(model, cross_entropy_loss, data, dtype=torch.float64)
+        op.batch_columns = batched
+        result = lc.hutchinson_trace(op, num_probes=64)  # blocks of 8 probes
+        assert abs(result.estimate - exact) < 4 * result.stderr + 1e-9
+        estimates.append(result.estimate)
+    assert estimates[0] == pytest.approx(estimates[1], rel=1e-10)
+
+
+def test_blocks_are_batched_on_accelerators_and_looped_on_cpus():
+    op = lc.HessianOperator(tanh_mlp(), cross_entropy_loss, batches())
+    assert op.batch_columns is False
+    assert lc.operators.products.batch_columns_by_default(torch.device("cuda", 0))
 
 
 def gradients_with_graph(model, data):
@@ -65,6 +77,7 @@ def test_gradient_graph_operator_matches_the_dense_hessian():
     data = [(x.double(), y) for x, y in batches()]
     params, grads = gradients_with_graph(model, data)
     op = lc.GradientGraphOperator(params, grads)
+    op.batch_columns = True
     assert op.dim == 828 and op.dtype == torch.float64
     exact = dense_hessian(model, cross_entropy_loss, data)
     block = torch.randn(op.dim, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -104,6 +117,7 @@ def test_a_block_falls_back_to_columns_per_call_and_says_why():
     loss = (NoBatchingRule.apply(w) ** 2).sum()  # w**4: H = diag(12 w**2)
     (grad,) = torch.autograd.grad(loss, [w], create_graph=True)
     op = lc.GradientGraphOperator([w], [grad])
+    op.batch_columns = True
     eye = torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(eye), torch.diag(12 * w.detach() ** 2))
     assert "batched backward failed" in op.batching_failure

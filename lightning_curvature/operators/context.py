@@ -41,7 +41,7 @@ def isolated_evaluation(
         stack.enter_context(eager_submodules(model))
         cuda_ids = [device.index if device.index is not None else 0] if cuda else []
         stack.enter_context(torch.random.fork_rng(devices=cuda_ids))
-        torch.random.default_generator.manual_seed(FORWARD_SEED + batch_index)
+        torch.default_generator.manual_seed(FORWARD_SEED + batch_index)
         if cuda:
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(FORWARD_SEED + batch_index)

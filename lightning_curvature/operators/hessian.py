@@ -45,18 +45,20 @@ from lightning_curvature.operators.checks import (
     judge_products,
 )
 from lightning_curvature.operators.context import eager, holds_rnn, isolated_evaluation
+from lightning_curvature.operators.gradient_graph import GradientGraphOperator
 from lightning_curvature.operators.loss import LossFn, LossModule, resolve_params, scalar_loss
 from lightning_curvature.operators.products import (
+    batch_columns_by_default,
     finite_difference_products,
-    finite_difference_step,
-    flatten,
+    forward_over_reverse_products,
+    gradients_along,
     products_from_graph,
-    unflatten,
 )
 
 HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference"]
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference")
 Gradients = list[torch.Tensor | None]
+__all__ = ["GradientGraphOperator", "HessianOperator"]
 
 
 class HessianOperator(CurvatureOperator):
@@ -83,10 +85,12 @@ class HessianOperator(CurvatureOperator):
             (least memory); ``"forward_over_reverse"`` uses ``torch.func.jvp`` over
             ``torch.func.grad``; ``"finite_difference"`` takes central differences of two
             first-order gradients per product (works wherever training does; relative
-            error about 1e-7 in float64 and 1e-3 in float32). ``"auto"`` (default) reuses
-            the graph, recomputes it when keeping it runs out of memory, and falls back to
-            finite differences (one warning) when the products fail :meth:`check` or
-            double backward raises (ops without second derivative, reentrant checkpointing).
+            error 1e-8..1e-7 in float64; in float32 2e-4..1e-3 on smooth models, but O(1)
+            once the step crosses ReLU kinks, as on large batches). ``"auto"`` (default)
+            reuses the graph, recomputes it when keeping it runs out of memory, and falls
+            back to finite differences (one warning) when the products fail :meth:`check`
+            or double backward raises (no second derivative, reentrant checkpointing,
+            compiled functions).
         verify: run :meth:`check` before the first product (its two products count in
             ``num_matvecs``). A failed check switches ``"auto"`` to finite differences and
             makes any other method raise :class:`UnreliableProductError`.
@@ -102,7 +106,11 @@ class HessianOperator(CurvatureOperator):
         num_matvecs: products computed so far (a block of m counts m);
         param_names: the names of the covered parameters, in flat-vector order;
         last_check: the latest :class:`HvpCheck` (``None`` before one ran);
-        batching_failure: why the latest block was computed column by column, or ``None``.
+        batch_columns: whether a block of products is one batched backward pass
+            (``is_grads_batched``) rather than one pass per column; by default on
+            accelerators, not on a CPU (measured no faster there). Settable.
+        batching_failure: why the latest batched block fell back to one pass per column,
+            or ``None``.
 
     The products run with autocast off, with the math scaled-dot-product-attention kernel
     (fused attention kernels have no double backward) and, for models with an RNN, with
@@ -164,6 +172,7 @@ class HessianOperator(CurvatureOperator):
         self._loss: float | None = None
         self.last_check: HvpCheck | None = None
         self.batching_failure: str | None = None
+        self.batch_columns = batch_columns_by_default(self.device)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -214,7 +223,7 @@ class HessianOperator(CurvatureOperator):
         try:
             self.num_matvecs += 2
             products = self._products(probes)
-            gradients, step = self._gradients_along(probes[:, 1])
+            gradients, step = gradients_along(self._gradient_at, self.params, probes[:, 1])
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:
@@ -297,7 +306,9 @@ class HessianOperator(CurvatureOperator):
         return self._forward_over_reverse(block)
 
     def _from_graph(self, gradients: Gradients, block: torch.Tensor) -> torch.Tensor:
-        product, self.batching_failure = products_from_graph(gradients, self.params, block)
+        product, self.batching_failure = products_from_graph(
+            gradients, self.params, block, self.batch_columns
+        )
         return product
 
     # ------------------------------------------------------------------ internals
@@ -393,21 +404,7 @@ class HessianOperator(CurvatureOperator):
             ]
         return [None if t is None else t / len(self.batches) for t in total]
 
-    def _gradients_along(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat gradients at θ - εv, θ and θ + εv as the columns of a (dim, 3) block,
-        with the step ε of :func:`finite_difference_step`."""
-        base = [p.detach() for p in self.params]
-        step = finite_difference_step(base, v)
-        shift = unflatten(v * step, base)
-        points = [
-            [b - s for b, s in zip(base, shift, strict=True)],
-            base,
-            [b + s for b, s in zip(base, shift, strict=True)],
-        ]
-        return torch.stack([flatten(self._gradient_at(x), base) for x in points], dim=1), step
-
     def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
-        primals = tuple(p.detach() for p in self.params)
         total = torch.zeros_like(block)
         for index, batch in enumerate(self.batches):
 
@@ -416,21 +413,21 @@ class HessianOperator(CurvatureOperator):
                     self._loss_module, self._substitutes(values), (batch,), strict=False
                 )
 
-            gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
-            for j in range(block.shape[1]):
-                tangents = tuple(unflatten(block[:, j], self.params))
-                with self._isolated(index):
-                    try:
-                        _, hv = torch.func.jvp(gradient, primals, tangents)
-                    except RuntimeError as error:
-                        if "mutate a captured Tensor" not in str(error):
-                            raise
-                        raise UnreliableProductError(
-                            "hvp_method='forward_over_reverse' cannot run a model whose forward "
-                            "mutates its buffers (BatchNorm in train mode); use "
-                            "hvp_method='reuse_graph', or put the model in eval mode"
-                        ) from error
-                total[:, j] += torch.cat([h.reshape(-1) for h in hv])
+            try:
+                for j in range(block.shape[1]):
+                    with self._isolated(index):  # the same dropout mask for every column
+                        column = block[:, j : j + 1]
+                        total[:, j : j + 1] += forward_over_reverse_products(
+                            loss_at, self.params, column
+                        )
+            except RuntimeError as error:
+                if "mutate a captured Tensor" not in str(error):
+                    raise
+                raise UnreliableProductError(
+                    "hvp_method='forward_over_reverse' cannot run a model whose forward "
+                    "mutates its buffers (BatchNorm in train mode); use "
+                    "hvp_method='reuse_graph', or put the model in eval mode"
+                ) from error
         return total / len(self.batches)
 
     def _custom_functions(self) -> list[str]:
@@ -453,82 +450,3 @@ def _native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-class GradientGraphOperator(CurvatureOperator):
-    r"""The Hessian behind gradients that already carry their graph, as an operator.
-
-    An optimizer that called ``loss.backward(create_graph=True)`` (AdaHessian, for its
-    Hutchinson diagonal) holds :math:`g = \nabla_\theta L` with the graph that made it; each
-    product differentiates :math:`g^\top v` once more, :math:`Hv = \nabla_\theta(g^\top v)`,
-    without a new forward pass. A block of columns is one batched backward pass
-    (``is_grads_batched``) where autograd allows it, and one pass per column otherwise.
-    This is the same code path as :class:`HessianOperator`'s (``reuse_graph``).
-
-    Args:
-        params: the parameters :math:`\theta` (tensors that require grad), in flat-vector
-            order.
-        grads: one gradient per parameter, computed with ``create_graph=True`` (for
-            example ``[p.grad for p in params]`` after ``loss.backward(create_graph=True)``);
-            ``None`` for a parameter the loss does not use.
-
-    Raises:
-        ValueError: if ``params`` is empty, the lengths or shapes differ, a parameter does
-            not require grad, or no gradient carries a graph (``create_graph`` was not set).
-
-    Attributes:
-        batching_failure: why the last block fell back to one backward pass per column, or
-            ``None``.
-
-    Example::
-
-        >>> import torch
-        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
-        >>> loss = (w**3).sum()                        # H = diag(6 w)
-        >>> loss.backward(create_graph=True)
-        >>> op = GradientGraphOperator([w], [w.grad])
-        >>> op.matvec(torch.ones(2))
-        tensor([ 6., 12.])
-    """
-
-    def __init__(
-        self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
-    ) -> None:
-        params, grads = list(params), list(grads)
-        if not params:
-            raise ValueError("params must hold at least one tensor, got an empty sequence")
-        if len(grads) != len(params):
-            raise ValueError(
-                f"grads must hold one gradient per parameter: got {len(grads)} for "
-                f"{len(params)} params"
-            )
-        for index, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if not isinstance(p, torch.Tensor) or not p.requires_grad:
-                raise ValueError(f"params[{index}] must be a tensor that requires grad")
-            if g is not None and (not isinstance(g, torch.Tensor) or g.shape != p.shape):
-                shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(
-                    f"grads[{index}] must be None or a tensor of shape {tuple(p.shape)} "
-                    f"(the shape of params[{index}]), got {shape}"
-                )
-        if not any(g is not None and g.requires_grad for g in grads):
-            raise ValueError(
-                "grads carry no graph: compute them with loss.backward(create_graph=True) "
-                "or torch.autograd.grad(..., create_graph=True) (or the Hessian is zero)"
-            )
-        super().__init__(sum(p.numel() for p in params), params[0].device, params[0].dtype)
-        self.params = params
-        self.grads: list[torch.Tensor | None] | None = grads
-        self.batching_failure: str | None = None
-
-    def _matmat(self, block: torch.Tensor) -> torch.Tensor:
-        if self.grads is None:
-            raise RuntimeError(
-                "GradientGraphOperator was released: build a new one from fresh gradients"
-            )
-        product, self.batching_failure = products_from_graph(self.grads, self.params, block)
-        return product
-
-    def release(self) -> None:
-        """Drop the gradients and so their graph (the operator cannot be used after)."""
-        self.grads = None

@@ -5,7 +5,7 @@ evaluate it at other parameter values."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,11 +58,10 @@ def resolve_params(
                     f"params includes {names_by_id[id(p)]!r}, which does not "
                     "require grad; the Hessian is taken over trainable parameters"
                 )
-            chosen.append((names_by_id[id(p)], p))
+            chosen.append((names_by_id[id(p)], cast(nn.Parameter, p)))
         if not chosen:
             raise ValueError("params must name at least one parameter, got an empty collection")
-    seen: set[int] = set()
-    unique = [(n, p) for n, p in chosen if not (id(p) in seen or seen.add(id(p)))]
+    unique = list({id(p): (n, p) for n, p in chosen}.values())  # first place, no repeats
     return [n for n, _ in unique], [p for _, p in unique]
 
 
@@ -82,6 +81,6 @@ class LossModule(nn.Module):
         loss = scalar_loss(self.loss_fn(self.model, batch))
         if backward:
             if loss.requires_grad:
-                loss.backward()
+                torch.autograd.backward(loss)
             return loss.detach()
         return loss

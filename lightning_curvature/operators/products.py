@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-GradientAt = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+GradientAt = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor | None]]
 
 
 def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -30,19 +30,30 @@ def flatten(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Views of a flat vector (or of the rows of a (dim, m) block) shaped like ``like``."""
-    pieces = vector.split([p.numel() for p in like], dim=0)
+    pieces = torch.split(vector, [p.numel() for p in like], dim=0)
     if vector.ndim == 1:
         return [piece.view_as(p) for piece, p in zip(pieces, like, strict=True)]
     return [piece for piece in pieces]
+
+
+def batch_columns_by_default(device: torch.device) -> bool:
+    """Whether a block of products is one batched backward pass by default on ``device``.
+
+    Not on a CPU: there the vmapped backward measured no faster per column than one backward
+    per column, and up to 1.3x slower (benchmarks/RESULTS.md, "Hessian-vector products");
+    on accelerators one pass saves a kernel launch per column and per op."""
+    return device.type != "cpu"
 
 
 def products_from_graph(
     gradients: Sequence[torch.Tensor | None],
     params: Sequence[torch.Tensor],
     block: torch.Tensor,
+    batched: bool = True,
 ) -> tuple[torch.Tensor, str | None]:
     """``H V`` for a (dim, m) block, by differentiating ``gradients`` (one per parameter,
-    with their graph) against ``params`` again.
+    with their graph) against ``params`` again; ``batched``: try one batched backward pass
+    for the whole block first.
 
     Returns the (dim, m) product and, when the batched backward pass failed and the columns
     were computed one by one, the reason (``None`` otherwise). The graph is kept, so the
@@ -52,14 +63,16 @@ def products_from_graph(
     """
     m = block.shape[1]
     outputs, grad_outputs = [], []
-    for gradient, piece in zip(gradients, block.split([p.numel() for p in params]), strict=True):
+    for gradient, piece in zip(
+        gradients, torch.split(block, [p.numel() for p in params]), strict=True
+    ):
         if gradient is not None and gradient.requires_grad:
             outputs.append(gradient.reshape(-1))
             grad_outputs.append(piece)
     if not outputs:
         return torch.zeros_like(block), None  # the gradient is constant: H = 0
     reason = None
-    if m > 1:
+    if m > 1 and batched:
         try:
             batched = torch.autograd.grad(
                 outputs,
@@ -95,28 +108,41 @@ def products_from_graph(
     return torch.stack(columns, dim=1), reason
 
 
+# The step of a central difference, relative to the parameters' scale (see
+# finite_difference_step), per dtype; measured in benchmarks/RESULTS.md ("Hessian-vector
+# products"), relative errors against the float64 double-backward product.
+RELATIVE_STEP = {torch.float32: 5e-5, torch.float64: 1e-9}
+
+
 def finite_difference_step(params: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
     r"""The step :math:`\epsilon` of a central difference along ``v`` (a 0-dim tensor on
     ``v``'s device, so choosing it costs no host sync).
 
-    A central difference has truncation error :math:`O(\epsilon^2)` and rounding error
-    :math:`O(u / \epsilon)` (:math:`u` the unit roundoff of the dtype); the two balance at a
-    step of size :math:`u^{1/3}` relative to the scale of the parameters. The step is taken
-    so that the perturbation :math:`\epsilon v` has that size relative to the root-mean-square
-    parameter (at least 1, so parameters near zero still move by :math:`u^{1/3}`):
+    The perturbation :math:`\epsilon v` is given a root-mean-square size of :math:`s` times
+    the parameters' (at least 1, so parameters near zero still move):
 
-    .. math:: \epsilon = u^{1/3} \, \frac{\max(1, \|\theta\|_{rms}) \sqrt{d}}{\|v\|}
+    .. math:: \epsilon = s \, \frac{\max(1, \|\theta\|_{rms}) \sqrt{d}}{\|v\|}
 
-    which is :math:`4.9\cdot 10^{-3}` in float32 and :math:`6.1\cdot 10^{-6}` in float64 for
-    a unit-RMS ``v`` and parameters of RMS at most 1. A zero ``v`` gets a step of 1.
+    with :math:`s` from ``RELATIVE_STEP``, about :math:`\sqrt{u}/5` in float32 and
+    :math:`\sqrt{u}/15` in float64 (:math:`u` the unit roundoff), far below the textbook
+    :math:`u^{1/3}` that balances truncation (:math:`O(\epsilon^2)`) against rounding
+    (:math:`O(u/\epsilon)`) for a unit-scale function. Networks are not unit-scale: along
+    their sharpest directions the gradient changes fast, and the truncation error there is
+    what λmax sees. Measured on the tanh digits MLP in float32 (benchmarks/RESULTS.md): the
+    product along the top eigenvector is off by 13% at :math:`s = 10^{-3}`, 3.6% at
+    :math:`5\cdot 10^{-4}` and 0.16% at :math:`5\cdot 10^{-5}` (λmax by Lanczos: 5.5%, 1.5%,
+    1.6e-4), while random directions stay within 2e-4. In float64 a step that small also
+    rarely crosses a kink of ReLU or max-pooling, where the gradient jumps: ReLU MLP 8e-9,
+    against O(1) at :math:`u^{1/3}`. In float32 no step avoids the kinks on a large batch:
+    there finite differences measure a smoothed Hessian, O(1) away from autograd's.
+    A zero ``v`` gets a step of 1.
     """
     dim = sum(p.numel() for p in params)
     with torch.no_grad():
         squares = torch.stack([p.detach().to(v.dtype).square().sum() for p in params]).sum()
         rms = (squares / dim).sqrt().clamp(min=1.0)
         norm_v = torch.linalg.vector_norm(v)
-        roundoff = torch.finfo(v.dtype).eps / 2
-        step = roundoff ** (1 / 3) * rms * dim**0.5 / norm_v
+        step = RELATIVE_STEP.get(v.dtype, 5e-4) * rms * dim**0.5 / norm_v
         return torch.where(norm_v > 0, step, torch.ones_like(step))
 
 
@@ -138,6 +164,36 @@ def finite_difference_products(
         plus = gradient_at([b + s for b, s in zip(base, shift, strict=True)])
         minus = gradient_at([b - s for b, s in zip(base, shift, strict=True)])
         columns.append((flatten(plus, base) - flatten(minus, base)) / (2 * step))
+    return torch.stack(columns, dim=1)
+
+
+def gradients_along(
+    gradient_at: GradientAt, params: Sequence[torch.Tensor], v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat gradients at θ - εv, θ and θ + εv as the columns of a (dim, 3) block, with
+    the step ε of :func:`finite_difference_step` (for checking products against them)."""
+    base = [p.detach().to(v.dtype) for p in params]
+    step = finite_difference_step(base, v)
+    shift = unflatten(v * step, base)
+    points = [
+        [b - s for b, s in zip(base, shift, strict=True)],
+        base,
+        [b + s for b, s in zip(base, shift, strict=True)],
+    ]
+    return torch.stack([flatten(gradient_at(x), base) for x in points], dim=1), step
+
+
+def forward_over_reverse_products(
+    loss_at: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], block: torch.Tensor
+) -> torch.Tensor:
+    """``H V`` of ``loss_at(*values)`` at the parameters' values: ``torch.func.jvp`` of
+    ``torch.func.grad``, one forward-mode pass per column."""
+    primals = tuple(p.detach() for p in params)
+    gradient = torch.func.grad(loss_at, argnums=tuple(range(len(primals))))
+    columns = []
+    for j in range(block.shape[1]):
+        hv = torch.func.jvp(gradient, primals, tuple(unflatten(block[:, j], primals)))[1]
+        columns.append(torch.cat([h.reshape(-1) for h in hv]))
     return torch.stack(columns, dim=1)
 
 

@@ -29,7 +29,8 @@ class PreconditionedOperator(OperatorWrapper):
 
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         scale = self.scale[:, None]
-        return scale * self.inner.matmat(scale * block)
+        product: torch.Tensor = self.inner.matmat(scale * block)
+        return scale * product
 
 
 class AllReduceOperator(OperatorWrapper):
@@ -63,7 +64,7 @@ class AllReduceOperator(OperatorWrapper):
         import torch.distributed as dist
 
         try:
-            product = self.inner.matmat(block)
+            product: torch.Tensor = self.inner.matmat(block)
         except Exception as error:  # joins the collective anyway; reported by the caller
             product = torch.full_like(block, float("nan"))
             self.last_error = error
