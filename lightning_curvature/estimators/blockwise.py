@@ -111,7 +111,8 @@ class BlockwiseTrace:
         whole: the trace of the operator (identical to :func:`hutchinson_trace` with the
             same ``num_probes``, ``seed`` and ``probes_per_block``).
         blocks: block name → that block's trace estimate and stderr. When the blocks cover
-            the whole vector the estimates sum to ``whole.estimate`` (up to rounding).
+            the whole vector the estimates sum to ``whole.estimate`` (up to rounding). Their
+            ``num_matvecs`` is the shared count: the blocks add no product.
     """
 
     whole: TraceResult
