@@ -27,6 +27,17 @@ def regression_batches(num_batches=2, batch_size=24, seed=0):
     ]
 
 
+def cnn_regression_batches(num_batches=2, batch_size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch_size, 1, 8, 8, generator=generator),
+            torch.randn(batch_size, 3, generator=generator),
+        )
+        for _ in range(num_batches)
+    ]
+
+
 CASES = {
     "mlp_cross_entropy": (
         tanh_mlp,
@@ -34,6 +45,7 @@ CASES = {
         "cross_entropy",
     ),
     "mlp_mse": (tanh_mlp, regression_batches, "mse"),
+    "cnn_mse": (small_cnn, lambda: cnn_regression_batches(), "mse"),
     "cnn_cross_entropy": (
         small_cnn,
         lambda: classification_batches(2, 8, (1, 8, 8), 3),
