@@ -253,6 +253,12 @@ def blockwise_lambda_max(
     magnitude (as ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact),
     or after ``num_iters`` steps or as many steps as it has coordinates.
 
+    Cost: each step's columns are full-model products on masked vectors. On a CPU an
+    operator restricted to one layer (``params=``) differentiates towards that layer only
+    and is cheaper per product, so L separate :func:`lanczos` runs on such operators were
+    3× faster than this on a small CNN (``benchmarks/RESULTS.md``); the batched form needs
+    L times fewer sequential steps and pays off where L columns cost about one (a GPU).
+
     Args:
         op: the whole operator (anything with ``matmat``/``matvec``, ``dim``, ``device``,
             ``dtype``).
