@@ -27,6 +27,17 @@ def regression_batches(num_batches=2, batch_size=24, seed=0):
     ]
 
 
+def cnn_regression_batches(num_batches=2, batch_size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch_size, 1, 8, 8, generator=generator),
+            torch.randn(batch_size, 3, generator=generator),
+        )
+        for _ in range(num_batches)
+    ]
+
+
 CASES = {
     "mlp_cross_entropy": (
         tanh_mlp,
@@ -34,6 +45,7 @@ CASES = {
         "cross_entropy",
     ),
     "mlp_mse": (tanh_mlp, regression_batches, "mse"),
+    "cnn_mse": (small_cnn, lambda: cnn_regression_batches(), "mse"),
     "cnn_cross_entropy": (
         small_cnn,
         lambda: classification_batches(2, 8, (1, 8, 8), 3),
@@ -374,3 +386,20 @@ def test_forward_mode_uses_the_same_dropout_mask_as_the_kept_graph():
         model, batches, loss_from_output="cross_entropy", dtype=torch.float64
     )
     assert relative_error(without_dropout.matmat(block), products[0]) > 1e-3  # masks matter
+
+
+def test_cross_entropy_accepts_probability_targets_like_class_indices():
+    model = tanh_mlp().eval()
+    indices = classification_batches(2, 16, (10,), 4)
+    soft = [(x, nn.functional.one_hot(y, 4).float()) for x, y in indices]
+    block = torch.randn(724, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for kind in ("empirical", "true"):
+        products = [
+            FisherOperator(
+                model, b, kind=kind, loss_from_output="cross_entropy", dtype=torch.float64
+            ).matmat(block)
+            for b in (indices, soft)
+        ]
+        assert relative_error(products[1], products[0]) < 1e-12
+    ggn = GGNOperator(model, soft, loss_from_output="cross_entropy")
+    assert abs(ggn.loss - GGNOperator(model, indices, loss_from_output="cross_entropy").loss) < 1e-6

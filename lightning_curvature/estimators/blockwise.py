@@ -106,7 +106,8 @@ class BlockwiseTrace:
         whole: the trace of the operator (identical to :func:`hutchinson_trace` with the
             same ``num_probes``, ``seed`` and ``probes_per_block``).
         blocks: block name → that block's trace estimate and stderr. When the blocks cover
-            the whole vector the estimates sum to ``whole.estimate`` (up to rounding).
+            the whole vector the estimates sum to ``whole.estimate`` (up to rounding). Their
+            ``num_matvecs`` is the shared count: the blocks add no product.
     """
 
     whole: TraceResult
@@ -246,6 +247,12 @@ def blockwise_lambda_max(
     when its own bound ``min(r, r²/gap)`` on λmax is within ``tol`` times its largest Ritz
     magnitude (as ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact),
     or after ``num_iters`` steps or as many steps as it has coordinates.
+
+    Cost: each step's columns are full-model products on masked vectors. On a CPU an
+    operator restricted to one layer (``params=``) differentiates towards that layer only
+    and is cheaper per product, so L separate :func:`lanczos` runs on such operators were
+    3× faster than this on a small CNN (``benchmarks/RESULTS.md``); the batched form needs
+    L times fewer sequential steps and pays off where L columns cost about one (a GPU).
 
     Args:
         op: the whole operator (anything with ``matmat``/``matvec``, ``dim``, ``device``,

@@ -63,6 +63,7 @@ def parameter_blocks(
             f"param_names and params must have the same length, got {len(param_names)} "
             f"and {len(params)}"
         )
+    labels: list[str | None]
     if per_layer is True:
         labels = [name.rsplit(".", 1)[0] if "." in name else name for name in param_names]
     elif isinstance(per_layer, (str, bytes)) or not isinstance(per_layer, Sequence):

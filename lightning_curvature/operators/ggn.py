@@ -224,7 +224,9 @@ class GGNOperator(CurvatureOperator):
         """One forward pass per batch: the loss, ``M``, and (reuse_graph) the kept graph."""
         if self._prepared is not None:
             return
-        prepared, total, generator = [], 0.0, self._make_generator()
+        prepared: list[tuple[Any, ...]] = []
+        total: Any = 0.0
+        generator = self._make_generator()
         for index in range(len(self.batches)):
             keep = self.product_method == "reuse_graph"
             with isolated_evaluation(self.model, self.device, index):
@@ -275,7 +277,11 @@ class GGNOperator(CurvatureOperator):
         return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
 
     def _grad(
-        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list, m: int
+        self,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        cotangents: Sequence[torch.Tensor],
+        m: int,
     ) -> list[torch.Tensor]:
         """Batched vector-Jacobian products over the leading (column) axis, looping over
         columns where an op has no batching rule."""
@@ -317,7 +323,7 @@ class GGNOperator(CurvatureOperator):
         with isolated_evaluation(self.model, self.device, index):
             jv = torch.func.vmap(jvp, randomness="same")(*self._unflatten_columns(block))
         with isolated_evaluation(self.model, self.device, index):
-            _, vjp_fn = torch.func.vjp(outputs_at, *primals)
+            vjp_fn = torch.func.vjp(outputs_at, *primals)[1]
             jt = torch.func.vmap(vjp_fn)(curvature(jv))
         return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
 
@@ -387,6 +393,10 @@ class FisherOperator(GGNOperator):
         >>> bool(torch.allclose(fisher, 2 / 50 * X.T @ X, rtol=0.05, atol=0.05))
         True
     """
+
+    kind: str
+    num_samples: int
+    seed: int
 
     def __init__(
         self,

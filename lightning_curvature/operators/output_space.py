@@ -15,7 +15,7 @@ acts on a stack ``U`` of output-shaped columns, shape ``(m, *outputs.shape)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -151,7 +151,9 @@ def builtin_loss(name: str, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
 
 
 def batched_grad(
-    outputs: list[torch.Tensor], inputs: list[torch.Tensor], cotangents: list[torch.Tensor]
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
 ) -> list[torch.Tensor]:
     """Vector-Jacobian products for a stack of cotangents (leading axis), keeping the graph."""
     return list(
