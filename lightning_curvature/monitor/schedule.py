@@ -174,14 +174,9 @@ class MeasurementSchedule:
         self.cadence: int | None = every_n_steps
         if every_n_steps is None and max_overhead is None:
             self.cadence = DEFAULT_EVERY_N_STEPS
-        self.calibration_start = 0
-        self.last_step = 0
-        self.num_track = 0
-        self.num_full = 0
-        self.num_failed = 0
-        self.measure_seconds = 0.0
-        self.train_seconds = 0.0
-        self.train_steps = 0
+        self.calibration_start = self.last_step = self.train_steps = 0
+        self.num_track = self.num_full = self.num_failed = 0
+        self.measure_seconds = self.train_seconds = 0.0
         # The projected overhead of the cadence, from the calibration samples.
         self.estimated_overhead: float | None = None
         self._samples: dict[str, list[float]] = {kind: [] for kind in _KINDS}
@@ -262,10 +257,6 @@ class MeasurementSchedule:
         self._samples = {kind: [] for kind in _KINDS}
 
     # ------------------------------------------------------------------ reporting
-    @property
-    def calibrating(self) -> bool:
-        return self.cadence is None
-
     @property
     def overhead(self) -> float:
         """Measurement time over training time so far (NaN before any training time)."""
