@@ -200,7 +200,9 @@ def measure(
         tol=settings.tol,
         seed=settings.seed,
         return_eigenvectors=True,
-        init=_usable(warm.top, op.dim),
+        # A block start costs one product per vector: the track tier starts from the
+        # previous top vector alone, the full tier from the whole previous top k.
+        init=_usable(warm.top if full or warm.top is None else warm.top[:, :1], op.dim),
     )
     lambda_max = float(top.eigenvalues[0])
     loss = getattr(op, "loss", None)

@@ -64,7 +64,9 @@ _FAMILIES: dict[type, str] = {
     Adagrad: "Adagrad",
     SGD: "SGD",
 }
-_PRECONDITIONED = frozenset({"Adam", "AdamW", "RMSprop", "Adagrad"})
+_PRECONDITIONED = frozenset({"Adam", "AdamW", "AdaHessian", "RMSprop", "Adagrad"})
+# Adam's update with a first moment and its bias correction: the same rule and threshold.
+_ADAM_LIKE = ("Adam", "AdamW", "AdaHessian")
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def stability_rule(optimizer: Optimizer, param_group: int = 0) -> StabilityRule:
         threshold = sgd_threshold(mu)
         bound = "2(1+μ)" if mu else "2"
         sharpness = "λmax(P⁻¹H)·η"
-    else:  # Adam, AdamW
+    else:  # Adam, AdamW, AdaHessian
         beta1 = _scalar(group["betas"][0])
         name = family + ("(amsgrad)" if group.get("amsgrad", False) else "")
         threshold = adaptive_threshold(beta1)
@@ -271,7 +273,10 @@ def preconditioner_diagonal(
                 "been updated yet (frozen, or no gradient so far); pass only the parameters "
                 "the optimizer has stepped"
             )
-        diagonal = _diagonal(family, group, state)
+        if family == "AdaHessian":  # P = (1−β1ᵗ)((√v̂)^k + ε), its own Hessian power k
+            diagonal = optimizer.preconditioner_diagonal([p])  # type: ignore[operator]
+        else:
+            diagonal = _diagonal(family, group, state)
         lr = _scalar(group.get("lr", lr_ref))
         if lr != lr_ref and lr_ref != 0.0:
             diagonal = (
@@ -308,7 +313,7 @@ def first_moment_settled(optimizer: Optimizer, tolerance: float = 0.1) -> bool:
     correction (SGD, RMSprop, Adagrad, unknown ones) are always settled.
     """
     optimizer = _unwrap(optimizer)
-    if _family(optimizer) not in ("Adam", "AdamW"):
+    if _family(optimizer) not in _ADAM_LIKE:
         return True
     # One read of each state's step count (a tensor, on the device for capturable Adam).
     steps = [_scalar(state["step"]) for state in optimizer.state.values() if "step" in state]
@@ -382,6 +387,10 @@ def _check_params(params: Any) -> list[torch.Tensor]:
 
 
 def _family(optimizer: Optimizer) -> str | None:
+    from lightning_curvature.optim.adahessian import AdaHessian  # a layer above: import late
+
+    if isinstance(optimizer, AdaHessian):
+        return "AdaHessian"
     for cls in type(optimizer).__mro__:
         if cls in _FAMILIES:
             return _FAMILIES[cls]

@@ -110,3 +110,35 @@ def test_a_warm_started_track_measurement_is_cheap_and_agrees_with_a_cold_full_o
     assert track.lambda_max == pytest.approx(cold.lambda_max, rel=1e-3)
     truth = torch.linalg.eigvalsh(after.matrix)[-1].item()
     assert track.lambda_max == pytest.approx(truth, rel=1e-3)
+
+
+def test_adahessian_gets_adams_rule_with_its_own_preconditioner(tmp_path):
+    from lightning_curvature.optim import AdaHessian, HessianBackwardMixin
+    from lightning_curvature.stability import preconditioner_diagonal, stability_rule
+
+    class WithAdaHessian(HessianBackwardMixin, Classifier):
+        def configure_optimizers(self):
+            return AdaHessian(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    module = WithAdaHessian(mlp())
+    monitor = CurvatureMonitor(every_n_steps=3, log_spaced=False, k=1, trace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = trainer(tmp_path, [monitor], max_steps=6)
+        run.fit(module, loader(classification_data()))
+    optimizer = run.optimizers[0]
+    rule = stability_rule(optimizer)
+    assert rule.known and rule.preconditioned and rule.threshold == pytest.approx(38.0)
+    params = list(module.parameters())
+    torch.testing.assert_close(
+        preconditioner_diagonal(optimizer, params), optimizer.preconditioner_diagonal(params)
+    )
+    # The logged preconditioned sharpness is λmax(P^-1/2 H P^-1/2), from the dense Hessian.
+    batch = next(iter(loader(classification_data())))
+    hessian = dense_hessian(module.net, cross_entropy_loss, [batch])
+    scale = optimizer.preconditioner_diagonal(params).double().rsqrt()
+    truth = torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])[-1].item()
+    last = monitor.history[-1]
+    assert last["curvature/preconditioned_lambda_max"] == pytest.approx(truth, rel=1e-3)
+    assert last["curvature/stability_threshold"] == pytest.approx(38.0)

@@ -199,14 +199,18 @@ def hutchinson_diagonal(
     *,
     probes_per_block: int = 8,
 ) -> DiagonalResult:
-    """Estimate ``diag(A)`` as the mean of ``z ⊙ Az`` over Rademacher probes."""
+    """Estimate ``diag(A)`` as the mean of ``z ⊙ Az`` over Rademacher probes.
+
+    One probe is allowed (AdaHessian's default); its ``stderr`` is then NaN, since a single
+    draw says nothing about its own spread.
+    """
     check_operator(op)
-    check_positive_int("num_probes", num_probes, minimum=2)
+    check_positive_int("num_probes", num_probes, minimum=1)
     check_positive_int("probes_per_block", probes_per_block)
     generator = make_generator(op, seed)
     _, (total, total_sq) = _probe_terms(op, num_probes, generator, probes_per_block)
     mean = total / num_probes
-    variance = (total_sq - num_probes * mean**2).clamp_min(0) / (num_probes - 1)
+    variance = (total_sq - num_probes * mean**2).clamp_min(0) / max(num_probes - 1, 0)
     return DiagonalResult(
         estimate=mean,
         stderr=(variance / num_probes).sqrt(),

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_curvature.estimators._common import make_generator
-from lightning_curvature.estimators.hutchinson import _probe_terms
+from lightning_curvature.estimators import hutchinson_diagonal
 from lightning_curvature.operators import GradientGraphOperator
 from lightning_curvature.solvers import _integer
 
@@ -208,13 +207,12 @@ class AdaHessian(Optimizer):
             )
         with torch.enable_grad():
             op = GradientGraphOperator(params, grads)
-            generator = make_generator(op, self.seed + step)
-            _, (total, _) = _probe_terms(op, self.num_probes, generator, self.num_probes)
+            estimate = hutchinson_diagonal(
+                op, self.num_probes, self.seed + step, probes_per_block=self.num_probes
+            ).estimate
             op.release()
         diagonals = []
-        for p, piece in zip(
-            params, (total / self.num_probes).split([p.numel() for p in params]), strict=True
-        ):
+        for p, piece in zip(params, estimate.split([p.numel() for p in params]), strict=True):
             diagonal = piece.view_as(p).abs()
             if self.average_conv_kernel and p.ndim >= 3:
                 diagonal = diagonal.mean(dim=tuple(range(2, p.ndim)), keepdim=True)
