@@ -34,6 +34,7 @@ from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
 
 OnError = Literal["warn", "raise"]
+Curvature = Literal["hessian", "ggn", "fisher"]
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
 # Hessian-vector product of one rank is not defined.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -67,6 +68,19 @@ class CurvatureMonitor(Callback):
         params: which parameters' Hessian: ``None`` (every trainable one), a regular
             expression matched with ``re.search`` against parameter names, or names.
         tag_prefix: replaces ``"curvature"`` in every tag, so monitors can run side by side.
+        curvature: ``"hessian"`` (default; can be indefinite), ``"ggn"`` (the generalized
+            Gauss-Newton JᵀH_ℓJ, positive semi-definite) or ``"fisher"`` (the true Fisher,
+            Monte Carlo targets from the model's predictive distribution). GGN and Fisher
+            need the model's outputs apart from the loss: ``loss_from_output`` and
+            ``output_fn``. The batch sharpness is a Hessian quantity and is left out for them.
+        loss_from_output: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, batch)``: the
+            loss on the model's outputs, for ``curvature="ggn"`` or ``"fisher"``.
+        output_fn: ``output_fn(module, batch) -> outputs``; default ``module(batch[0])``.
+        per_layer: full measurements also log each layer's trace and λmax
+            (``<prefix>/layer/<name>/trace``, ``.../lambda_max``): ``True`` for one block per
+            module, or a list of regular expressions, one block each. The per-layer traces
+            come from the whole trace's probes (no extra products; the whole trace is then
+            plain Hutchinson); the per-layer λmax from one batched Lanczos over all layers.
         num_batches: probe batches averaged in each measurement.
         probe: ``"fixed"``: the first ``num_batches`` training batches, copied once, so curves
             are comparable; ``"current"``: the batch about to be trained on.
@@ -118,6 +132,10 @@ class CurvatureMonitor(Callback):
         max_overhead: float | None = 0.05,
         params: str | Iterable[str] | None = None,
         tag_prefix: str = TAG_PREFIX,
+        curvature: Curvature = "hessian",
+        loss_from_output: str | Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        per_layer: bool | list[str] = False,
         num_batches: int = 1,
         probe: ProbeKind = "fixed",
         probe_dataloader: DataLoader | None = None,
@@ -152,6 +170,25 @@ class CurvatureMonitor(Callback):
             num_iters = check_int("num_iters", num_iters, k)
         check_choice("probe", probe, ("fixed", "current"))
         check_choice("mode", mode, ("train", "eval"))
+        check_choice("curvature", curvature, ("hessian", "ggn", "fisher"))
+        if curvature != "hessian" and not (
+            callable(loss_from_output) or loss_from_output in ("mse", "cross_entropy")
+        ):
+            raise ValueError(
+                f"curvature={curvature!r} needs loss_from_output: 'mse', 'cross_entropy' or a "
+                f"callable loss(outputs, batch), got {loss_from_output!r}"
+            )
+        if output_fn is not None and not callable(output_fn):
+            raise ValueError(f"output_fn must be callable or None, got {output_fn!r}")
+        if not isinstance(per_layer, bool) and not (
+            isinstance(per_layer, (list, tuple))
+            and per_layer
+            and all(isinstance(p, str) for p in per_layer)
+        ):
+            raise ValueError(
+                "per_layer must be True, False, or a non-empty list of regular expressions "
+                f"over parameter names, got {per_layer!r}"
+            )
         check_choice("on_error", on_error, ("warn", "raise"))
         for name, value in (
             ("log_spaced", log_spaced),
@@ -185,6 +222,10 @@ class CurvatureMonitor(Callback):
             lr_factor_on_alert = check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
         self.params = check_params(params)
         self.tag_prefix = tag_prefix
+        self.curvature = curvature
+        self.loss_from_output = loss_from_output
+        self.output_fn = output_fn
+        self.per_layer = per_layer if isinstance(per_layer, bool) else list(per_layer)
         self.loss_fn = loss_fn
         self.mode: Mode = mode
         self.dropout = bool(dropout)
@@ -237,7 +278,9 @@ class CurvatureMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(tag_prefix=self.tag_prefix, params=self.params)
+        return self._generate_state_key(
+            tag_prefix=self.tag_prefix, params=self.params, curvature=self.curvature
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -370,6 +413,10 @@ class CurvatureMonitor(Callback):
             mode=self.mode,
             dropout=self.dropout,
             distributed=trainer.world_size > 1 and torch.distributed.is_initialized(),
+            curvature=self.curvature,
+            output_fn=self.output_fn,
+            loss_from_output=self.loss_from_output,
+            per_layer=self.per_layer,
         )
 
     def _update(self, module: nn.Module, step: int) -> torch.Tensor | None:
