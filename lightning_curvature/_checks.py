@@ -32,9 +32,9 @@ def check_number(
     in_range = (
         not isinstance(value, bool)
         and isinstance(value, Real)
-        and math.isfinite(value)
-        and (above is None or value > above)
-        and (at_most is None or value <= at_most)
+        and math.isfinite(float(value))
+        and (above is None or float(value) > above)
+        and (at_most is None or float(value) <= at_most)
     )
     if not in_range:
         if allowed is None:

@@ -210,9 +210,9 @@ class CurvatureMonitor(Callback):
                 "probe_dataloader must be a torch DataLoader or None, got "
                 f"{type(probe_dataloader).__name__}"
             )
-        for name, value in (("loss_fn", loss_fn), ("on_alert", on_alert)):
-            if value is not None and not callable(value):
-                raise ValueError(f"{name} must be callable or None, got {type(value).__name__}")
+        for name, function in (("loss_fn", loss_fn), ("on_alert", on_alert)):
+            if function is not None and not callable(function):
+                raise ValueError(f"{name} must be callable or None, got {type(function).__name__}")
         if not isinstance(tag_prefix, str) or not re.fullmatch(r"[\w.\-/]+", tag_prefix):
             raise ValueError(
                 "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
@@ -340,7 +340,7 @@ class CurvatureMonitor(Callback):
             rank_zero_warn(f"CurvatureMonitor[{self.tag_prefix}]: {decision.warning}")
         if decision.tier is None or not self.probes.ready:
             return
-        error = None
+        error: BaseException | None = None
         try:
             with self.schedule.timed(decision):
                 outcome = measure_module(

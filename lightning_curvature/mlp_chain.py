@@ -319,14 +319,20 @@ def _substitute(stages: list[_Stage], rhs: torch.Tensor, offsets: list[int]) -> 
         feedforward = stage.solve_pivot(local)
         feedforwards.append(feedforward)
         if stage.transition is not None:
+            assert stage.coupling is not None  # set with the transition
             linear = transpose_apply_blocks(stage.transition, linear) - stage.coupling @ feedforward
     feedforwards.reverse()
     pieces, state = [], None
     for stage, feedforward in zip(stages, feedforwards, strict=True):
-        step = feedforward if state is None else feedforward - stage.gain @ state
+        if state is None:
+            step = feedforward
+            pieces.append(step)
+            state = stage.tangent_map @ step
+            continue
+        assert stage.gain is not None and stage.transition is not None  # all but layer 1
+        step = feedforward - stage.gain @ state
         pieces.append(step)
-        moved = stage.tangent_map @ step
-        state = moved if state is None else apply_blocks(stage.transition, state) + moved
+        state = apply_blocks(stage.transition, state) + stage.tangent_map @ step
     return torch.cat(pieces)
 
 

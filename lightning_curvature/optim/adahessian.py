@@ -200,7 +200,7 @@ class AdaHessian(Optimizer):
     def _hessian_diagonal(self, params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         """|mean of z ⊙ Hz| per parameter, kernel-averaged, through the engine's Hutchinson."""
         grads = [p.grad for p in params]
-        if not any(g.requires_grad for g in grads):
+        if not any(g is not None and g.requires_grad for g in grads):
             raise RuntimeError(
                 "AdaHessian needs the gradients' graph: call loss.backward(create_graph=True) "
                 "(in Lightning, mix HessianBackwardMixin into the LightningModule)"
@@ -274,8 +274,9 @@ def _check_real(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    ok = (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high
+    number = float(value)
+    ok = (number > low if low_open else number >= low) and (
+        number < high if high_open else number <= high
     )
     if not ok or math.isnan(float(value)):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
