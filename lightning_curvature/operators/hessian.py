@@ -27,6 +27,7 @@ Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -92,8 +93,9 @@ class HessianOperator(CurvatureOperator):
             or double backward raises (no second derivative, reentrant checkpointing,
             compiled functions).
         verify: run :meth:`check` before the first product (its two products count in
-            ``num_matvecs``). A failed check switches ``"auto"`` to finite differences and
-            makes any other method raise :class:`UnreliableProductError`.
+            ``num_matvecs``; it costs about 3-5 products). A failed check switches
+            ``"auto"`` to finite differences and makes any other method raise
+            :class:`UnreliableProductError`. Ignored for ``"finite_difference"``.
 
     Raises:
         ValueError: on a bad argument (named, with its value and what is allowed).
@@ -165,7 +167,8 @@ class HessianOperator(CurvatureOperator):
         self._requested: str = hvp_method
         self._method: str = "reuse_graph" if hvp_method == "auto" else hvp_method
         self._fallback_reason: str | None = None
-        self._verify_pending = verify
+        # Finite differences use first-order gradients alone: nothing to verify.
+        self._verify_pending = verify and hvp_method != "finite_difference"
         self._disable_cudnn = holds_rnn(model)
         self._loss_module = LossModule(model, loss_fn)
         self._gradients: Gradients | None = None  # mean gradient, with its graph
@@ -217,6 +220,8 @@ class HessianOperator(CurvatureOperator):
             >>> op.check().passed  # doctest: +SKIP
             True
         """
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
         method = self._method
