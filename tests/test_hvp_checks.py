@@ -404,3 +404,13 @@ def test_a_compiled_function_falls_back_to_finite_differences():
     with pytest.warns(UserWarning, match="cannot be differentiated twice"):
         assert relative_error(op.matvec(v), truth) < 1e-6
     assert op.method_used == "finite_difference"
+
+
+def test_wrappers_pass_the_method_and_the_fallback_reason_through():
+    op = lc.HessianOperator(custom_in_loss(), cross_entropy_loss, mlp_batches())
+    wrapped = lc.operators.PreconditionedOperator(op, torch.ones(op.dim))
+    assert wrapped.method_used == "reuse_graph" and wrapped.fallback_reason is None
+    with pytest.warns(UserWarning, match="finite differences"):
+        wrapped.matvec(torch.ones(op.dim))
+    assert wrapped.method_used == "finite_difference"
+    assert wrapped.fallback_reason == op.fallback_reason is not None
