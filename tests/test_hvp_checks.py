@@ -414,3 +414,30 @@ def test_wrappers_pass_the_method_and_the_fallback_reason_through():
         wrapped.matvec(torch.ones(op.dim))
     assert wrapped.method_used == "finite_difference"
     assert wrapped.fallback_reason == op.fallback_reason is not None
+
+
+class CustomReluNet(nn.Module):
+    """A ReLU MLP on a batch large enough that a float32 finite-difference step crosses
+    kinks, with the custom tanh in a side branch so that the fallback is taken."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.main = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4))
+        self.side = nn.Sequential(nn.Linear(10, 4), CustomTanh())
+
+    def forward(self, x):
+        return self.main(x) + self.side(x)
+
+
+def test_the_fallback_warns_when_float32_differences_are_inexact():
+    batches = classification_batches(1, 512, (10,), 4)
+    op = lc.HessianOperator(CustomReluNet(), cross_entropy_loss, batches)
+    with pytest.warns(UserWarning, match="dtype=torch.float64 for accurate") as record:
+        op.matvec(torch.ones(op.dim))
+    assert op.last_check.finite_difference_uncertainty > 1e-2
+    assert len(record) == 1
+    smooth = lc.HessianOperator(custom_in_loss(), cross_entropy_loss, mlp_batches())
+    with pytest.warns(UserWarning) as record:
+        smooth.matvec(torch.ones(smooth.dim))
+    assert "accurate products" not in str(record[0].message)

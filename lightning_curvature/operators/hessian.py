@@ -39,6 +39,7 @@ from torch import nn
 from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.checks import (
+    FINITE_DIFFERENCE_TOLERANCE,
     HvpCheck,
     UnreliableProductError,
     custom_functions,
@@ -273,10 +274,18 @@ class HessianOperator(CurvatureOperator):
         self._fallback_reason = reason
         self._method = "finite_difference"
         self._gradients = None
+        caveat = ""
+        uncertainty = self.last_check.finite_difference_uncertainty if self.last_check else 0.0
+        if uncertainty > FINITE_DIFFERENCE_TOLERANCE[self.dtype]:
+            caveat = (
+                f" Beware: in {str(self.dtype).removeprefix('torch.')} they are inexact on this "
+                "model (the step crosses kinks such as ReLU, or rounding dominates); pass "
+                "dtype=torch.float64 for accurate products."
+            )
         warnings.warn(
             f"HessianOperator: {reason}. Falling back to finite differences of the gradient "
             "(two gradients per product); pass hvp_method='finite_difference' to choose it "
-            "and silence this warning.",
+            f"and silence this warning.{caveat}",
             stacklevel=4,
         )
 
