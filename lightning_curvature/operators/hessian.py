@@ -48,7 +48,13 @@ from lightning_curvature.operators.checks import (
 )
 from lightning_curvature.operators.context import eager, holds_rnn, isolated_evaluation
 from lightning_curvature.operators.gradient_graph import GradientGraphOperator
-from lightning_curvature.operators.loss import LossFn, LossModule, resolve_params, scalar_loss
+from lightning_curvature.operators.loss import (
+    LossFn,
+    LossModule,
+    native_dtype,
+    resolve_params,
+    scalar_loss,
+)
 from lightning_curvature.operators.products import (
     batch_columns_by_default,
     finite_difference_products,
@@ -153,7 +159,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(
                 f"params must all live on one device, found {sorted(map(str, devices))}"
             )
-        dtype = dtype or _native_dtype(params_list)
+        dtype = dtype or native_dtype(params_list)
         if any(p.dtype != dtype for p in params_list):
             # Never cast the caller's model: evaluate a cast copy instead.
             model = copy.deepcopy(model).to(dtype)
@@ -374,18 +380,6 @@ class HessianOperator(CurvatureOperator):
             ]
         return [None if g is None else g / len(self.batches) for g in total]
 
-    def _substitutes(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Parameter values for ``functional_call`` of the loss module: ``values`` for the
-        covered parameters, detached copies for the other trainable ones (so a backward pass
-        reaches no ``.grad`` of the caller's). Names are read at call time: compiled
-        submodules are swapped for the modules they wrap while the operator evaluates."""
-        chosen = {id(p): value for p, value in zip(self.params, values, strict=True)}
-        return {
-            name: chosen[id(p)] if id(p) in chosen else p.detach()
-            for name, p in self._loss_module.named_parameters()
-            if id(p) in chosen or p.requires_grad
-        }
-
     def _gradient_at(self, values: Sequence[torch.Tensor]) -> Gradients:
         """The mean gradient with the covered parameters set to ``values``, first-order only
         (a plain backward pass, so reentrant checkpoints work)."""
@@ -393,9 +387,7 @@ class HessianOperator(CurvatureOperator):
         for index, batch in enumerate(self.batches):
             leaves = [value.detach().requires_grad_() for value in values]
             with self._isolated(index):
-                torch.func.functional_call(
-                    self._loss_module, self._substitutes(leaves), (batch, True), strict=False
-                )
+                self._loss_module.at(self.params, leaves, batch, backward=True)
             total = [
                 t if leaf.grad is None else leaf.grad if t is None else t + leaf.grad
                 for t, leaf in zip(total, leaves, strict=True)
@@ -407,9 +399,7 @@ class HessianOperator(CurvatureOperator):
         for index, batch in enumerate(self.batches):
 
             def loss_at(*values: torch.Tensor, batch: Any = batch) -> torch.Tensor:
-                return torch.func.functional_call(  # type: ignore[no-any-return]
-                    self._loss_module, self._substitutes(values), (batch,), strict=False
-                )
+                return self._loss_module.at(self.params, values, batch)
 
             try:
                 for j in range(block.shape[1]):
@@ -435,14 +425,6 @@ class HessianOperator(CurvatureOperator):
                 return custom_functions(self._batch_loss(0))
         except Exception:  # only a hint for a message: never let it hide the real failure
             return []
-
-
-def _native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    """The parameters' own dtype when float32 or float64 (shared by all), else float32."""
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
-        return next(iter(dtypes))
-    return torch.float32
 
 
 def _empty_cache(device: torch.device) -> None:
