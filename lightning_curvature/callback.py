@@ -8,7 +8,6 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -16,10 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
+from lightning_curvature._checks import check_int, check_open_unit
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.monitor.arguments import check_arguments
 from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
 from lightning_curvature.monitor.measuring import (
     Context,
@@ -168,56 +168,28 @@ class CurvatureMonitor(Callback):
         k = check_int("k", k, 1)
         if num_iters is not None:
             num_iters = check_int("num_iters", num_iters, k)
-        check_choice("probe", probe, ("fixed", "current"))
-        check_choice("mode", mode, ("train", "eval"))
-        check_choice("curvature", curvature, ("hessian", "ggn", "fisher"))
-        if curvature != "hessian" and not (
-            callable(loss_from_output) or loss_from_output in ("mse", "cross_entropy")
-        ):
-            raise ValueError(
-                f"curvature={curvature!r} needs loss_from_output: 'mse', 'cross_entropy' or a "
-                f"callable loss(outputs, batch), got {loss_from_output!r}"
-            )
-        if output_fn is not None and not callable(output_fn):
-            raise ValueError(f"output_fn must be callable or None, got {output_fn!r}")
-        if not isinstance(per_layer, bool) and not (
-            isinstance(per_layer, (list, tuple))
-            and per_layer
-            and all(isinstance(p, str) for p in per_layer)
-        ):
-            raise ValueError(
-                "per_layer must be True, False, or a non-empty list of regular expressions "
-                f"over parameter names, got {per_layer!r}"
-            )
-        check_choice("on_error", on_error, ("warn", "raise"))
-        for name, value in (
-            ("log_spaced", log_spaced),
-            ("trace", trace),
-            ("spectral_density", spectral_density),
-            ("lambda_min", lambda_min),
-            ("dropout", dropout),
-            ("warm_start", warm_start),
-            ("stop_on_alert", stop_on_alert),
-        ):
-            check_bool(name, value)
-        if probe_dataloader is not None and probe != "fixed":
-            raise ValueError(
-                "probe_dataloader needs probe='fixed' (its batches are the fixed "
-                f"probe set), got probe={probe!r}"
-            )
-        if probe_dataloader is not None and not isinstance(probe_dataloader, DataLoader):
-            raise ValueError(
-                "probe_dataloader must be a torch DataLoader or None, got "
-                f"{type(probe_dataloader).__name__}"
-            )
-        for name, function in (("loss_fn", loss_fn), ("on_alert", on_alert)):
-            if function is not None and not callable(function):
-                raise ValueError(f"{name} must be callable or None, got {type(function).__name__}")
-        if not isinstance(tag_prefix, str) or not re.fullmatch(r"[\w.\-/]+", tag_prefix):
-            raise ValueError(
-                "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
-                f"'/', got {tag_prefix!r}"
-            )
+        check_arguments(
+            probe=probe,
+            mode=mode,
+            curvature=curvature,
+            loss_from_output=loss_from_output,
+            output_fn=output_fn,
+            per_layer=per_layer,
+            on_error=on_error,
+            probe_dataloader=probe_dataloader,
+            loss_fn=loss_fn,
+            on_alert=on_alert,
+            tag_prefix=tag_prefix,
+            flags={
+                "log_spaced": log_spaced,
+                "trace": trace,
+                "spectral_density": spectral_density,
+                "lambda_min": lambda_min,
+                "dropout": dropout,
+                "warm_start": warm_start,
+                "stop_on_alert": stop_on_alert,
+            },
+        )
         if lr_factor_on_alert is not None:
             lr_factor_on_alert = check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
         self.params = check_params(params)
