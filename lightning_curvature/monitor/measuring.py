@@ -45,6 +45,9 @@ from lightning_curvature.stability import (
 )
 
 
+FISHER_SAMPLES = 32
+
+
 @dataclass
 class Context:
     """Everything about the training run that a measurement reads (and must not change)."""
@@ -209,7 +212,9 @@ def _operator(
     split = {"output_fn": context.output_fn, "loss_from_output": context.loss_from_output}
     if context.curvature == "ggn":
         return GGNOperator(model, batches, params, **split)
-    return FisherOperator(model, batches, params, kind="true", **split)
+    # Many Monte Carlo draws: they enter in output space only (a product costs the same),
+    # and one draw would bias λmax upwards against E[F] = G by its noise.
+    return FisherOperator(model, batches, params, kind="true", num_samples=FISHER_SAMPLES, **split)
 
 
 def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:
