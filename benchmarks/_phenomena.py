@@ -24,7 +24,7 @@ import torch
 from bench_engine import machine  # one home for naming the machine
 
 from lightning_curvature._lightning import Callback, TensorBoardLogger, pl
-from lightning_curvature.alerts import SPIKE, THRESHOLD
+from lightning_curvature.alerts import EDGE, SPIKE
 from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.demo import DigitsDataModule
 
@@ -158,9 +158,9 @@ def train(
         history=list(monitor.history),
         loss_steps=recorder.steps,
         losses=recorder.losses,
-        alerts={"threshold": kinds.count(THRESHOLD), "spike": kinds.count(SPIKE)},
+        alerts={"threshold": kinds.count(EDGE), "spike": kinds.count(SPIKE)},
         seconds=seconds,
-        measure_seconds=monitor.measure_seconds,
+        measure_seconds=monitor.schedule.measure_seconds,
         train_acc=accuracy(model, data.train_dataloader()),
         val_acc=accuracy(model, data.val_dataloader()),
     )
