@@ -117,6 +117,7 @@ def train(
     monitor: CurvatureMonitor,
     seed: int = 0,
     logdir: str | None = None,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> Run:
     """Train ``make_model()`` on ``data`` for ``max_steps`` optimizer steps with ``monitor``.
 
@@ -142,7 +143,7 @@ def train(
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[monitor, recorder],
+        callbacks=[monitor, recorder, *extra_callbacks],
     )
     started = time.perf_counter()
     with warnings.catch_warnings():

@@ -20,6 +20,11 @@ quantity at the batch size trained with) and λmax is that of their mean loss: t
 1,024 samples at batch 64 and 256, the first 256 samples (16 batches, to bound the cost)
 at batch 16. ``every_n_steps`` fixed, ``log_spaced=False``, ``k=1, trace=False``,
 ``max_overhead=None`` (no measurement skipped).
+
+A second callback recomputes batch sharpness at every measurement with plain autograd
+(double backward on each probe batch): as the monitor defines it, the mean of the per-batch
+ratios (an independent check of the logged number), and as the ratio of the means
+E_b[g_bᵀH_b g_b] / E_b[g_bᵀg_b], where batches with large gradients weigh more.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from _phenomena import (
     configure_torch,
     markdown_table,
@@ -39,8 +45,10 @@ from _phenomena import (
     train,
 )
 from matplotlib.figure import Figure
+from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
+from lightning_curvature._lightning import Callback
 from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.demo import DigitsClassifier, DigitsDataModule
 
@@ -56,6 +64,34 @@ TAGS = {
     "batch sharpness·η": "curvature/batch_sharpness_x_lr",
     "directional sharpness·η": "curvature/directional_sharpness_x_lr",
 }
+
+
+class BatchSharpnessCheck(Callback):
+    """After each of the monitor's measurements (it runs first in ``callbacks``): batch
+    sharpness from plain double backward on the same probe batches, two ways."""
+
+    def __init__(self, monitor: CurvatureMonitor, lr: float) -> None:
+        self.monitor, self.lr = monitor, lr
+        self.rows: list[tuple[float, float, float, float]] = []  # step, monitor, mean, ratio
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        history = self.monitor.history
+        if not history or int(history[-1]["step"]) != trainer.global_step:
+            return
+        logged = history[-1].get("curvature/batch_sharpness_x_lr", float("nan"))
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        curvatures, norms = [], []
+        for inputs, targets in self.monitor.probes.batches(pl_module.device):
+            loss = F.mse_loss(pl_module(inputs), targets)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            g = torch.cat([x.reshape(-1) for x in grads])
+            hg = torch.autograd.grad(g @ g.detach(), params)  # ∇(gᵀg₀) = H g₀
+            curvatures.append(float(g.detach() @ torch.cat([x.reshape(-1) for x in hg])))
+            norms.append(float(g.detach() @ g.detach()))
+        mean_of_ratios = statistics.fmean(c / n for c, n in zip(curvatures, norms, strict=True))
+        ratio_of_means = sum(curvatures) / sum(norms)
+        step = float(trainer.global_step)
+        self.rows.append((step, logged, mean_of_ratios * self.lr, ratio_of_means * self.lr))
 
 
 def run(quick: bool) -> tuple[list, int, int]:
@@ -79,6 +115,7 @@ def run(quick: bool) -> tuple[list, int, int]:
             probe_dataloader=probe,
             num_batches=min(NUM_SAMPLES // batch_size, MAX_PROBE_BATCHES),
         )
+        check = BatchSharpnessCheck(monitor, LR)
         result = train(
             f"SGD batch {batch_size}",
             lambda: DigitsClassifier(
@@ -87,8 +124,10 @@ def run(quick: bool) -> tuple[list, int, int]:
             data,
             max_steps,
             monitor,
+            extra_callbacks=[check],
         )
         result.extra["batch_size"] = batch_size
+        result.extra["check"] = check.rows
         runs.append(result)
     return runs, max_steps, every
 
@@ -104,7 +143,13 @@ def table(runs: list) -> str:
         steps, lam = r.series("curvature/lambda_max_x_lr")
         _, batch = r.series("curvature/batch_sharpness_x_lr")
         ratio = statistics.median(b / lm for b, lm in zip(batch, lam, strict=True))
+        check = r.extra["check"]
+        agreement = max(abs(m - mine) / abs(mine) for _, m, mine, _ in check)
+        ratio_steps = [row[0] for row in check]
+        mean, std = tail_stats(ratio_steps, [row[3] for row in check], TAIL)
         cells += [
+            f"{mean:.2f} ± {std:.2f}",
+            f"{agreement:.1e}",
             f"{ratio:.2f}",
             f"{max(lam):.2f}",
             f"{r.final_loss:.2e}",
@@ -117,6 +162,8 @@ def table(runs: list) -> str:
         "batch",
         "η",
         *(f"{name}, last {TAIL:.0%} (mean ± std)" for name in TAGS),
+        f"ratio-of-means batch sharpness·η, last {TAIL:.0%}",
+        "monitor's batch sharpness vs autograd, max rel. diff.",
         "batch sharpness / λmax (median)",
         "max λmax·η",
         "final loss",
@@ -134,6 +181,15 @@ def figure(runs: list, quick: bool) -> Path:
         for index, (name, tag) in enumerate(TAGS.items()):
             steps, values = r.series(tag)
             ax.plot(steps, values, color=f"C{index}", lw=1.0, label=name)
+        check = r.extra["check"]
+        ax.plot(
+            [row[0] for row in check],
+            [row[3] for row in check],
+            color="C1",
+            ls=":",
+            lw=1.0,
+            label="batch sharpness·η, ratio of means",
+        )
         ax.axhline(2.0, color="k", ls="--", lw=0.8, label="2 (GD's edge)")
         ax.set(xlabel="step", title=f"batch {r.extra['batch_size']}, η = {r.learning_rate:g}")
     axes[0].set_ylabel("sharpness × η")
