@@ -24,7 +24,7 @@ import torch
 from bench_engine import machine  # one home for naming the machine
 
 from lightning_curvature._lightning import Callback, TensorBoardLogger, pl
-from lightning_curvature.alerts import SPIKE, THRESHOLD
+from lightning_curvature.alerts import EDGE, SPIKE
 from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.demo import DigitsDataModule
 
@@ -117,6 +117,7 @@ def train(
     monitor: CurvatureMonitor,
     seed: int = 0,
     logdir: str | None = None,
+    extra_callbacks: Sequence[Callback] = (),
 ) -> Run:
     """Train ``make_model()`` on ``data`` for ``max_steps`` optimizer steps with ``monitor``.
 
@@ -142,7 +143,7 @@ def train(
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[monitor, recorder],
+        callbacks=[monitor, recorder, *extra_callbacks],
     )
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -158,9 +159,9 @@ def train(
         history=list(monitor.history),
         loss_steps=recorder.steps,
         losses=recorder.losses,
-        alerts={"threshold": kinds.count(THRESHOLD), "spike": kinds.count(SPIKE)},
+        alerts={"threshold": kinds.count(EDGE), "spike": kinds.count(SPIKE)},
         seconds=seconds,
-        measure_seconds=monitor.measure_seconds,
+        measure_seconds=monitor.schedule.measure_seconds,
         train_acc=accuracy(model, data.train_dataloader()),
         val_acc=accuracy(model, data.val_dataloader()),
     )

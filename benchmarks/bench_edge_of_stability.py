@@ -51,7 +51,7 @@ from _phenomena import (
 from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.demo import DigitsClassifier, DigitsDataModule
 
-LEARNING_RATES = (0.25, 0.5, 1.0)
+LEARNING_RATES = (0.25, 0.4, 0.5, 1.0)
 NUM_SAMPLES = 1000
 HIDDEN = [64, 64]
 FIGURE = "edge_of_stability.png"
