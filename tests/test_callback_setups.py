@@ -1,6 +1,7 @@
 """CurvatureMonitor in less common set-ups: warm starts, sharded strategies, the unified
 `lightning` package, and (where there is one) a GPU."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -144,6 +145,11 @@ def test_monitor_on_gpu_keeps_vectors_on_the_device(tmp_path, precision):
         precision=precision,
         deterministic=False,
     )
-    run.fit(Classifier(mlp()), loader(classification_data()))
-    assert monitor._previous_vectors.device.type == "cuda"
-    assert run.callback_metrics["curvature/lambda_max"].item() > 0
+    module = Classifier(mlp())
+    run.fit(module, loader(classification_data()))
+    assert monitor._warm.top.device.type == "cuda"
+    # The dense float64 Hessian of the same weights, on the CPU.
+    batch = next(iter(loader(classification_data())))
+    net = copy.deepcopy(module.net).cpu()
+    truth = torch.linalg.eigvalsh(dense_hessian(net, cross_entropy_loss, [batch]))[-1].item()
+    assert run.callback_metrics["curvature/lambda_max"].item() == pytest.approx(truth, rel=1e-3)

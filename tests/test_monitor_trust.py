@@ -179,7 +179,8 @@ def _train(tmp_path, monitor):
     module = SideEffects()
     data = classification_data()
     run = trainer(tmp_path, [monitor] if monitor else [], max_steps=12)
-    quiet_fit(run, module, loader(data))
+    quiet_fit(run, module, loader(data, shuffle=True))
+    module.rng_after = (torch.get_rng_state(), np.random.get_state()[1].copy())  # noqa: NPY002
     return module, run, data
 
 
@@ -195,6 +196,9 @@ def test_training_with_side_effects_is_identical_with_and_without_the_monitor(tm
     assert with_monitor.calls == without.calls == 12
     assert len(with_monitor.losses) == 12
     assert with_monitor.noise == without.noise
+    # The global RNG streams (torch's, numpy's) end where they would without the monitor.
+    assert torch.equal(with_monitor.rng_after[0], without.rng_after[0])
+    assert np.array_equal(with_monitor.rng_after[1], without.rng_after[1])
     opt_with, opt_without = run_with.optimizers[0], run_without.optimizers[0]
     assert opt_with.param_groups[0]["lr"] == opt_without.param_groups[0]["lr"]
     for p, q in zip(with_monitor.parameters(), without.parameters(), strict=True):
@@ -202,8 +206,9 @@ def test_training_with_side_effects_is_identical_with_and_without_the_monitor(tm
             opt_with.state[p]["momentum_buffer"], opt_without.state[q]["momentum_buffer"]
         )
     # Every measurement called training_step, which edits its batch in place, on its own
-    # copy: the fixed probe is still the first batch as the loader gave it.
-    first_batch = next(iter(loader(classification_data())))[0]
+    # copy: the fixed probe is still the first batch as the loader gave it (before the edit).
+    torch.manual_seed(0)
+    first_batch = next(iter(loader(classification_data(), shuffle=True)))[0]
     assert torch.equal(monitor.probes.stored[0][0], first_batch)
 
 

@@ -44,7 +44,6 @@ from lightning_curvature.stability import (
     stability_rule,
 )
 
-
 FISHER_SAMPLES = 32
 
 

@@ -44,7 +44,8 @@ def measurement_mode(module: nn.Module, mode: Mode, dropout: bool = False) -> It
             module.eval()
         elif not dropout:
             for submodule in module.modules():
-                if isinstance(submodule, nn.modules.dropout._DropoutNd):
+                # Attention applies its own dropout (dropout_p) while in train mode.
+                if isinstance(submodule, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention)):
                     submodule.eval()
         yield
     finally:
