@@ -616,6 +616,9 @@ def test_cuda_without_a_gpu_is_bad_input(tiny_adam_checkpoint):
 def test_help_exits_0():
     code, printed, _ = run_main(["analyze", "--help"])
     assert code == 0 and "--num-batches" in printed
+    for flag in ("--curvature", "--loss", "--fisher-kind", "--per-layer", "--solve", "--damping"):
+        assert flag in printed
+    assert "blockwise_lambda_max" in " ".join(printed.split())
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])

@@ -221,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if psd:
         summary["lambda_min_skipped"] = _psd_note(matrix)
+        if record.sharpness_x_lr is not None:  # the rule is stated for the Hessian
+            summary["stability"] += f" (applied to the {matrix}'s λmax, not the Hessian's)"
     layer_scalars = per_layer.scalars(extras["per_layer"]) if args.per_layer else {}
     _write_outputs(out, record, summary, step, layer_scalars)
     printed = [table(record, summary)]
