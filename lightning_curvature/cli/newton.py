@@ -84,7 +84,9 @@ def newton_step(
 
 def table(step: dict[str, Any], matrix: str) -> str:
     """The solve as a few plain-text lines."""
-    status = "converged" if step["converged"] else "NOT converged (raise --solve-max-iters?)"
+    status = "converged"
+    if not step["converged"]:
+        status = "NOT converged (raise --damping or --solve-max-iters?)"
     return "\n".join(
         [
             f"Newton step x = (A + εI)⁻¹g, A the {matrix}, ε = {step['damping']:g}, g the mean "

@@ -130,7 +130,7 @@ def table(per_layer: dict[str, Any]) -> str:
             f"{per_layer['trace']:.6g}",
             f"{per_layer['trace_stderr']:.2g}",
             "",
-            "the layer traces sum to this (same probes)",
+            "the layers sum to it: plain Hutchinson (the trace above deflates the top space)",
         )
     )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
