@@ -1,11 +1,16 @@
-"""Which curvature ``analyze`` measures: ``--curvature hessian|ggn|fisher`` with its
+r"""Which curvature ``analyze`` measures: ``--curvature hessian|ggn|fisher`` with its
 ``--loss`` and ``--fisher-kind``, checked before Lightning loads, and the operator built for
 the whole model or for one block of its parameters.
 
-The Hessian is that of the mean ``training_step`` loss. The GGN :math:`J^\\top H_\\ell J`
+The Hessian is that of the mean ``training_step`` loss. The GGN :math:`J^\top H_\ell J`
 and the Fisher split that loss into the module's outputs, ``module(batch[0])``, and a loss
 on them named by ``--loss`` (torch's mean reduction against ``batch[1]``); both are positive
 semi-definite, so λmin is not measured for them.
+
+Example::
+
+    lightning-curvature analyze last.ckpt --model mypkg.Classifier --data mypkg.Data \
+        --curvature fisher --loss cross_entropy --fisher-kind empirical
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ def check_outputs(args: argparse.Namespace, model: Any, batches: Sequence[Any]) 
 
     Runs the forward once without a graph; call it in the measurement's mode, so that
     normalization layers' running statistics stay as they are.
+
+    Raises:
+        CliError: a batch that is not ``(inputs, targets, ...)``, a forward that fails on
+            ``batch[0]`` or returns no floating-point tensor, or a ``--loss`` that does not
+            fit the outputs and ``batch[1]``.
     """
     if args.curvature == "hessian":
         return

@@ -1,14 +1,19 @@
-"""``analyze --solve``: the damped Newton step :math:`x = (A + \\varepsilon I)^{-1} g` for
+r"""``analyze --solve``: the damped Newton step :math:`x = (A + \varepsilon I)^{-1} g` for
 the mean gradient :math:`g` of the analyzed batches, an influence-function style solve.
 
 The step is solved matrix-free with MINRES (:func:`lightning_curvature.solve`), which
 allows an indefinite Hessian. The predicted loss decrease of the step :math:`-x` is that of
-the local quadratic model :math:`L(\\theta - x) \\approx L - g^\\top x + \\tfrac12 x^\\top A x`,
+the local quadratic model :math:`L(\theta - x) \approx L - g^\top x + \tfrac12 x^\top A x`,
 
-.. math:: \\Delta = g^\\top x - \\tfrac12 x^\\top A x ,
+.. math:: \Delta = g^\top x - \tfrac12 x^\top A x ,
 
 a prediction of the model, not a measured loss: it can be far off for a large step, and is
 negative when the step climbs along negative curvature.
+
+Example::
+
+    lightning-curvature analyze last.ckpt --model mypkg.Classifier --demo-data \
+        --curvature ggn --loss cross_entropy --solve --damping 0.01
 """
 
 from __future__ import annotations
@@ -54,12 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def newton_step(
     op: Any, gradient: torch.Tensor, *, damping: float, tol: float, max_iters: int
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Solve ``(op + damping·I) x = gradient``; return its summary and ``x``.
+    r"""Solve ``(op + damping·I) x = gradient``; return its summary and ``x``.
 
     The summary holds ``norm_x``, ``norm_gradient``, ``relative_residual`` (the true
     ``‖(A + εI)x − g‖/‖g‖`` recomputed from ``x``), ``iterations``, ``num_matvecs``,
-    ``converged``, ``damping`` and ``predicted_decrease`` (:math:`g^\\top x - \\tfrac12
-    x^\\top A x`, one more product).
+    ``converged``, ``damping`` and ``predicted_decrease`` (:math:`g^\top x - \tfrac12
+    x^\top A x`, one more product).
     """
     from lightning_curvature.solvers import solve
 

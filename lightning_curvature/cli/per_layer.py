@@ -1,13 +1,17 @@
-"""``analyze --per-layer``: the trace and λmax of each layer's diagonal block of the
+r"""``analyze --per-layer``: the trace and λmax of each layer's diagonal block of the
 analyzed matrix.
 
 A layer's block :math:`A_{ll}` is the curvature with every other layer held fixed. Its trace
 comes from :func:`~lightning_curvature.estimators.blockwise.blockwise_trace`, which splits
-the Hutchinson terms :math:`z^\\top A z` of one run over the blocks (no product beyond the
+the Hutchinson terms :math:`z^\top A z` of one run over the blocks (no product beyond the
 whole trace's, and the layer traces sum to the whole). Its λmax comes from a Lanczos run per
 layer on the operator restricted to that layer's parameters (``params=``): measured faster
 on a CPU than the batched :func:`~lightning_curvature.estimators.blockwise.blockwise_lambda_max`,
 which advances every block in one product of the whole operator.
+
+Example::
+
+    lightning-curvature analyze last.ckpt --model mypkg.Classifier --demo-data --per-layer
 """
 
 from __future__ import annotations
