@@ -170,5 +170,8 @@ def mean_gradient(op: Any, model: Any, batches: Sequence[Any]) -> torch.Tensor:
         return op.gradient()
     by_name = dict(model.named_parameters())
     params = {name: by_name[name] for name in op.param_names}
-    with HessianOperator(model, training_step_loss, batches, params, dtype=op.dtype) as hessian:
+    hessian = HessianOperator(model, training_step_loss, batches, params, dtype=op.dtype)
+    try:
         return hessian.gradient()
+    finally:
+        hessian.release()  # the gradient's graph is not needed after
