@@ -24,25 +24,34 @@ def check_number(
     value: object,
     *,
     above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
     at_most: float | None = None,
     allowed: str | None = None,
 ) -> float:
-    """``value`` as a finite Python float with ``above < value <= at_most``, or a ValueError
-    naming ``name``; ``allowed`` words the range in the message."""
+    """``value`` as a finite Python float inside the bounds given (``above``/``at_least``
+    below it, ``below``/``at_most`` above it), or a ValueError naming ``name``; ``allowed``
+    words the range in the message."""
+    number = float(value) if isinstance(value, Real) and not isinstance(value, bool) else None
     in_range = (
-        not isinstance(value, bool)
-        and isinstance(value, Real)
-        and math.isfinite(value)
-        and (above is None or value > above)
-        and (at_most is None or value <= at_most)
+        number is not None
+        and math.isfinite(number)
+        and (above is None or number > above)
+        and (at_least is None or number >= at_least)
+        and (below is None or number < below)
+        and (at_most is None or number <= at_most)
     )
     if not in_range:
         if allowed is None:
-            low = "" if above is None else f" > {above:g}"
-            high = "" if at_most is None else f" <= {at_most:g}"
-            allowed = f"a number{low}{' and' if low and high else ''}{high}"
+            bounds = [
+                f"{sign} {bound:g}"
+                for sign, bound in ((">", above), (">=", at_least), ("<", below), ("<=", at_most))
+                if bound is not None
+            ]
+            allowed = "a number" + (" " + " and ".join(bounds) if bounds else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    assert number is not None
+    return number
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -61,7 +70,4 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
 
 def check_open_unit(name: str, value: object) -> float:
     """``value`` as a float strictly between 0 and 1, or a ValueError naming ``name``."""
-    number = check_number(name, value, above=0.0, allowed="a number in (0, 1)")
-    if number >= 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-    return number
+    return check_number(name, value, above=0.0, below=1.0, allowed="a number in (0, 1)")

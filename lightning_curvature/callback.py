@@ -8,7 +8,6 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -16,10 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
+from lightning_curvature._checks import check_int, check_open_unit
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.monitor.arguments import check_arguments
 from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
 from lightning_curvature.monitor.measuring import (
     Context,
@@ -34,6 +34,7 @@ from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
 
 OnError = Literal["warn", "raise"]
+Curvature = Literal["hessian", "ggn", "fisher"]
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
 # Hessian-vector product of one rank is not defined.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -67,6 +68,19 @@ class CurvatureMonitor(Callback):
         params: which parameters' Hessian: ``None`` (every trainable one), a regular
             expression matched with ``re.search`` against parameter names, or names.
         tag_prefix: replaces ``"curvature"`` in every tag, so monitors can run side by side.
+        curvature: ``"hessian"`` (default; can be indefinite), ``"ggn"`` (the generalized
+            Gauss-Newton JᵀH_ℓJ, positive semi-definite) or ``"fisher"`` (the true Fisher,
+            Monte Carlo targets from the model's predictive distribution). GGN and Fisher
+            need the model's outputs apart from the loss: ``loss_from_output`` and
+            ``output_fn``. The batch sharpness is a Hessian quantity and is left out for them.
+        loss_from_output: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, batch)``: the
+            loss on the model's outputs, for ``curvature="ggn"`` or ``"fisher"``.
+        output_fn: ``output_fn(module, batch) -> outputs``; default ``module(batch[0])``.
+        per_layer: full measurements also log each layer's trace and λmax
+            (``<prefix>/layer/<name>/trace``, ``.../lambda_max``): ``True`` for one block per
+            module, or a list of regular expressions, one block each. The per-layer traces
+            come from the whole trace's probes (no extra products; the whole trace is then
+            plain Hutchinson); the per-layer λmax from one batched Lanczos over all layers.
         num_batches: probe batches averaged in each measurement.
         probe: ``"fixed"``: the first ``num_batches`` training batches, copied once, so curves
             are comparable; ``"current"``: the batch about to be trained on.
@@ -118,6 +132,10 @@ class CurvatureMonitor(Callback):
         max_overhead: float | None = 0.05,
         params: str | Iterable[str] | None = None,
         tag_prefix: str = TAG_PREFIX,
+        curvature: Curvature = "hessian",
+        loss_from_output: str | Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        per_layer: bool | list[str] = False,
         num_batches: int = 1,
         probe: ProbeKind = "fixed",
         probe_dataloader: DataLoader | None = None,
@@ -150,41 +168,36 @@ class CurvatureMonitor(Callback):
         k = check_int("k", k, 1)
         if num_iters is not None:
             num_iters = check_int("num_iters", num_iters, k)
-        check_choice("probe", probe, ("fixed", "current"))
-        check_choice("mode", mode, ("train", "eval"))
-        check_choice("on_error", on_error, ("warn", "raise"))
-        for name, value in (
-            ("log_spaced", log_spaced),
-            ("trace", trace),
-            ("spectral_density", spectral_density),
-            ("lambda_min", lambda_min),
-            ("dropout", dropout),
-            ("warm_start", warm_start),
-            ("stop_on_alert", stop_on_alert),
-        ):
-            check_bool(name, value)
-        if probe_dataloader is not None and probe != "fixed":
-            raise ValueError(
-                "probe_dataloader needs probe='fixed' (its batches are the fixed "
-                f"probe set), got probe={probe!r}"
-            )
-        if probe_dataloader is not None and not isinstance(probe_dataloader, DataLoader):
-            raise ValueError(
-                "probe_dataloader must be a torch DataLoader or None, got "
-                f"{type(probe_dataloader).__name__}"
-            )
-        for name, value in (("loss_fn", loss_fn), ("on_alert", on_alert)):
-            if value is not None and not callable(value):
-                raise ValueError(f"{name} must be callable or None, got {type(value).__name__}")
-        if not isinstance(tag_prefix, str) or not re.fullmatch(r"[\w.\-/]+", tag_prefix):
-            raise ValueError(
-                "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
-                f"'/', got {tag_prefix!r}"
-            )
+        check_arguments(
+            probe=probe,
+            mode=mode,
+            curvature=curvature,
+            loss_from_output=loss_from_output,
+            output_fn=output_fn,
+            per_layer=per_layer,
+            on_error=on_error,
+            probe_dataloader=probe_dataloader,
+            loss_fn=loss_fn,
+            on_alert=on_alert,
+            tag_prefix=tag_prefix,
+            flags={
+                "log_spaced": log_spaced,
+                "trace": trace,
+                "spectral_density": spectral_density,
+                "lambda_min": lambda_min,
+                "dropout": dropout,
+                "warm_start": warm_start,
+                "stop_on_alert": stop_on_alert,
+            },
+        )
         if lr_factor_on_alert is not None:
             lr_factor_on_alert = check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
         self.params = check_params(params)
         self.tag_prefix = tag_prefix
+        self.curvature = curvature
+        self.loss_from_output = loss_from_output
+        self.output_fn = output_fn
+        self.per_layer = per_layer if isinstance(per_layer, bool) else list(per_layer)
         self.loss_fn = loss_fn
         self.mode: Mode = mode
         self.dropout = bool(dropout)
@@ -237,7 +250,9 @@ class CurvatureMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(tag_prefix=self.tag_prefix, params=self.params)
+        return self._generate_state_key(
+            tag_prefix=self.tag_prefix, params=self.params, curvature=self.curvature
+        )
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -297,7 +312,7 @@ class CurvatureMonitor(Callback):
             rank_zero_warn(f"CurvatureMonitor[{self.tag_prefix}]: {decision.warning}")
         if decision.tier is None or not self.probes.ready:
             return
-        error = None
+        error: BaseException | None = None
         try:
             with self.schedule.timed(decision):
                 outcome = measure_module(
@@ -370,6 +385,10 @@ class CurvatureMonitor(Callback):
             mode=self.mode,
             dropout=self.dropout,
             distributed=trainer.world_size > 1 and torch.distributed.is_initialized(),
+            curvature=self.curvature,
+            output_fn=self.output_fn,
+            loss_from_output=self.loss_from_output,
+            per_layer=self.per_layer,
         )
 
     def _update(self, module: nn.Module, step: int) -> torch.Tensor | None:

@@ -198,8 +198,10 @@ def parse_loss(loss: object) -> nn.Module:
             "loss must be nn.MSELoss(), nn.CrossEntropyLoss(), 'mse' or 'cross_entropy', got "
             f"{type(loss).__name__}"
         )
-    if loss.reduction not in ("mean", "sum"):
-        raise ValueError(f"loss.reduction must be 'mean' or 'sum', got {loss.reduction!r}")
+    reduction = getattr(loss, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss.reduction must be 'mean' or 'sum', got {reduction!r}")
+    assert isinstance(loss, nn.Module)
     return loss
 
 

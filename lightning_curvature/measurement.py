@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
+from lightning_curvature.estimators.blockwise import blockwise_lambda_max, blockwise_trace
 from lightning_curvature.operators import PreconditionedOperator
 from lightning_curvature.stability import StabilityRule, stability_ratio
 
@@ -77,6 +78,11 @@ class Measurement:
     batch_sharpness: float | None = None
     batch_sharpness_x_lr: float | None = None
     hvp_method: str | None = None
+    curvature: str = "hessian"
+    # Per-layer diagonal blocks (``per_layer``): name -> (trace, its stderr) and name ->
+    # (λmax, converged), from the same probes as the whole trace and one batched Lanczos.
+    layer_traces: dict[str, tuple[float, float]] | None = None
+    layer_lambda_max: dict[str, tuple[float, bool]] | None = None
     density_grid: tuple[float, ...] | None = field(default=None, repr=False)
     density: tuple[float, ...] | None = field(default=None, repr=False)
 
@@ -115,6 +121,12 @@ class Measurement:
             values["lambda_min"] = self.lambda_min
         if self.lambda_min_converged is not None:
             values["lambda_min_converged"] = float(self.lambda_min_converged)
+        for name, (trace, stderr) in (self.layer_traces or {}).items():
+            values[f"layer/{name}/trace"] = trace
+            values[f"layer/{name}/trace_stderr"] = stderr
+        for name, (value, converged) in (self.layer_lambda_max or {}).items():
+            if converged:
+                values[f"layer/{name}/lambda_max"] = value
         return {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None}
 
     def to_json(self) -> dict[str, object]:
@@ -124,6 +136,8 @@ class Measurement:
         def clean(value: object) -> object:
             if isinstance(value, tuple):
                 return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
             if isinstance(value, float) and not math.isfinite(value):
                 return None
             return value
@@ -167,6 +181,8 @@ def measure(
     update: torch.Tensor | None = None,
     batch_ops: Sequence[Any] | None = None,
     mean_over_ranks: Callable[[float], float] | None = None,
+    blocks: Sequence[tuple[str, slice]] | None = None,
+    curvature: str = "hessian",
 ) -> tuple[Measurement, WarmStart]:
     """Run one tier of estimators on ``op``; return the record and the next warm start.
 
@@ -184,6 +200,12 @@ def measure(
             sharpness); ``[op]`` when there is a single probe batch.
         mean_over_ranks: averages a local number across data-parallel ranks (batch
             sharpness is a mean over every rank's probe batches).
+        blocks: ``(name, slice)`` blocks of the flat vector (one per layer, from
+            :func:`~lightning_curvature.operators.blocks.parameter_blocks`): a full
+            measurement then also gives each block's trace, from the very probes of the
+            whole trace (which is then plain Hutchinson, so the blocks sum to it), and each
+            diagonal block's λmax, from one batched Lanczos over all blocks.
+        curvature: what ``op`` is (``"hessian"``, ``"ggn"``, ``"fisher"``), for the record.
     """
     if tier not in ("track", "full"):
         raise ValueError(f"tier must be 'track' or 'full', got {tier!r}")
@@ -228,7 +250,9 @@ def measure(
                 lambda_min_error_bound=float(bottom.error_bounds[0]),
                 lambda_min_converged=bottom.converged,
             )
-        if settings.trace:
+        if blocks:
+            values.update(_per_layer(op, settings, blocks))
+        elif settings.trace:
             trace = _deflated_trace(op, settings, top)
             values.update(trace=trace.estimate, trace_stderr=trace.stderr)
         if settings.density:
@@ -289,6 +313,7 @@ def measure(
         num_matvecs=op.num_matvecs - matvecs_before + extra_matvecs,
         seconds=time.perf_counter() - started,
         hvp_method=getattr(op, "method_used", None),
+        curvature=curvature,
         **values,
     )
     return record, WarmStart(top=top.eigenvectors, preconditioned=preconditioned_vectors)
@@ -315,6 +340,26 @@ def batch_sharpness(batch_ops: Sequence[Any], op: Any) -> tuple[float, int]:
         if batch_op is not op:
             spent += batch_op.num_matvecs - before
     return sum(ratios) / len(ratios), spent
+
+
+def _per_layer(
+    op: Any, settings: MeasureSettings, blocks: Sequence[tuple[str, slice]]
+) -> dict[str, Any]:
+    """Per-block traces (0 products beyond the whole trace's probes) and per-block λmax
+    (one L-column product per Lanczos step)."""
+    traces = blockwise_trace(op, blocks, num_probes=settings.num_probes, seed=settings.seed + 2)
+    tops = blockwise_lambda_max(
+        op, blocks, tol=settings.tol, num_iters=settings.num_iters, seed=settings.seed + 5
+    )
+    return {
+        "trace": traces.whole.estimate,
+        "trace_stderr": traces.whole.stderr,
+        "layer_traces": {n: (r.estimate, r.stderr) for n, r in traces.blocks.items()},
+        "layer_lambda_max": {
+            n: (float(v), bool(c))
+            for n, v, c in zip(tops.names, tops.eigenvalues, tops.converged, strict=True)
+        },
+    }
 
 
 def _deflated_trace(op: Any, settings: MeasureSettings, top: Any) -> Any:

@@ -92,6 +92,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.chain_model import (
     Layer,
     activation_curvature,
@@ -111,7 +112,6 @@ from lightning_curvature.chain_model import (
     transpose_apply_blocks,
 )
 from lightning_curvature.operators.hessian import HessianOperator
-from lightning_curvature.solvers import _integer, _real
 
 # A pivot with more than this many times as many parameters as B has rows is handled in
 # B's row space (see _factor_pivot).
@@ -212,11 +212,11 @@ def mlp_chain_solve(
     """
     linears, activations = parse_chain(model)
     loss_module = parse_loss(loss)
-    damping = _real("damping", damping, minimum=0.0, inclusive=True)
+    damping = check_number("damping", damping, at_least=0.0)
     for name, flag in (("diagnostics", diagnostics), ("check_residual", check_residual)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
-    refine = _integer("refine", refine, minimum=0)
+    refine = check_int("refine", refine, 0)
     params = list(model.parameters())
     device = params[0].device
     dtype = params[0].dtype if dtype is None else dtype
@@ -319,14 +319,20 @@ def _substitute(stages: list[_Stage], rhs: torch.Tensor, offsets: list[int]) -> 
         feedforward = stage.solve_pivot(local)
         feedforwards.append(feedforward)
         if stage.transition is not None:
+            assert stage.coupling is not None  # set with the transition
             linear = transpose_apply_blocks(stage.transition, linear) - stage.coupling @ feedforward
     feedforwards.reverse()
     pieces, state = [], None
     for stage, feedforward in zip(stages, feedforwards, strict=True):
-        step = feedforward if state is None else feedforward - stage.gain @ state
+        if state is None:
+            step = feedforward
+            pieces.append(step)
+            state = stage.tangent_map @ step
+            continue
+        assert stage.gain is not None and stage.transition is not None  # all but layer 1
+        step = feedforward - stage.gain @ state
         pieces.append(step)
-        moved = stage.tangent_map @ step
-        state = moved if state is None else apply_blocks(stage.transition, state) + moved
+        state = apply_blocks(stage.transition, state) + stage.tangent_map @ step
     return torch.cat(pieces)
 
 

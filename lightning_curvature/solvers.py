@@ -24,13 +24,13 @@ All vectors stay on the operator's device. On a GPU convergence is checked every
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.estimators._common import LinearOperator, apply_block, check_operator
 
 SolveMethod = Literal["minres", "cg"]
@@ -117,15 +117,15 @@ def solve(
     check_operator(op)
     if method not in ("minres", "cg"):
         raise ValueError(f"method must be 'minres' or 'cg', got {method!r}")
-    damping = _real("damping", damping, minimum=0.0, inclusive=True)
-    tol = _real("tol", tol, minimum=0.0, inclusive=False)
+    damping = check_number("damping", damping, at_least=0.0)
+    tol = check_number("tol", tol, above=0.0)
     if tol >= 1.0:
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
-    max_iters = 2 * int(op.dim) if max_iters is None else _integer("max_iters", max_iters)
+    max_iters = 2 * int(op.dim) if max_iters is None else check_int("max_iters", max_iters, 1)
     device = torch.device(op.device)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else GPU_CHECK_EVERY
-    check_every = _integer("check_every", check_every)
+    check_every = check_int("check_every", check_every, 1)
     rhs = _check_rhs(b, op)
 
     system = _DampedSystem(op, damping)
@@ -325,21 +325,3 @@ def _message(
         f"{method} did not reach tol={tol:g} in {iterations} iterations (max_iters="
         f"{max_iters}); true relative residual {worst:.3g}: raise max_iters or the damping"
     )
-
-
-def _real(name: str, value: object, minimum: float, inclusive: bool) -> float:
-    """A finite real number above ``minimum``; numpy scalars accepted, bools rejected."""
-    allowed = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number {allowed}, got {value!r}")
-    number = float(value)
-    if not (number >= minimum if inclusive else number > minimum) or number == float("inf"):
-        raise ValueError(f"{name} must be a finite real number {allowed}, got {value!r}")
-    return number
-
-
-def _integer(name: str, value: object, minimum: int = 1) -> int:
-    """An integer >= ``minimum``; numpy integers accepted, bools rejected."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)

@@ -274,8 +274,9 @@ def preconditioner_diagonal(
                 "the optimizer has stepped"
             )
         if family == "AdaHessian":  # P = (1−β1ᵗ)((√v̂)^k + ε), its own Hessian power k
-            diagonal = optimizer.preconditioner_diagonal([p])  # type: ignore[operator]
+            diagonal = optimizer.preconditioner_diagonal([p])  # type: ignore[attr-defined]
         else:
+            assert state is not None  # _stepped(state) held
             diagonal = _diagonal(family, group, state)
         lr = _scalar(group.get("lr", lr_ref))
         if lr != lr_ref and lr_ref != 0.0:

@@ -6,6 +6,7 @@ of float64 gradients (tests/truth.py)."""
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -202,8 +203,9 @@ def test_finite_difference_products_match_the_dense_hessian(make_model, make_bat
     # The contract is 1e-3; measured 1e-8 .. 1.3e-7 (kinks included: the float64 step is
     # too small to cross them).
     assert relative_error(op.matmat(block), exact @ block) < 1e-6
-    assert op.num_matvecs == 3 + 2 and op.last_check.passed
+    assert op.num_matvecs == 3 and op.last_check is None  # nothing to verify
     assert op.method_used == "finite_difference" and op.fallback_reason is None
+    assert op.check().passed
     if smooth:  # float32 on smooth models: measured 1.6e-4 .. 1.1e-3
         fast = lc.HessianOperator(
             model, cross_entropy_loss, batches, hvp_method="finite_difference"
@@ -366,9 +368,14 @@ def test_cudnn_is_switched_off_only_for_models_with_an_rnn():
     assert torch.backends.cudnn.enabled == enabled
 
 
-def test_verify_must_be_a_bool():
+def test_verify_must_be_a_bool_and_seed_an_int():
     with pytest.raises(ValueError, match="verify"):
         lc.HessianOperator(tanh_mlp(), cross_entropy_loss, mlp_batches(), verify="yes")
+    op = lc.HessianOperator(tanh_mlp(), cross_entropy_loss, mlp_batches())
+    for seed in (True, 1.5, "0"):
+        with pytest.raises(ValueError, match="seed"):
+            op.check(seed)
+    assert op.check(np.int64(3)).passed
 
 
 @torch.compile(backend="aot_eager")
@@ -397,3 +404,40 @@ def test_a_compiled_function_falls_back_to_finite_differences():
     with pytest.warns(UserWarning, match="cannot be differentiated twice"):
         assert relative_error(op.matvec(v), truth) < 1e-6
     assert op.method_used == "finite_difference"
+
+
+def test_wrappers_pass_the_method_and_the_fallback_reason_through():
+    op = lc.HessianOperator(custom_in_loss(), cross_entropy_loss, mlp_batches())
+    wrapped = lc.operators.PreconditionedOperator(op, torch.ones(op.dim))
+    assert wrapped.method_used == "reuse_graph" and wrapped.fallback_reason is None
+    with pytest.warns(UserWarning, match="finite differences"):
+        wrapped.matvec(torch.ones(op.dim))
+    assert wrapped.method_used == "finite_difference"
+    assert wrapped.fallback_reason == op.fallback_reason is not None
+
+
+class CustomReluNet(nn.Module):
+    """A ReLU MLP on a batch large enough that a float32 finite-difference step crosses
+    kinks, with the custom tanh in a side branch so that the fallback is taken."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.main = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 4))
+        self.side = nn.Sequential(nn.Linear(10, 4), CustomTanh())
+
+    def forward(self, x):
+        return self.main(x) + self.side(x)
+
+
+def test_the_fallback_warns_when_float32_differences_are_inexact():
+    batches = classification_batches(1, 512, (10,), 4)
+    op = lc.HessianOperator(CustomReluNet(), cross_entropy_loss, batches)
+    with pytest.warns(UserWarning, match="dtype=torch.float64 for accurate") as record:
+        op.matvec(torch.ones(op.dim))
+    assert op.last_check.finite_difference_uncertainty > 1e-2
+    assert len(record) == 1
+    smooth = lc.HessianOperator(custom_in_loss(), cross_entropy_loss, mlp_batches())
+    with pytest.warns(UserWarning) as record:
+        smooth.matvec(torch.ones(smooth.dim))
+    assert "accurate products" not in str(record[0].message)

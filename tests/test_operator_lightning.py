@@ -30,3 +30,26 @@ def test_a_compiled_network_is_measured_exactly_in_a_trainer(tmp_path):
     exact = dense_hessian(net, cross_entropy_loss, [batch])
     logged = monitor.history[-1]["curvature/lambda_max"]
     assert logged == pytest.approx(float(torch.linalg.eigvalsh(exact)[-1]), rel=1e-3)
+
+
+def test_precision_64_true_is_measured_in_float64(tmp_path):
+    # Under precision="64-true" the parameters are float64: the operator must use them as
+    # they are (not a float32 copy, whose λmax would be about 1e-7 off).
+    torch.manual_seed(0)
+    net = mlp()
+    module = Classifier(net, "sgd", lr=0.1)
+    data = loader(classification_data(n=64))
+    monitor = CurvatureMonitor(
+        every_n_steps=2,
+        log_spaced=False,
+        k=1,
+        trace=False,
+        tol=1e-12,
+        max_overhead=None,
+        on_error="raise",
+    )
+    trainer(tmp_path, [monitor], max_steps=2, logger=False, precision="64-true").fit(module, data)
+    assert next(net.parameters()).dtype == torch.float64
+    exact = dense_hessian(net, cross_entropy_loss, [next(iter(data))])
+    logged = monitor.history[-1]["curvature/lambda_max"]
+    assert logged == pytest.approx(float(torch.linalg.eigvalsh(exact)[-1]), rel=1e-10)

@@ -12,6 +12,8 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
+from lightning_curvature._checks import check_int, check_number
+
 # Iterations between convergence checks on an accelerator, where each check is a host sync
 # that stalls the device queue. On the CPU a check costs nothing extra and runs every step.
 ACCELERATOR_CHECK_EVERY = 3
@@ -52,15 +54,11 @@ def is_real(value: object) -> bool:
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if not is_integer(value) or cast(numbers.Integral, value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(cast(numbers.Integral, value))
+    return check_int(name, value, minimum)
 
 
 def check_positive_float(name: str, value: object) -> float:
-    if not is_real(value) or not float(cast(numbers.Real, value)) > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(cast(numbers.Real, value))
+    return check_number(name, value, above=0.0, allowed="a positive number")
 
 
 def check_every(device: torch.device) -> int:

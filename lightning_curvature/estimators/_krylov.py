@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal  # type: ignore[import-untyped]
+from scipy.linalg import eigh_tridiagonal
 
 from lightning_curvature.estimators._common import (
     LinearOperator,

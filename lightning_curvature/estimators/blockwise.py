@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -37,15 +36,6 @@ from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 
 Block = tuple[str, slice]
-
-
-def _integer(name: str, value: object, minimum: int | None = 1) -> int:
-    """``value`` as an int (numpy integers accepted, bools refused), at least ``minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None:
-        check_positive_int(name, int(value), minimum=minimum)
-    return int(value)
 
 
 def check_blocks(blocks: Sequence[Block], dim: int) -> list[Block]:
@@ -150,9 +140,9 @@ def blockwise_trace(
     """
     check_operator(op)
     blocks = check_blocks(blocks, op.dim)
-    num_probes = _integer("num_probes", num_probes, minimum=2)
-    probes_per_block = _integer("probes_per_block", probes_per_block)
-    seed = _integer("seed", seed, minimum=None)
+    num_probes = check_positive_int("num_probes", num_probes, minimum=2)
+    probes_per_block = check_positive_int("probes_per_block", probes_per_block)
+    seed = check_positive_int("seed", seed, minimum=-(2**63))
     generator = make_generator(op, seed)
     whole_terms, block_terms = [], []
     for start in range(0, num_probes, probes_per_block):
@@ -272,8 +262,10 @@ def blockwise_lambda_max(
     """
     check_operator(op)
     blocks = check_blocks(blocks, op.dim)
-    num_iters = default_num_iters(1) if num_iters is None else _integer("num_iters", num_iters)
-    seed = _integer("seed", seed, minimum=None)
+    if num_iters is None:
+        num_iters = default_num_iters(1)
+    num_iters = check_positive_int("num_iters", num_iters)
+    seed = check_positive_int("seed", seed, minimum=-(2**63))
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     packing = _PackedBlocks(blocks, op.dim, op.device)

@@ -101,7 +101,7 @@ def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray) 
 
 
 def _spectral_scale(theta: np.ndarray) -> float:
-    return max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
+    return max(float(np.max(np.abs(theta))), float(np.finfo(np.float64).tiny))
 
 
 def guard_ritz_values(k: int) -> int:

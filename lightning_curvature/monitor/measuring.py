@@ -34,6 +34,8 @@ from lightning_curvature.monitor.objective import (
     preserved_python_state,
 )
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
+from lightning_curvature.operators.blocks import parameter_blocks
+from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
 from lightning_curvature.stability import (
     StabilityRule,
     first_moment_settled,
@@ -55,6 +57,10 @@ class Context:
     mode: Mode = "train"
     dropout: bool = False
     distributed: bool = False
+    curvature: str = "hessian"
+    output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    loss_from_output: Any = None
+    per_layer: bool | Sequence[str] = False
 
 
 @dataclass
@@ -113,15 +119,14 @@ def measure_module(
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        local = HessianOperator(
-            target,
-            _on_fresh_copies(context.loss_fn),
-            batches,
-            params,
-            hvp_method=hvp_method,
-            verify=verify,
-        )
+        local = _operator(context, target, batches, params, hvp_method, verify)
         op: Any = AllReduceOperator(local) if context.distributed else local
+        blocks = (
+            parameter_blocks(local.param_names, local.params, context.per_layer)
+            if context.per_layer
+            else None
+        )
+        hessian = context.curvature == "hessian"
         try:
             record, next_warm = measure(
                 op,
@@ -132,8 +137,10 @@ def measure_module(
                 preconditioner=preconditioner,
                 warm=warm,
                 update=update,
-                batch_ops=[local] if len(batches) == 1 else _batch_operators(local, batches),
+                batch_ops=None if not hessian else _batch_operators(local, batches),
                 mean_over_ranks=_mean_over_ranks if context.distributed else None,
+                blocks=blocks,
+                curvature=context.curvature,
             )
         except Exception as error:
             _raise_own_failure(op, error)
@@ -181,15 +188,41 @@ def _on_fresh_copies(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.M
     return on_copy
 
 
+def _operator(
+    context: Context,
+    model: nn.Module,
+    batches: list[Any],
+    params: dict[str, nn.Parameter],
+    hvp_method: str,
+    verify: bool,
+) -> Any:
+    """The curvature the monitor was asked for, over ``params`` on the probe batches."""
+    if context.curvature == "hessian":
+        return HessianOperator(
+            model,
+            _on_fresh_copies(context.loss_fn),
+            batches,
+            params,
+            hvp_method=hvp_method,  # type: ignore[arg-type]
+            verify=verify,
+        )
+    split = {"output_fn": context.output_fn, "loss_from_output": context.loss_from_output}
+    if context.curvature == "ggn":
+        return GGNOperator(model, batches, params, **split)
+    return FisherOperator(model, batches, params, kind="true", **split)
+
+
 def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:
     """One operator per probe batch, for the batch sharpness g_bᵀH_b g_b / g_bᵀg_b."""
+    if len(batches) == 1:
+        return [op]
     return [
         HessianOperator(
             op.model,
             op.loss_fn,
             [batch],
             dict(zip(op.param_names, op.params, strict=True)),
-            hvp_method=op.method_used or "auto",
+            hvp_method=op.method_used,  # type: ignore[arg-type]
             verify=False,
         )
         for batch in batches

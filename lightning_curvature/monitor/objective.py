@@ -56,8 +56,8 @@ def measurement_mode(module: nn.Module, mode: Mode, dropout: bool = False) -> It
 def muted_logging(module: nn.Module) -> Iterator[None]:
     """``training_step`` calls ``self.log``; during a measurement those calls must add
     nothing to the module's logged metrics."""
-    module.log = _ignore  # instance attributes shadow the methods
-    module.log_dict = _ignore
+    module.__dict__["log"] = _ignore  # instance attributes shadow the methods
+    module.__dict__["log_dict"] = _ignore
     try:
         yield
     finally:
@@ -120,7 +120,7 @@ _ATOMS = (int, float, complex, str, bytes, bool, type(None))
 
 def _plain_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
     """(original object, copy of its value) for each attribute a step could change."""
-    saved = {}
+    saved: dict[str, tuple[Any, Any]] = {}
     for name, value in vars(module).items():
         if name in _MODULE_INTERNALS or "hook" in name:
             continue
@@ -128,7 +128,7 @@ def _plain_attributes(module: nn.Module) -> dict[str, tuple[Any, Any]]:
             saved[name] = (value, value.detach().clone())
         elif _is_plain(value):
             saved[name] = (value, _copy(value))
-    saved["__names__"] = (None, set(vars(module)))
+    saved["__names__"] = (None, set(vars(module)))  # the attributes there were
     return saved
 
 

@@ -11,7 +11,8 @@ memory between measurements (``release``) and reports the loss the operator was 
 the operator's device and dtype, counting, and ``matvec`` as a one-column ``matmat``. A
 subclass implements :meth:`CurvatureOperator._matmat` alone. :class:`OperatorWrapper` is the
 base of operators built on another one (preconditioned, all-reduced, block-diagonal): it
-passes ``release``, ``loss``, ``params`` and ``param_names`` through, so wrappers compose.
+passes ``release``, ``loss``, ``params``, ``param_names``, ``method_used`` and
+``fallback_reason`` through, so wrappers compose.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class CurvatureOperator(ABC):
 
 class OperatorWrapper(CurvatureOperator):
     """An operator defined through another one, ``inner``; it passes ``release``,
-    ``loss``, ``params`` and ``param_names`` through to it."""
+    ``loss``, ``params``, ``param_names``, ``method_used`` and ``fallback_reason`` through
+    to it."""
 
     def __init__(self, inner: Any) -> None:
         super().__init__(inner.dim, inner.device, inner.dtype)
@@ -90,6 +92,16 @@ class OperatorWrapper(CurvatureOperator):
     @property
     def param_names(self) -> list[str]:
         return list(getattr(self.inner, "param_names", []))
+
+    @property
+    def method_used(self) -> str | None:
+        """How the innermost operator computes products (``None`` if it does not say)."""
+        return getattr(self.inner, "method_used", None)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why the innermost operator left the method it was asked for, or ``None``."""
+        return getattr(self.inner, "fallback_reason", None)
 
     def release(self) -> None:
         release = getattr(self.inner, "release", None)

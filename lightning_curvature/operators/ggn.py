@@ -56,7 +56,7 @@ from torch import nn
 from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.context import isolated_evaluation
-from lightning_curvature.operators.hessian import resolve_params, scalar_loss
+from lightning_curvature.operators.loss import resolve_params, scalar_loss
 from lightning_curvature.operators.output_space import (
     BUILTIN_LOSSES,
     AutogradHessian,
@@ -76,7 +76,8 @@ FISHER_KINDS = ("true", "empirical")
 
 def default_output_fn(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(batch[0])``: the outputs of an ``(inputs, targets)`` batch."""
-    return model(batch[0])
+    outputs: torch.Tensor = model(batch[0])
+    return outputs
 
 
 class GGNOperator(CurvatureOperator):
@@ -313,12 +314,14 @@ class GGNOperator(CurvatureOperator):
         batch = self.batches[index]
 
         def outputs_at(*values: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(
+            outputs: torch.Tensor = torch.func.functional_call(
                 wrapper, dict(zip(names, values, strict=True)), (batch,), strict=False
             )
+            return outputs
 
         def jvp(*tangents: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(outputs_at, primals, tangents)[1]
+            tangent_out: torch.Tensor = torch.func.jvp(outputs_at, primals, tangents)[1]
+            return tangent_out
 
         with isolated_evaluation(self.model, self.device, index):
             jv = torch.func.vmap(jvp, randomness="same")(*self._unflatten_columns(block))

@@ -27,6 +27,7 @@ Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -38,6 +39,7 @@ from torch import nn
 from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.checks import (
+    FINITE_DIFFERENCE_TOLERANCE,
     HvpCheck,
     UnreliableProductError,
     custom_functions,
@@ -46,7 +48,13 @@ from lightning_curvature.operators.checks import (
 )
 from lightning_curvature.operators.context import eager, holds_rnn, isolated_evaluation
 from lightning_curvature.operators.gradient_graph import GradientGraphOperator
-from lightning_curvature.operators.loss import LossFn, LossModule, resolve_params, scalar_loss
+from lightning_curvature.operators.loss import (
+    LossFn,
+    LossModule,
+    native_dtype,
+    resolve_params,
+    scalar_loss,
+)
 from lightning_curvature.operators.products import (
     batch_columns_by_default,
     finite_difference_products,
@@ -92,8 +100,9 @@ class HessianOperator(CurvatureOperator):
             or double backward raises (no second derivative, reentrant checkpointing,
             compiled functions).
         verify: run :meth:`check` before the first product (its two products count in
-            ``num_matvecs``). A failed check switches ``"auto"`` to finite differences and
-            makes any other method raise :class:`UnreliableProductError`.
+            ``num_matvecs``; it costs about 3-5 products). A failed check switches
+            ``"auto"`` to finite differences and makes any other method raise
+            :class:`UnreliableProductError`. Ignored for ``"finite_difference"``.
 
     Raises:
         ValueError: on a bad argument (named, with its value and what is allowed).
@@ -150,7 +159,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(
                 f"params must all live on one device, found {sorted(map(str, devices))}"
             )
-        dtype = dtype or _native_dtype(params_list)
+        dtype = dtype or native_dtype(params_list)
         if any(p.dtype != dtype for p in params_list):
             # Never cast the caller's model: evaluate a cast copy instead.
             model = copy.deepcopy(model).to(dtype)
@@ -165,7 +174,8 @@ class HessianOperator(CurvatureOperator):
         self._requested: str = hvp_method
         self._method: str = "reuse_graph" if hvp_method == "auto" else hvp_method
         self._fallback_reason: str | None = None
-        self._verify_pending = verify
+        # Finite differences use first-order gradients alone: nothing to verify.
+        self._verify_pending = verify and hvp_method != "finite_difference"
         self._disable_cudnn = holds_rnn(model)
         self._loss_module = LossModule(model, loss_fn)
         self._gradients: Gradients | None = None  # mean gradient, with its graph
@@ -217,6 +227,8 @@ class HessianOperator(CurvatureOperator):
             >>> op.check().passed  # doctest: +SKIP
             True
         """
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
         method = self._method
@@ -284,10 +296,18 @@ class HessianOperator(CurvatureOperator):
         self._fallback_reason = reason
         self._method = "finite_difference"
         self._gradients = None
+        caveat = ""
+        uncertainty = self.last_check.finite_difference_uncertainty if self.last_check else 0.0
+        if uncertainty > FINITE_DIFFERENCE_TOLERANCE[self.dtype]:
+            caveat = (
+                f" Beware: in {str(self.dtype).removeprefix('torch.')} they are inexact on this "
+                "model (the step crosses kinks such as ReLU, or rounding dominates); pass "
+                "dtype=torch.float64 for accurate products."
+            )
         warnings.warn(
             f"HessianOperator: {reason}. Falling back to finite differences of the gradient "
             "(two gradients per product); pass hvp_method='finite_difference' to choose it "
-            "and silence this warning.",
+            f"and silence this warning.{caveat}",
             stacklevel=4,
         )
 
@@ -376,18 +396,6 @@ class HessianOperator(CurvatureOperator):
             ]
         return [None if g is None else g / len(self.batches) for g in total]
 
-    def _substitutes(self, values: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Parameter values for ``functional_call`` of the loss module: ``values`` for the
-        covered parameters, detached copies for the other trainable ones (so a backward pass
-        reaches no ``.grad`` of the caller's). Names are read at call time: compiled
-        submodules are swapped for the modules they wrap while the operator evaluates."""
-        chosen = {id(p): value for p, value in zip(self.params, values, strict=True)}
-        return {
-            name: chosen[id(p)] if id(p) in chosen else p.detach()
-            for name, p in self._loss_module.named_parameters()
-            if id(p) in chosen or p.requires_grad
-        }
-
     def _gradient_at(self, values: Sequence[torch.Tensor]) -> Gradients:
         """The mean gradient with the covered parameters set to ``values``, first-order only
         (a plain backward pass, so reentrant checkpoints work)."""
@@ -395,9 +403,7 @@ class HessianOperator(CurvatureOperator):
         for index, batch in enumerate(self.batches):
             leaves = [value.detach().requires_grad_() for value in values]
             with self._isolated(index):
-                torch.func.functional_call(
-                    self._loss_module, self._substitutes(leaves), (batch, True), strict=False
-                )
+                self._loss_module.at(self.params, leaves, batch, backward=True)
             total = [
                 t if leaf.grad is None else leaf.grad if t is None else t + leaf.grad
                 for t, leaf in zip(total, leaves, strict=True)
@@ -409,9 +415,7 @@ class HessianOperator(CurvatureOperator):
         for index, batch in enumerate(self.batches):
 
             def loss_at(*values: torch.Tensor, batch: Any = batch) -> torch.Tensor:
-                return torch.func.functional_call(  # type: ignore[no-any-return]
-                    self._loss_module, self._substitutes(values), (batch,), strict=False
-                )
+                return self._loss_module.at(self.params, values, batch)
 
             try:
                 for j in range(block.shape[1]):
@@ -437,14 +441,6 @@ class HessianOperator(CurvatureOperator):
                 return custom_functions(self._batch_loss(0))
         except Exception:  # only a hint for a message: never let it hide the real failure
             return []
-
-
-def _native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    """The parameters' own dtype when float32 or float64 (shared by all), else float32."""
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
-        return next(iter(dtypes))
-    return torch.float32
 
 
 def _empty_cache(device: torch.device) -> None:

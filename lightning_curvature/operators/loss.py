@@ -4,7 +4,7 @@ evaluate it at other parameter values."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -84,3 +84,33 @@ class LossModule(nn.Module):
                 torch.autograd.backward(loss)
             return loss.detach()
         return loss
+
+    def at(
+        self,
+        params: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        batch: Any,
+        backward: bool = False,
+    ) -> torch.Tensor:
+        """The loss on ``batch`` with ``params`` (the model's) replaced by ``values``.
+
+        The other trainable parameters are replaced by detached copies, so a backward pass
+        reaches no ``.grad`` of the caller's. Names are read at call time: compiled
+        submodules are swapped for the modules they wrap while an operator evaluates."""
+        chosen = {id(p): value for p, value in zip(params, values, strict=True)}
+        substitutes = {
+            name: chosen[id(p)] if id(p) in chosen else p.detach()
+            for name, p in self.named_parameters()
+            if id(p) in chosen or p.requires_grad
+        }
+        return torch.func.functional_call(  # type: ignore[no-any-return]
+            self, substitutes, (batch, backward), strict=False
+        )
+
+
+def native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The parameters' own dtype when float32 or float64 (shared by all), else float32."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
+        return next(iter(dtypes))
+    return torch.float32

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.operators.hessian import scalar_loss
+from lightning_curvature.operators.loss import scalar_loss
 
 BUILTIN_LOSSES = ("mse", "cross_entropy")
 

@@ -74,7 +74,7 @@ def products_from_graph(
     reason = None
     if m > 1 and batched:
         try:
-            batched = torch.autograd.grad(
+            per_param = torch.autograd.grad(
                 outputs,
                 list(params),
                 grad_outputs=[piece.mT.contiguous() for piece in grad_outputs],
@@ -91,7 +91,7 @@ def products_from_graph(
                     torch.zeros(m, p.numel(), device=block.device, dtype=block.dtype)
                     if g is None
                     else g.reshape(m, -1)
-                    for g, p in zip(batched, params, strict=True)
+                    for g, p in zip(per_param, params, strict=True)
                 ],
                 dim=1,
             ).mT, None

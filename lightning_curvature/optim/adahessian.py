@@ -25,16 +25,15 @@ for all of a step's probes, and the probes from the engine's Hutchinson estimato
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.estimators import hutchinson_diagonal
 from lightning_curvature.operators import GradientGraphOperator
-from lightning_curvature.solvers import _integer
 
 
 class AdaHessian(Optimizer):
@@ -90,22 +89,22 @@ class AdaHessian(Optimizer):
         average_conv_kernel: bool = True,
         seed: int = 0,
     ) -> None:
-        _check_real("lr", lr, 0.0, math.inf, low_open=True)
+        check_number("lr", lr, above=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for index, beta in enumerate(betas):
-            _check_real(f"betas[{index}]", beta, 0.0, 1.0, high_open=True)
-        _check_real("eps", eps, 0.0, math.inf, low_open=True)
-        _check_real("weight_decay", weight_decay, 0.0, math.inf)
-        _check_real("hessian_power", hessian_power, 0.0, 1.0)
-        self.update_each = _integer("update_each", update_each)
-        self.num_probes = _integer("num_probes", num_probes)
+            check_number(f"betas[{index}]", beta, at_least=0.0, below=1.0)
+        check_number("eps", eps, above=0.0)
+        check_number("weight_decay", weight_decay, at_least=0.0)
+        check_number("hessian_power", hessian_power, at_least=0.0, at_most=1.0)
+        self.update_each = check_int("update_each", update_each, 1)
+        self.num_probes = check_int("num_probes", num_probes, 1)
         if not isinstance(average_conv_kernel, bool):
             raise ValueError(
                 f"average_conv_kernel must be True or False, got {average_conv_kernel!r}"
             )
         self.average_conv_kernel = average_conv_kernel
-        self.seed = _integer("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, 0)
         defaults = {
             "lr": float(lr),
             "betas": (float(betas[0]), float(betas[1])),
@@ -200,7 +199,7 @@ class AdaHessian(Optimizer):
     def _hessian_diagonal(self, params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         """|mean of z ⊙ Hz| per parameter, kernel-averaged, through the engine's Hutchinson."""
         grads = [p.grad for p in params]
-        if not any(g.requires_grad for g in grads):
+        if not any(g is not None and g.requires_grad for g in grads):
             raise RuntimeError(
                 "AdaHessian needs the gradients' graph: call loss.backward(create_graph=True) "
                 "(in Lightning, mix HessianBackwardMixin into the LightningModule)"
@@ -261,22 +260,3 @@ class HessianBackwardMixin:
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         kwargs["create_graph"] = True
         super().backward(loss, *args, **kwargs)  # type: ignore[misc]
-
-
-def _check_real(
-    name: str,
-    value: object,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    ok = (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high
-    )
-    if not ok or math.isnan(float(value)):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")

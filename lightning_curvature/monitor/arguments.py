@@ -1,0 +1,74 @@
+"""CurvatureMonitor's argument checks that belong to no part of the monitor in particular.
+
+Each names the argument as the user wrote it, its value and what is allowed; the schedule,
+the alert rules and the measurement settings check their own arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from lightning_curvature._checks import check_bool, check_choice
+
+
+def check_arguments(
+    *,
+    probe: Any,
+    mode: Any,
+    curvature: Any,
+    loss_from_output: Any,
+    output_fn: Any,
+    per_layer: Any,
+    on_error: Any,
+    probe_dataloader: Any,
+    loss_fn: Any,
+    on_alert: Any,
+    tag_prefix: Any,
+    flags: dict[str, Any],
+) -> None:
+    """Raise a ValueError for the first of these arguments outside its allowed values."""
+    check_choice("probe", probe, ("fixed", "current"))
+    check_choice("mode", mode, ("train", "eval"))
+    check_choice("curvature", curvature, ("hessian", "ggn", "fisher"))
+    if curvature != "hessian" and not (
+        callable(loss_from_output) or loss_from_output in ("mse", "cross_entropy")
+    ):
+        raise ValueError(
+            f"curvature={curvature!r} needs loss_from_output: 'mse', 'cross_entropy' or a "
+            f"callable loss(outputs, batch), got {loss_from_output!r}"
+        )
+    if output_fn is not None and not callable(output_fn):
+        raise ValueError(f"output_fn must be callable or None, got {output_fn!r}")
+    if not isinstance(per_layer, bool) and not (
+        isinstance(per_layer, (list, tuple))
+        and per_layer
+        and all(isinstance(p, str) for p in per_layer)
+    ):
+        raise ValueError(
+            "per_layer must be True, False, or a non-empty list of regular expressions "
+            f"over parameter names, got {per_layer!r}"
+        )
+    check_choice("on_error", on_error, ("warn", "raise"))
+    for name, value in flags.items():
+        check_bool(name, value)
+    if probe_dataloader is not None and probe != "fixed":
+        raise ValueError(
+            "probe_dataloader needs probe='fixed' (its batches are the fixed "
+            f"probe set), got probe={probe!r}"
+        )
+    if probe_dataloader is not None and not isinstance(probe_dataloader, DataLoader):
+        raise ValueError(
+            "probe_dataloader must be a torch DataLoader or None, got "
+            f"{type(probe_dataloader).__name__}"
+        )
+    for name, function in (("loss_fn", loss_fn), ("on_alert", on_alert)):
+        if function is not None and not callable(function):
+            raise ValueError(f"{name} must be callable or None, got {type(function).__name__}")
+    if not isinstance(tag_prefix, str) or not re.fullmatch(r"[\w.\-/]+", tag_prefix):
+        raise ValueError(
+            "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
+            f"'/', got {tag_prefix!r}"
+        )
