@@ -425,7 +425,10 @@ def test_per_layer_traces_sum_to_the_whole_and_lambda_max_matches_each_dense_blo
     assert scalars(events, "curvature/layer/net.2/lambda_max") == [
         (20, pytest.approx(layers["net.2"]["lambda_max"], rel=1e-6))
     ]
-    assert "curvature/layer/net.0/trace" in events.Tags()["scalars"]
+    assert {"curvature/layer/net.0/trace", "curvature/layer/net.0/trace_stderr"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert summary["measurement"]["curvature"] == "hessian"
 
 
 def test_newton_step_matches_a_dense_solve_and_reports_the_true_residual(

@@ -114,7 +114,8 @@ def test_ggn_matches_the_dense_gauss_newton_matrix_and_differs_from_the_hessian(
     ggn, _, hessian, _ = mse_truth
     exact = torch.linalg.eigvalsh(ggn).flip(0)
     measured = summary["measurement"]
-    assert summary["curvature"] == "ggn" and summary["matrix"] == "GGN (mse)"
+    assert summary["curvature"] == measured["curvature"] == "ggn"
+    assert summary["matrix"] == "GGN (mse)"
     assert measured["lambda_max"] == pytest.approx(exact[0].item(), rel=1e-3)
     assert measured["eigenvalues"] == pytest.approx(exact[:3].tolist(), rel=1e-2)
     assert abs(measured["trace"] - exact.sum().item()) <= 4 * measured["trace_stderr"]

@@ -167,7 +167,12 @@ def run(args: argparse.Namespace) -> int:
             with op:  # releases the kept graph however the measurement ends
                 rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
                 record, _ = measure(
-                    counted(op), step, settings, rule=rule, preconditioner=preconditioner
+                    counted(op),
+                    step,
+                    settings,
+                    rule=rule,
+                    preconditioner=preconditioner,
+                    curvature=args.curvature,
                 )
                 if args.per_layer:
                     extras["per_layer"] = per_layer.measure_layers(
