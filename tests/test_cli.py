@@ -379,6 +379,91 @@ def test_analyze_unpickles_the_checkpoint_once(tiny_analysis, tiny_adam_checkpoi
     assert tiny_analysis[2] == [tiny_adam_checkpoint]
 
 
+DAMPING = 1.0  # H + εI has eigenvalues in [0.77, 3.5] here: a well-posed system to compare
+
+
+@pytest.fixture(scope="module")
+def tiny_layers_and_newton(tiny_adam_checkpoint, tmp_path_factory):
+    """`analyze --per-layer --solve` on the tiny checkpoint: its summary, the saved Newton
+    step and what it printed."""
+    out = tmp_path_factory.mktemp("layers") / "analysis"
+    code, printed, errors = run_main(
+        [
+            *("analyze", tiny_adam_checkpoint, "--model", MODEL, "--k", 1, "--num-probes", 60),
+            *("--data", "lightning_curvature.demo.DigitsDataModule", "--out", out),
+            *("--num-batches", TINY_BATCHES, "--per-layer", "--solve", "--damping", DAMPING),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, errors
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, torch.load(out / "newton_step.pt").double(), printed, out
+
+
+def test_per_layer_traces_sum_to_the_whole_and_lambda_max_matches_each_dense_block(
+    tiny_layers_and_newton, tiny_truth
+):
+    summary, _, printed, out = tiny_layers_and_newton
+    hessian = tiny_truth[0]
+    layers = summary["per_layer"]["layers"]
+    assert list(layers) == ["net.0", "net.2"]
+    pieces = {"net.0": slice(0, 64 * 8 + 8), "net.2": slice(520, 610)}
+    assert sum(layer["trace"] for layer in layers.values()) == pytest.approx(
+        summary["per_layer"]["trace"],
+        rel=1e-6,  # float32 terms, summed in another order
+    )
+    for name, piece in pieces.items():
+        block = hessian[piece, piece]
+        layer = layers[name]
+        assert layer["num_parameters"] == block.shape[0]
+        assert layer["lambda_max"] == pytest.approx(torch.linalg.eigvalsh(block)[-1].item(), 1e-3)
+        assert abs(layer["trace"] - block.trace().item()) <= 4 * layer["trace_stderr"]
+        assert f"{layer['lambda_max']:.6g}" in printed
+    # The blocks are not the whole: the top layer's λmax is far below the whole λmax.
+    assert layers["net.2"]["lambda_max"] < 0.9 * tiny_truth[1][0].item()
+    events = read_events(out)
+    assert scalars(events, "curvature/layer/net.2/lambda_max") == [
+        (20, pytest.approx(layers["net.2"]["lambda_max"], rel=1e-6))
+    ]
+    assert {"curvature/layer/net.0/trace", "curvature/layer/net.0/trace_stderr"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert summary["measurement"]["curvature"] == "hessian"
+
+
+def test_newton_step_matches_a_dense_solve_and_reports_the_true_residual(
+    tiny_layers_and_newton, tiny_truth, tiny_adam_checkpoint
+):
+    summary, x, printed, _ = tiny_layers_and_newton
+    hessian = tiny_truth[0]
+    model = DigitsClassifier.load_from_checkpoint(tiny_adam_checkpoint).net.double()
+    batches = first_batches(DigitsDataModule(batch_size=32), TINY_BATCHES)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def mean_loss(values):
+        losses = [
+            F.cross_entropy(torch.func.functional_call(model, values, (x.double(),)), y)
+            for x, y in batches
+        ]
+        return sum(losses) / len(losses)
+
+    g = torch.cat([v.reshape(-1) for v in torch.func.grad(mean_loss)(params).values()])
+    damped = hessian + DAMPING * torch.eye(hessian.shape[0], dtype=torch.float64)
+    assert torch.linalg.eigvalsh(damped)[0] > 0.5  # well conditioned: the check is fair
+    exact = torch.linalg.solve(damped, g)
+    step = summary["newton_step"]
+    assert torch.linalg.vector_norm(x - exact) <= 1e-4 * torch.linalg.vector_norm(exact)
+    assert step["norm_x"] == pytest.approx(torch.linalg.vector_norm(exact).item(), rel=1e-4)
+    assert step["norm_gradient"] == pytest.approx(torch.linalg.vector_norm(g).item(), rel=1e-4)
+    true_residual = (torch.linalg.vector_norm(damped @ x - g) / torch.linalg.vector_norm(g)).item()
+    assert step["relative_residual"] <= 1e-5 and step["converged"] is True
+    assert step["relative_residual"] == pytest.approx(true_residual, rel=0.3, abs=2e-6)
+    predicted = (g @ exact - 0.5 * exact @ hessian @ exact).item()
+    assert step["predicted_decrease"] == pytest.approx(predicted, rel=1e-4)
+    assert step["iterations"] >= 1 and step["damping"] == DAMPING
+    assert "quadratic model" in printed and f"{step['norm_x']:.6g}" in printed
+
+
 def test_the_console_script_imports_the_model_class_from_the_working_directory(
     tiny_adam_checkpoint, tmp_path
 ):
@@ -422,6 +507,13 @@ class EmptyData(pl.LightningDataModule):
 
 
 not_a_class = 3
+
+
+class TwoInputClassifier(DigitsClassifier):
+    """A module whose forward needs more than a batch's first element."""
+
+    def forward(self, inputs, mask):
+        return self.net(inputs * mask)
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +563,25 @@ def bad_input_cases(tmp_path, good, mismatched):
         "no command": ([], "required: COMMAND"),
         "unknown command": (["train"], "invalid choice"),
         "demo steps": (["demo", "--max-steps", "0"], "--max-steps: must be at least 1"),
+        "ggn without loss": (analyze(extra=("--curvature", "ggn")), "needs --loss mse|cross"),
+        "loss for hessian": (analyze(extra=("--loss", "mse")), "applies to --curvature ggn"),
+        "fisher kind for ggn": (
+            analyze(extra=("--curvature", "ggn", "--loss", "mse", "--fisher-kind", "true")),
+            "applies to --curvature fisher only",
+        ),
+        "bad curvature": (analyze(extra=("--curvature", "kfac")), "invalid choice: 'kfac'"),
+        "damping negative": (analyze(extra=("--damping", "-1")), "--damping: must be a finite"),
+        "loss does not fit": (
+            analyze(extra=("--curvature", "fisher", "--loss", "mse")),
+            "--loss mse does not fit DigitsClassifier's outputs of shape (32, 10)",
+        ),
+        "forward takes no batch[0]": (
+            analyze(
+                model="tests.test_cli.TwoInputClassifier",
+                extra=("--curvature", "ggn", "--loss", "cross_entropy"),
+            ),
+            "TwoInputClassifier.forward(batch[0]) failed (TypeError",
+        ),
     }
 
 
@@ -479,7 +590,8 @@ CASES = [
     "class missing", "not a path", "not a class", "not a module class", "state_dict mismatch",
     "no batches", "no data flag", "both data flags", "k zero", "k not int", "tol too big",
     "batches negative", "bad device", "batch size zero", "no command", "unknown command",
-    "demo steps",
+    "demo steps", "ggn without loss", "loss for hessian", "fisher kind for ggn", "bad curvature",
+    "damping negative", "loss does not fit", "forward takes no batch[0]",
 ]  # fmt: skip
 
 
@@ -507,6 +619,9 @@ def test_cuda_without_a_gpu_is_bad_input(tiny_adam_checkpoint):
 def test_help_exits_0():
     code, printed, _ = run_main(["analyze", "--help"])
     assert code == 0 and "--num-batches" in printed
+    for flag in ("--curvature", "--loss", "--fisher-kind", "--per-layer", "--solve", "--damping"):
+        assert flag in printed
+    assert "blockwise_lambda_max" in " ".join(printed.split())
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])

@@ -96,3 +96,14 @@ def importable_working_directory() -> None:
     here = Path.cwd().resolve()
     if not any(Path(entry or os.curdir).resolve() == here for entry in sys.path):
         sys.path.insert(0, str(here))
+
+
+def non_negative(text: str) -> float:
+    """An argparse ``type`` for finite numbers ``>= 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value

@@ -1,6 +1,10 @@
 """``lightning-curvature analyze``: the curvature of a saved model, measured with the same
 operator, estimators and tags as :class:`~lightning_curvature.CurvatureMonitor`, printed as a
-table and written as ``summary.json``, ``spectrum.png`` and a TensorBoard run."""
+table and written as ``summary.json``, ``spectrum.png`` and a TensorBoard run.
+
+The matrix is the Hessian, the GGN or the Fisher (:mod:`.curvature_choice`); ``--per-layer``
+adds each layer's trace and λmax (:mod:`.per_layer`) and ``--solve`` a damped Newton step
+(:mod:`.newton`)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.cli import loading
+from lightning_curvature.cli import curvature_choice, loading, newton, per_layer
 from lightning_curvature.cli._shared import (
     DEMO_DATA,
     DEMO_MODEL,
@@ -34,13 +38,16 @@ def add_parser(commands: Any) -> None:
     """Add ``analyze`` to the subcommands of the main parser."""
     analyze = commands.add_parser(
         "analyze",
-        help="measure the Hessian of a saved model: λmax, top-k, λmin, trace, density",
+        help="measure the Hessian (or GGN, Fisher) of a saved model: λmax, top-k, λmin, "
+        "trace, density, per-layer numbers, a Newton step",
         description="Load a Lightning checkpoint into a LightningModule class, take batches "
         "from a LightningDataModule's train_dataloader, and measure the Hessian of the mean "
-        "training_step loss over them with the estimators CurvatureMonitor uses. Prints a "
-        "table and writes summary.json, spectrum.png and a TensorBoard run (the monitor's "
-        "tags) into --out. Class paths are imported from the working directory too. "
-        "Checkpoints are unpickled: analyze only files you trust.",
+        "training_step loss over them (or, with --curvature, the GGN or the Fisher) with "
+        "the estimators CurvatureMonitor uses. Prints a table and writes summary.json, "
+        "spectrum.png and a TensorBoard run (the monitor's tags) into --out. --per-layer "
+        "adds each layer's trace and λmax; --solve a damped Newton step. Class paths are "
+        "imported from the working directory too. Checkpoints are unpickled: analyze only "
+        "files you trust.",
     )
     analyze.add_argument("checkpoint", type=Path, help="a .ckpt file saved by Lightning")
     analyze.add_argument(
@@ -81,6 +88,9 @@ def add_parser(commands: Any) -> None:
         default=30,
         help="Hutchinson probes for the trace (default 30)",
     )
+    curvature_choice.add_arguments(analyze)
+    per_layer.add_arguments(analyze)
+    newton.add_arguments(analyze)
     analyze.add_argument(
         "--out",
         type=Path,
@@ -114,6 +124,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure the checkpoint that ``args`` names; return the exit status (0, or 1 when the
     measurement itself fails)."""
+    curvature_choice.check_arguments(args)
     device = loading.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -127,40 +138,65 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or _unused_dir(Path("runs/analyze") / args.checkpoint.stem)
     # Imported after the cheap checks: bad paths are reported before Lightning loads.
     from lightning_curvature.measurement import MeasureSettings, measure
-    from lightning_curvature.monitor.objective import (
-        measurement_mode,
-        muted_logging,
-        training_step_loss,
-    )
-    from lightning_curvature.operators import HessianOperator
+    from lightning_curvature.monitor.objective import measurement_mode, muted_logging
 
     step = int(checkpoint.get("global_step", 0))
     with quiet_lightning():
         model = loading.restore_model(model_class, args.model, checkpoint, args.checkpoint, device)
         datamodule, data_description = loading.build_data(data_class, checkpoint, args.batch_size)
         batches = loading.sample_batches(datamodule, data_description, args.num_batches, args.seed)
+    psd = curvature_choice.is_positive_semidefinite(args)
     settings = MeasureSettings(
         k=args.k,
         tol=args.tol,
         num_probes=args.num_probes,
         density=True,
-        lambda_min=True,
+        lambda_min=not psd,
         seed=args.seed,
     )
+    matrix = curvature_choice.describe(args)
+    extras: dict[str, Any] = {}
     # As the monitor measures by default: the training objective (normalization layers on
     # batch statistics, their running statistics untouched; dropout off).
     model.train()
+    with measurement_mode(model, "train"), muted_logging(model):
+        curvature_choice.check_outputs(args, model, batches)
     with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
         try:
-            op = HessianOperator(model, training_step_loss, batches)
+            op = curvature_choice.build_operator(args, model, batches)
             with op:  # releases the kept graph however the measurement ends
                 rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
                 record, _ = measure(
-                    counted(op), step, settings, rule=rule, preconditioner=preconditioner
+                    counted(op),
+                    step,
+                    settings,
+                    rule=rule,
+                    preconditioner=preconditioner,
+                    curvature=args.curvature,
                 )
+                if args.per_layer:
+                    extras["per_layer"] = per_layer.measure_layers(
+                        counted(op),
+                        lambda params: counted(
+                            curvature_choice.build_operator(args, model, batches, params)
+                        ),
+                        model,
+                        num_probes=args.num_probes,
+                        tol=args.tol,
+                        seed=args.seed,
+                    )
+                if args.solve:
+                    gradient = curvature_choice.mean_gradient(op, model, batches)
+                    extras["newton_step"], newton_x = newton.newton_step(
+                        counted(op),
+                        gradient,
+                        damping=args.damping,
+                        tol=args.solve_tol,
+                        max_iters=args.solve_max_iters,
+                    )
         except Exception as error:  # the model's own code ran: report it, not a traceback
             print(
-                f"{PROG}: error: measuring the Hessian failed: {type(error).__name__}: "
+                f"{PROG}: error: measuring the {matrix} failed: {type(error).__name__}: "
                 f"{one_line(error)}",
                 file=sys.stderr,
             )
@@ -170,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "model": args.model,
         "data": data_description,
+        "curvature": args.curvature,
+        "matrix": matrix,
         "num_batches": len(batches),
         "num_parameters": op.dim,
         "global_step": step,
@@ -180,15 +218,34 @@ def run(args: argparse.Namespace) -> int:
             "num_probes": args.num_probes,
             "seed": args.seed,
             "device": str(device),
+            "loss": args.loss,
+            "fisher_kind": (args.fisher_kind or "true") if args.curvature == "fisher" else None,
         },
         "measurement": record.to_json(),
+        **extras,
     }
-    _write_outputs(out, record, summary, step)
-    print(table(record, summary))
+    if psd:
+        summary["lambda_min_skipped"] = _psd_note(matrix)
+        if record.sharpness_x_lr is not None:  # the rule is stated for the Hessian
+            summary["stability"] += f" (applied to the {matrix}'s λmax, not the Hessian's)"
+    layer_scalars = per_layer.scalars(extras["per_layer"]) if args.per_layer else {}
+    _write_outputs(out, record, summary, step, layer_scalars)
+    printed = [table(record, summary)]
+    if args.per_layer:
+        printed.append(per_layer.table(extras["per_layer"]))
+    if args.solve:
+        torch.save(newton_x.cpu(), out / "newton_step.pt")
+        printed.append(newton.table(extras["newton_step"], matrix))
+    print("\n\n".join(printed))
     print()
-    print(f"Wrote {out / 'summary.json'}, {out / 'spectrum.png'} and a TensorBoard run:")
+    saved = ", newton_step.pt" if args.solve else ""
+    print(f"Wrote {out / 'summary.json'}, {out / 'spectrum.png'}{saved} and a TensorBoard run:")
     print(f"  tensorboard --logdir {shlex.quote(str(out))}")
     return 0
+
+
+def _psd_note(matrix: str) -> str:
+    return f"the {matrix} is positive semi-definite (λmin ≥ 0): λmin not measured"
 
 
 def _unused_dir(path: Path) -> Path:
@@ -250,18 +307,20 @@ class _ProgressOperator(OperatorWrapper):
 
 @contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[Callable[[Any], _ProgressOperator]]:
-    """A tqdm counter of Hessian-vector products (their number depends on convergence, so
+    """A tqdm counter of matrix-vector products (their number depends on convergence, so
     it has no total). Yields a function that wraps an operator to count its products."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc="Hessian-vector products", unit="HVP", disable=args.no_progress, leave=False)
+    bar = tqdm(desc="curvature products", unit="product", disable=args.no_progress, leave=False)
     try:
         yield lambda op: _ProgressOperator(op, bar)
     finally:
         bar.close()
 
 
-def _write_outputs(out: Path, record: Any, summary: dict[str, Any], step: int) -> None:
+def _write_outputs(
+    out: Path, record: Any, summary: dict[str, Any], step: int, extra_scalars: dict[str, float]
+) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_curvature.tensorboard import density_figure, write_layout, write_measurement
@@ -277,7 +336,7 @@ def _write_outputs(out: Path, record: Any, summary: dict[str, Any], step: int) -
     writer = SummaryWriter(log_dir=str(out))
     try:
         write_layout(writer)
-        for tag, value in record.scalars().items():
+        for tag, value in {**record.scalars(), **extra_scalars}.items():
             writer.add_scalar(tag, value, step)
         write_measurement(writer, record, step)
     finally:
@@ -304,6 +363,8 @@ def table(record: Any, summary: dict[str, Any]) -> str:
     if record.lambda_min is not None:
         converged = getattr(record, "lambda_min_converged", None)
         rows.append(("λmin", f"{record.lambda_min:.6g}", _convergence(converged)))
+    elif "lambda_min_skipped" in summary:
+        rows.append(("λmin", "skipped", summary["lambda_min_skipped"]))
     if record.trace is not None:
         rows.append(
             (
@@ -327,11 +388,11 @@ def table(record: Any, summary: dict[str, Any]) -> str:
             )
         )
     rows.append(("loss", f"{record.probe_loss:.6g}", f"mean over {summary['num_batches']} batches"))
-    rows.append(("HVPs", str(record.num_matvecs), f"{record.seconds:.2f} s"))
+    rows.append(("products", str(record.num_matvecs), f"{record.seconds:.2f} s"))
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     header = (
-        f"Hessian of {summary['model'].rsplit('.', 1)[-1]}'s training loss at step "
+        f"{summary['matrix']} of {summary['model'].rsplit('.', 1)[-1]}'s training loss at step "
         f"{summary['global_step']}: {summary['num_parameters']:,} parameters, "
         f"{summary['num_batches']} batch(es) of {summary['data']}\n"
         f"Stability: {summary['stability']}"
