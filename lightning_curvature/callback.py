@@ -29,7 +29,7 @@ from lightning_curvature.monitor.measuring import (
 )
 from lightning_curvature.monitor.objective import Mode, training_step_loss
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
-from lightning_curvature.monitor.publish import Publisher
+from lightning_curvature.monitor.publish import Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
 
@@ -341,17 +341,8 @@ class CurvatureMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled_reason is not None and not self.history:
             return
-        ratios = [
-            (h[f"{self.tag_prefix}/stability_ratio"], int(h["step"]))
-            for h in self.history
-            if f"{self.tag_prefix}/stability_ratio" in h
-        ]
-        peak = max(ratios, default=None)
-        rank_zero_info(
-            f"CurvatureMonitor[{self.tag_prefix}]: {self.schedule.summary()}"
-            + (f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}." if peak else "")
-            + f" {self.alerts.summary()}"
-        )
+        summary = run_summary(self.history, self.tag_prefix, self.schedule, self.alerts)
+        rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -429,11 +420,7 @@ class CurvatureMonitor(Callback):
         alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
         # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
         fired = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
-        for alert in alerts:
-            rank_zero_warn(f"CurvatureMonitor: {alert.message}")
-            self.publisher.alert(alert, writers)
-            if self.on_alert is not None:
-                self.on_alert(alert)
+        self.publisher.announce(alerts, writers, rank_zero_warn, self.on_alert)
         if fired and self.stop_on_alert:
             trainer.should_stop = True
         if fired and self.lr_factor_on_alert is not None:

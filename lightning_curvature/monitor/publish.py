@@ -10,7 +10,7 @@ under the monitor's prefix, so several monitors can publish side by side.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,36 @@ class Publisher:
             write_measurement(writer, record, step, self.prefix)
         return metrics
 
-    def alert(self, alert: Alert, writers: Sequence[Any]) -> None:
-        for writer in writers:
-            write_alert(writer, alert, self.prefix)
+    def announce(
+        self,
+        alerts: Sequence[Alert],
+        writers: Sequence[Any],
+        warn: Callable[[str], Any],
+        on_alert: Callable[[Alert], Any] | None = None,
+    ) -> None:
+        """Each alert as a warning (``warn``), a TensorBoard text entry and a call of the
+        user's ``on_alert``."""
+        for alert in alerts:
+            warn(f"CurvatureMonitor: {alert.message}")
+            for writer in writers:
+                write_alert(writer, alert, self.prefix)
+            if on_alert is not None:
+                on_alert(alert)
+
+
+def run_summary(
+    history: Sequence[dict[str, float]], prefix: str, schedule: Any, alerts: Any
+) -> str:
+    """The end-of-run line: points, cadence and overhead (the schedule's), the peak stability
+    ratio and the alerts fired."""
+    ratios = [
+        (h[f"{prefix}/stability_ratio"], int(h["step"]))
+        for h in history
+        if f"{prefix}/stability_ratio" in h
+    ]
+    peak = max(ratios, default=None)
+    return (
+        schedule.summary()
+        + (f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}." if peak else "")
+        + f" {alerts.summary()}"
+    )
