@@ -44,7 +44,6 @@ Example (least squares, where :math:`G = H = \tfrac{2}{N} X^\top X`)::
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral
@@ -53,10 +52,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.context import isolated_evaluation
-from lightning_curvature.operators.loss import resolve_params, scalar_loss
+from lightning_curvature.operators.loss import operator_inputs, scalar_loss
 from lightning_curvature.operators.output_space import (
     BUILTIN_LOSSES,
     AutogradHessian,
@@ -121,15 +119,9 @@ class GGNOperator(CurvatureOperator):
         *,
         output_fn: OutputFn | None = None,
         loss_from_output: LossFromOutput,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         product_method: ProductMethod = "reuse_graph",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Sequence):
-            raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
-        if len(batches) == 0:
-            raise ValueError("batches must hold at least one batch, got an empty list")
         if output_fn is not None and not callable(output_fn):
             raise ValueError("output_fn must be callable as output_fn(model, batch) or None")
         if not callable(loss_from_output) and loss_from_output not in BUILTIN_LOSSES:
@@ -137,29 +129,16 @@ class GGNOperator(CurvatureOperator):
                 f"loss_from_output must be one of {BUILTIN_LOSSES} or a callable "
                 f"(outputs, batch) -> scalar, got {loss_from_output!r}"
             )
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if product_method not in PRODUCT_METHODS:
             raise ValueError(
                 f"product_method must be one of {PRODUCT_METHODS}, got {product_method!r}"
             )
-        names, params_list = resolve_params(model, params)
-        devices = {p.device for p in params_list}
-        if len(devices) != 1:
-            raise ValueError(
-                f"params must all live on one device, found {sorted(map(str, devices))}"
-            )
-        batch_dtype = None
-        if any(p.dtype != dtype for p in params_list):
-            model = copy.deepcopy(model).to(dtype)  # never cast the caller's model
-            by_name = dict(model.named_parameters())
-            params_list = [by_name[name] for name in names]
-            batch_dtype = dtype
-        super().__init__(sum(p.numel() for p in params_list), next(iter(devices)), dtype)
-        self.model = model
-        self.params = params_list
-        self.param_names = names
-        self.batches = [move_batch(b, self.device, batch_dtype) for b in batches]
+        inputs = operator_inputs(model, batches, params, dtype)
+        super().__init__(sum(p.numel() for p in inputs.params), inputs.device, inputs.dtype)
+        self.model = inputs.model
+        self.params = inputs.params
+        self.param_names = inputs.param_names
+        self.batches = inputs.batches
         self.output_fn = output_fn or default_output_fn
         self.loss_from_output = loss_from_output
         self.product_method: str = product_method
@@ -412,7 +391,7 @@ class FisherOperator(GGNOperator):
         loss_from_output: LossFromOutput,
         num_samples: int = 1,
         seed: int = 0,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         product_method: ProductMethod = "reuse_graph",
     ) -> None:
         if kind not in FISHER_KINDS:

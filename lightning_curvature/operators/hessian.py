@@ -26,7 +26,6 @@ Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 
 from __future__ import annotations
 
-import copy
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,7 +35,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_curvature.batches import move_batch
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.checks import (
     FINITE_DIFFERENCE_TOLERANCE,
@@ -51,8 +49,7 @@ from lightning_curvature.operators.gradient_graph import GradientGraphOperator
 from lightning_curvature.operators.loss import (
     LossFn,
     LossModule,
-    native_dtype,
-    resolve_params,
+    operator_inputs,
     scalar_loss,
 )
 from lightning_curvature.operators.products import (
@@ -137,40 +134,23 @@ class HessianOperator(CurvatureOperator):
         hvp_method: HvpMethod = "auto",
         verify: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise ValueError("loss_fn must be callable as loss_fn(model, batch)")
-        if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Sequence):
-            raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
-        if len(batches) == 0:
-            raise ValueError("batches must hold at least one batch, got an empty list")
-        if dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype}")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
         if not isinstance(verify, bool):
             raise ValueError(f"verify must be True or False, got {verify!r}")
-
-        model = eager(model)  # a compiled model's parameters are those of the one it wraps
-        names, params_list = resolve_params(model, params)
-        devices = {p.device for p in params_list}
-        if len(devices) != 1:
-            raise ValueError(
-                f"params must all live on one device, found {sorted(map(str, devices))}"
-            )
-        dtype = dtype or native_dtype(params_list)
-        if any(p.dtype != dtype for p in params_list):
-            # Never cast the caller's model: evaluate a cast copy instead.
-            model = copy.deepcopy(model).to(dtype)
-            by_name = dict(model.named_parameters())
-            params_list = [by_name[name] for name in names]
-        super().__init__(sum(p.numel() for p in params_list), next(iter(devices)), dtype)
+        # A compiled model's parameters are those of the module it wraps.
+        inputs = operator_inputs(
+            eager(model) if isinstance(model, nn.Module) else model, batches, params, dtype
+        )
+        model = inputs.model
+        super().__init__(sum(p.numel() for p in inputs.params), inputs.device, inputs.dtype)
         self.model = model
         self.loss_fn = loss_fn
-        self.params = params_list
-        self.param_names = names
-        self.batches = [move_batch(b, self.device, dtype) for b in batches]
+        self.params = inputs.params
+        self.param_names = inputs.param_names
+        self.batches = inputs.batches
         self._requested: str = hvp_method
         self._method: str = "reuse_graph" if hvp_method == "auto" else hvp_method
         self._fallback_reason: str | None = None

@@ -4,8 +4,9 @@ evaluate it at other parameter values."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -114,3 +115,55 @@ def native_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     if len(dtypes) == 1 and dtypes <= {torch.float32, torch.float64}:
         return next(iter(dtypes))
     return torch.float32
+
+
+class OperatorInputs(NamedTuple):
+    """What an operator over (model, batches, params) works on, checked and prepared."""
+
+    model: nn.Module
+    param_names: list[str]
+    params: list[nn.Parameter]
+    device: torch.device
+    dtype: torch.dtype
+    batches: list[Any]
+
+
+def operator_inputs(
+    model: object,
+    batches: object,
+    params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None,
+    dtype: torch.dtype | None,
+) -> OperatorInputs:
+    """Check a curvature operator's common arguments and prepare them: the parameters
+    resolved (:func:`resolve_params`) on one device, the dtype (``None``: the parameters'
+    own, see :func:`native_dtype`), a cast copy of the model when the dtype differs (the
+    caller's model is never cast), and the batches moved to the device, floating tensors
+    cast to the dtype.
+
+    Raises:
+        ValueError: naming the argument, for a model that is not a module, batches that are
+            not a non-empty list, a dtype other than float32/float64, or parameters on
+            several devices.
+    """
+    from lightning_curvature.batches import move_batch
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(batches, (torch.Tensor, Mapping)) or not isinstance(batches, Sequence):
+        raise ValueError("batches must be a list of batches (wrap a single batch in a list)")
+    if len(batches) == 0:
+        raise ValueError("batches must hold at least one batch, got an empty list")
+    if dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"dtype must be None, torch.float32 or torch.float64, got {dtype}")
+    names, chosen = resolve_params(model, params)
+    devices = {p.device for p in chosen}
+    if len(devices) != 1:
+        raise ValueError(f"params must all live on one device, found {sorted(map(str, devices))}")
+    dtype = dtype or native_dtype(chosen)
+    if any(p.dtype != dtype for p in chosen):
+        model = copy.deepcopy(model).to(dtype)
+        by_name = dict(model.named_parameters())
+        chosen = [by_name[name] for name in names]
+    device = next(iter(devices))
+    moved = [move_batch(batch, device, dtype) for batch in batches]
+    return OperatorInputs(model, names, chosen, device, dtype, moved)
