@@ -80,9 +80,10 @@ class Measurement:
     hvp_method: str | None = None
     curvature: str = "hessian"
     # Per-layer diagonal blocks (``per_layer``): name -> (trace, its stderr) and name ->
-    # (λmax, converged), from the same probes as the whole trace and one batched Lanczos.
+    # (λmax, its error bound, converged), from the same probes as the whole trace and one
+    # batched Lanczos.
     layer_traces: dict[str, tuple[float, float]] | None = None
-    layer_lambda_max: dict[str, tuple[float, bool]] | None = None
+    layer_lambda_max: dict[str, tuple[float, float, bool]] | None = None
     density_grid: tuple[float, ...] | None = field(default=None, repr=False)
     density: tuple[float, ...] | None = field(default=None, repr=False)
 
@@ -124,7 +125,7 @@ class Measurement:
         for name, (trace, stderr) in (self.layer_traces or {}).items():
             values[f"layer/{name}/trace"] = trace
             values[f"layer/{name}/trace_stderr"] = stderr
-        for name, (value, converged) in (self.layer_lambda_max or {}).items():
+        for name, (value, _, converged) in (self.layer_lambda_max or {}).items():
             if converged:
                 values[f"layer/{name}/lambda_max"] = value
         return {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None}
@@ -356,8 +357,10 @@ def _per_layer(
         "trace_stderr": traces.whole.stderr,
         "layer_traces": {n: (r.estimate, r.stderr) for n, r in traces.blocks.items()},
         "layer_lambda_max": {
-            n: (float(v), bool(c))
-            for n, v, c in zip(tops.names, tops.eigenvalues, tops.converged, strict=True)
+            n: (float(v), float(b), bool(c))
+            for n, v, b, c in zip(
+                tops.names, tops.eigenvalues, tops.error_bounds, tops.converged, strict=True
+            )
         },
     }
 

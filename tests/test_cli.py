@@ -621,7 +621,7 @@ def test_help_exits_0():
     assert code == 0 and "--num-batches" in printed
     for flag in ("--curvature", "--loss", "--fisher-kind", "--per-layer", "--solve", "--damping"):
         assert flag in printed
-    assert "blockwise_lambda_max" in " ".join(printed.split())
+    assert "batched Lanczos" in " ".join(printed.split())
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])

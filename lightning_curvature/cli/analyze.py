@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             op = curvature_choice.build_operator(args, model, batches)
             with op:  # releases the kept graph however the measurement ends
                 rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
+                blocks = per_layer.layer_blocks(op) if args.per_layer else None
                 record, _ = measure(
                     counted(op),
                     step,
@@ -173,18 +174,10 @@ def run(args: argparse.Namespace) -> int:
                     rule=rule,
                     preconditioner=preconditioner,
                     curvature=args.curvature,
+                    blocks=blocks,
                 )
-                if args.per_layer:
-                    extras["per_layer"] = per_layer.measure_layers(
-                        counted(op),
-                        lambda params: counted(
-                            curvature_choice.build_operator(args, model, batches, params)
-                        ),
-                        model,
-                        num_probes=args.num_probes,
-                        tol=args.tol,
-                        seed=args.seed,
-                    )
+                if blocks:
+                    extras["per_layer"] = per_layer.layer_report(record, blocks, args.num_probes)
                 if args.solve:
                     gradient = curvature_choice.mean_gradient(op, model, batches)
                     extras["newton_step"], newton_x = newton.newton_step(

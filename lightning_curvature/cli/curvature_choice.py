@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fisher-kind",
         choices=FISHER_KINDS,
         default=None,
-        help="for fisher: true (default; labels drawn from the model, one draw per sample, "
+        help="for fisher: true (default; labels drawn from the model, 32 draws per term, "
         "seeded by --seed) or empirical (the batch's own labels)",
     )
 
@@ -143,19 +143,16 @@ def build_operator(
 ) -> Any:
     """The operator ``args`` asks for, over ``params`` (default: every trainable one)."""
     from lightning_curvature.monitor.objective import training_step_loss
-    from lightning_curvature.operators import HessianOperator
-    from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+    from lightning_curvature.operators.choice import curvature_operator
 
-    if args.curvature == "hessian":
-        return HessianOperator(model, training_step_loss, batches, params)
-    if args.curvature == "ggn":
-        return GGNOperator(model, batches, params, loss_from_output=args.loss)
-    return FisherOperator(
+    return curvature_operator(
+        args.curvature,
         model,
         batches,
         params,
-        kind=args.fisher_kind or "true",
+        loss_fn=training_step_loss,
         loss_from_output=args.loss,
+        fisher_kind=args.fisher_kind or "true",
         seed=args.seed,
     )
 

@@ -1,13 +1,11 @@
 r"""``analyze --per-layer``: the trace and λmax of each layer's diagonal block of the
-analyzed matrix.
+analyzed matrix, as the monitor's ``per_layer=True`` measures them.
 
-A layer's block :math:`A_{ll}` is the curvature with every other layer held fixed. Its trace
-comes from :func:`~lightning_curvature.estimators.blockwise.blockwise_trace`, which splits
-the Hutchinson terms :math:`z^\top A z` of one run over the blocks (no product beyond the
-whole trace's, and the layer traces sum to the whole). Its λmax comes from a Lanczos run per
-layer on the operator restricted to that layer's parameters (``params=``): measured faster
-on a CPU than the batched :func:`~lightning_curvature.estimators.blockwise.blockwise_lambda_max`,
-which advances every block in one product of the whole operator.
+A layer's block :math:`A_{ll}` is the curvature with every other layer held fixed. The
+measurement itself (:func:`~lightning_curvature.measurement.measure` with ``blocks``) gives
+each block's trace from the Hutchinson probes of the whole trace (no product beyond them,
+and the layer traces sum to the whole) and each block's λmax from one batched Lanczos over
+all blocks; this module only lays the blocks out and reports them.
 
 Example::
 
@@ -17,10 +15,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
 from typing import Any
-
-import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-layer",
         action="store_true",
-        help="also each layer's trace and λmax (one block per module): the traces split "
-        "one Hutchinson run over the blocks (no extra product, they sum to the whole); each "
-        "λmax is a Lanczos run on the operator restricted to that layer, measured faster on "
-        "a CPU than the batched blockwise_lambda_max (one product of the whole operator "
-        "per step for all blocks), which the Python API offers too",
+        help="also each layer's trace and λmax (one block per module), as the monitor's "
+        "per_layer=True: the traces split the whole trace's Hutchinson probes over the "
+        "blocks (no extra product; they sum to the whole, which is then plain Hutchinson); "
+        "the λmax of every block comes from one batched Lanczos",
     )
 
 
@@ -40,67 +34,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 LayerTable = dict[str, dict[str, Any]]
 
 
-def measure_layers(
-    op: Any,
-    restricted: Callable[[Mapping[str, torch.nn.Parameter]], Any],
-    model: torch.nn.Module,
-    *,
-    num_probes: int,
-    tol: float,
-    seed: int,
-) -> dict[str, Any]:
-    """Per-layer traces and λmax of ``op`` (one block per module, as
-    :func:`~lightning_curvature.operators.blocks.parameter_blocks` splits them).
-
-    Args:
-        op: the operator over every analyzed parameter (``param_names``, ``params``).
-        restricted: builds the same kind of operator over the parameters it is given.
-        model: owns the parameters ``op.param_names`` names.
-        num_probes, tol, seed: Hutchinson probes, Lanczos accuracy and seed.
-
-    Returns:
-        ``{"trace": whole, "trace_stderr": ..., "num_matvecs": ..., "layers": LayerTable}``.
-    """
-    from lightning_curvature.estimators.blockwise import blockwise_trace
-    from lightning_curvature.estimators.lanczos import lanczos
+def layer_blocks(op: Any) -> list[tuple[str, slice]]:
+    """One block per module of the operator's parameters (weight and bias together)."""
     from lightning_curvature.operators.blocks import parameter_blocks
 
-    blocks = parameter_blocks(op.param_names, op.params)
-    traces = blockwise_trace(op, blocks, num_probes, seed)
-    by_name = dict(model.named_parameters())
-    offsets = _name_offsets(op.param_names, op.params)
+    return parameter_blocks(op.param_names, op.params)
+
+
+def layer_report(record: Any, blocks: list[tuple[str, slice]], num_probes: int) -> dict[str, Any]:
+    """The per-layer part of a measurement made with ``blocks``, for summary.json."""
     layers: LayerTable = {}
-    products = traces.whole.num_matvecs
     for name, piece in blocks:
-        members = {n: by_name[n] for n, start in offsets if piece.start <= start < piece.stop}
-        with restricted(members) as block_op:
-            top = lanczos(block_op, k=1, tol=tol, seed=seed)
-            products += block_op.num_matvecs
-        trace = traces.blocks[name]
+        trace, stderr = record.layer_traces[name]
+        value, bound, converged = record.layer_lambda_max[name]
         layers[name] = {
             "num_parameters": piece.stop - piece.start,
-            "trace": trace.estimate,
-            "trace_stderr": trace.stderr,
-            "lambda_max": float(top.eigenvalues[0]),
-            "lambda_max_error_bound": float(top.error_bounds[0]),
-            "lambda_max_converged": bool(top.converged),
+            "trace": trace,
+            "trace_stderr": stderr,
+            "lambda_max": value,
+            "lambda_max_error_bound": bound,
+            "lambda_max_converged": converged,
         }
     return {
-        "trace": traces.whole.estimate,
-        "trace_stderr": traces.whole.stderr,
+        "trace": record.trace,
+        "trace_stderr": record.trace_stderr,
         "num_probes": num_probes,
-        "num_matvecs": products,
         "layers": layers,
     }
-
-
-def _name_offsets(names: list[str], params: list[torch.Tensor]) -> list[tuple[str, int]]:
-    """Each parameter's name and where it starts in the flat vector."""
-    offsets, start = [], 0
-    for name, p in zip(names, params, strict=True):
-        offsets.append((name, start))
-        start += p.numel()
-    return offsets
 
 
 def scalars(per_layer: dict[str, Any]) -> dict[str, float]:
@@ -138,7 +98,7 @@ def table(per_layer: dict[str, Any]) -> str:
             f"{per_layer['trace']:.6g}",
             f"{per_layer['trace_stderr']:.2g}",
             "",
-            "the layers sum to it: plain Hutchinson (the trace above deflates the top space)",
+            "the whole trace: the layers sum to it (plain Hutchinson, the same probes)",
         )
     )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
@@ -153,6 +113,6 @@ def table(per_layer: dict[str, Any]) -> str:
     ]
     return (
         f"Per layer ({per_layer['num_probes']} Hutchinson probes shared by all layers; "
-        f"λmax by Lanczos on each layer's block; {per_layer['num_matvecs']} products):\n"
+        "λmax of every block by one batched Lanczos):\n"
         + "\n".join(line.rstrip() for line in lines)
     )

@@ -35,7 +35,7 @@ from lightning_curvature.monitor.objective import (
 )
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.operators.blocks import parameter_blocks
-from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+from lightning_curvature.operators.choice import curvature_operator
 from lightning_curvature.stability import (
     StabilityRule,
     first_moment_settled,
@@ -43,8 +43,6 @@ from lightning_curvature.stability import (
     preconditioner_diagonal,
     stability_rule,
 )
-
-FISHER_SAMPLES = 32
 
 
 @dataclass
@@ -121,7 +119,17 @@ def measure_module(
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        local = _operator(context, target, batches, params, hvp_method, verify)
+        local: Any = curvature_operator(
+            context.curvature,
+            target,
+            batches,
+            params,
+            loss_fn=_on_fresh_copies(context.loss_fn),
+            output_fn=context.output_fn,
+            loss_from_output=context.loss_from_output,
+            hvp_method=hvp_method,
+            verify=verify,
+        )
         op: Any = AllReduceOperator(local) if context.distributed else local
         blocks = (
             parameter_blocks(local.param_names, local.params, context.per_layer)
@@ -188,32 +196,6 @@ def _on_fresh_copies(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.M
         return loss_fn(module, detached_copy(batch, next(module.parameters()).device))
 
     return on_copy
-
-
-def _operator(
-    context: Context,
-    model: nn.Module,
-    batches: list[Any],
-    params: dict[str, nn.Parameter],
-    hvp_method: str,
-    verify: bool,
-) -> Any:
-    """The curvature the monitor was asked for, over ``params`` on the probe batches."""
-    if context.curvature == "hessian":
-        return HessianOperator(
-            model,
-            _on_fresh_copies(context.loss_fn),
-            batches,
-            params,
-            hvp_method=hvp_method,  # type: ignore[arg-type]
-            verify=verify,
-        )
-    split = {"output_fn": context.output_fn, "loss_from_output": context.loss_from_output}
-    if context.curvature == "ggn":
-        return GGNOperator(model, batches, params, **split)
-    # Many Monte Carlo draws: they enter in output space only (a product costs the same),
-    # and one draw would bias λmax upwards against E[F] = G by its noise.
-    return FisherOperator(model, batches, params, kind="true", num_samples=FISHER_SAMPLES, **split)
 
 
 def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:
