@@ -23,7 +23,12 @@ from tests.lightning_models import (
     mlp,
     trainer,
 )
-from tests.truth import cross_entropy_loss, dense_hessian
+from tests.truth import (
+    adam_preconditioner,
+    cross_entropy_loss,
+    dense_hessian,
+    preconditioned_lambda_max,
+)
 
 
 def quiet_fit(run, module, data, **kwargs):
@@ -85,15 +90,30 @@ class WithUnusedHead(Classifier):
 
 def test_parameters_without_optimizer_state_are_left_out_of_the_preconditioner(tmp_path):
     monitor = CurvatureMonitor(every_n_steps=2, log_spaced=False, k=2)
+    module = WithUnusedHead()
+    run = trainer(tmp_path, [monitor], max_steps=6)
     with pytest.warns(UserWarning, match="no optimizer state") as caught:
-        trainer(tmp_path, [monitor], max_steps=6).fit(
-            WithUnusedHead(), loader(classification_data())
-        )
+        run.fit(module, loader(classification_data()))
     notes = [w for w in caught if "no optimizer state" in str(w.message)]
     assert len(notes) == 1  # one note, not one per measurement
     assert [int(h["step"]) for h in monitor.history] == [2, 4, 6]
-    assert all("curvature/preconditioned_lambda_max" in h for h in monitor.history)
     assert monitor.disabled_reason is None
+    # The truth: λmax(P⁻¹H) over the parameters Adam has stepped (the head's rows and
+    # columns of H are zero anyway), P from Adam's state, H dense in float64.
+    state = run.optimizers[0].state
+    used = list(module.net.parameters())
+    diagonal = torch.cat(
+        [
+            adam_preconditioner(state[p]["exp_avg_sq"], float(state[p]["step"])).reshape(-1)
+            for p in used
+        ]
+    )
+    batch = next(iter(loader(classification_data())))
+    truth = preconditioned_lambda_max(
+        dense_hessian(module.net, cross_entropy_loss, [batch]), diagonal
+    )
+    logged = monitor.history[-1]["curvature/preconditioned_lambda_max"]
+    assert logged == pytest.approx(truth, rel=1e-3)
 
 
 class TwoOptimizers(pl.LightningModule):
@@ -303,17 +323,22 @@ def test_two_monitors_run_side_by_side_and_both_survive_resume(tmp_path):
     assert "head/lambda_max" in first[1].history[-1]
     assert "curvature/lambda_max" not in first[1].history[-1]
     second = monitors()
+    resumed = Classifier(mlp())
     quiet_fit(
         trainer(tmp_path, second, max_steps=9),
-        Classifier(mlp()),
+        resumed,
         loader(classification_data()),
         ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
     )
     assert [int(h["step"]) for h in second[0].history] == [2, 4, 6, 8]
     assert [int(h["step"]) for h in second[1].history] == [3, 6, 9]
-    # The head-only Hessian is the last layer's block of the whole one.
-    head = dict(Classifier(mlp()).named_parameters())
-    assert set(head) >= {"net.2.weight", "net.2.bias"}
+    # The head monitor's Hessian is the last layer's diagonal block of the dense one, at
+    # the weights of step 9 (the run's last).
+    batch = next(iter(loader(classification_data())))
+    hessian = dense_hessian(resumed.net, cross_entropy_loss, [batch])
+    head = slice(10 * 16 + 16, hessian.shape[0])  # net.2.weight and net.2.bias
+    truth = torch.linalg.eigvalsh(hessian[head, head])[-1].item()
+    assert second[1].history[-1]["head/lambda_max"] == pytest.approx(truth, rel=1e-3)
 
 
 def test_a_monitor_reused_after_fast_dev_run_measures_again(tmp_path):
