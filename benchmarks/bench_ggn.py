@@ -167,7 +167,7 @@ def product_cost(model: nn.Module, batch: tuple, repeats: int, device: torch.dev
 
 
 def lc_fisher(model, batch, kind):
-    from lightning_curvature.operators.ggn import FisherOperator
+    from lightning_curvature.operators.fisher import FisherOperator
 
     return FisherOperator(model, [batch], kind=kind, loss_from_output="cross_entropy")
 

@@ -30,7 +30,8 @@ from lightning_curvature.operators import (
     UnreliableProductError,
 )
 from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks
-from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+from lightning_curvature.operators.fisher import FisherOperator
+from lightning_curvature.operators.ggn import GGNOperator
 from lightning_curvature.solvers import SolveResult, solve
 
 __version__ = "0.1.0"

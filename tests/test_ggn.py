@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 import lightning_curvature as lc
+from lightning_curvature.operators import fisher as fisher_module
 from lightning_curvature.operators import ggn as ggn_module
 from lightning_curvature.operators import output_space
-from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+from lightning_curvature.operators.fisher import FisherOperator
+from lightning_curvature.operators.ggn import GGNOperator
 from tests.truth import classification_batches, dense_hessian, small_cnn, tanh_mlp
 
 
@@ -364,7 +366,7 @@ def test_outputs_that_cannot_be_split_raise_clear_value_errors():
         dict_out.matvec(torch.zeros(724))
 
 
-@pytest.mark.parametrize("module", [ggn_module, output_space])
+@pytest.mark.parametrize("module", [ggn_module, fisher_module, output_space])
 def test_docstring_examples_run(module):
     assert doctest.testmod(module, raise_on_error=False).failed == 0
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lightning_curvature.operators.base import CurvatureOperator
-from lightning_curvature.operators.ggn import FisherOperator, GGNOperator
+from lightning_curvature.operators.fisher import FisherOperator
+from lightning_curvature.operators.ggn import GGNOperator
 from lightning_curvature.operators.hessian import HessianOperator
 
 Curvature = Literal["hessian", "ggn", "fisher"]
