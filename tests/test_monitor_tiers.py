@@ -114,7 +114,8 @@ def test_a_warm_started_track_measurement_is_cheap_and_agrees_with_a_cold_full_o
 
 def test_adahessian_gets_adams_rule_with_its_own_preconditioner(tmp_path):
     from lightning_curvature.optim import AdaHessian, HessianBackwardMixin
-    from lightning_curvature.stability import preconditioner_diagonal, stability_rule
+    from lightning_curvature.preconditioners import preconditioner_diagonal
+    from lightning_curvature.stability import stability_rule
 
     class WithAdaHessian(HessianBackwardMixin, Classifier):
         def configure_optimizers(self):

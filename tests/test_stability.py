@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
+from lightning_curvature.preconditioners import preconditioner_diagonal
 from lightning_curvature.stability import (
     StabilityRule,
     adaptive_threshold,
-    preconditioner_diagonal,
     sgd_threshold,
     stability_ratio,
     stability_rule,

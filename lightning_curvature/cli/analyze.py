@@ -256,7 +256,8 @@ def _stability(
 ) -> tuple[Any, torch.Tensor | None, str]:
     """The stability rule of the optimizer that trained the model, rebuilt from the module's
     ``configure_optimizers`` and the checkpoint's optimizer state, when both allow it."""
-    from lightning_curvature.stability import preconditioner_diagonal, stability_rule
+    from lightning_curvature.preconditioners import preconditioner_diagonal
+    from lightning_curvature.stability import stability_rule
 
     states = checkpoint.get("optimizer_states") or []
     if not states:

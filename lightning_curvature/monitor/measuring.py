@@ -36,13 +36,8 @@ from lightning_curvature.monitor.objective import (
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.choice import curvature_operator
-from lightning_curvature.stability import (
-    StabilityRule,
-    first_moment_settled,
-    owning_optimizer,
-    preconditioner_diagonal,
-    stability_rule,
-)
+from lightning_curvature.preconditioners import first_moment_settled, preconditioner_diagonal
+from lightning_curvature.stability import StabilityRule, owning_optimizer, stability_rule
 
 
 @dataclass
