@@ -29,7 +29,7 @@ from lightning_curvature.monitor.measuring import (
 )
 from lightning_curvature.monitor.objective import Mode, training_step_loss
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
-from lightning_curvature.monitor.publish import Publisher, run_summary
+from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.tensorboard import tensorboard_writers
 
@@ -54,6 +54,8 @@ class CurvatureMonitor(Callback):
     Measuring never changes training: parameters, gradients, optimizer state, BatchNorm
     statistics, RNG streams, modes and the module's own Python state are exactly as they would
     be without it (unless you opt into ``stop_on_alert`` or ``lr_factor_on_alert``).
+
+    Every argument is keyword-only, as in Lightning's newer callbacks.
 
     Args:
         every_n_steps: measure every this many optimizer steps, exactly (never skipped; one
@@ -126,6 +128,7 @@ class CurvatureMonitor(Callback):
 
     def __init__(
         self,
+        *,
         every_n_steps: int | None = None,
         full_every: int = 8,
         log_spaced: bool = True,
@@ -272,6 +275,13 @@ class CurvatureMonitor(Callback):
                 "function: pass CurvatureMonitor(loss_fn=...) to measure it"
             )
             return
+        if self.curvature != "hessian" and self.output_fn is None and not _has_forward(pl_module):
+            self._disable(
+                f"curvature={self.curvature!r} needs the model's outputs, and "
+                f"{type(pl_module).__name__} defines no forward: define forward, or pass "
+                "CurvatureMonitor(output_fn=...), output_fn(module, batch) -> outputs"
+            )
+            return
         self._param_names = select_parameters(pl_module, self.params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,9 +349,9 @@ class CurvatureMonitor(Callback):
         self._after(trainer, outcome)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.disabled_reason is not None and not self.history:
-            return
         summary = run_summary(self.history, self.tag_prefix, self.schedule, self.alerts)
+        if self.disabled_reason is not None:
+            summary += f" The monitor is off: {self.disabled_reason}."
         rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
 
     def state_dict(self) -> dict[str, Any]:
@@ -415,7 +425,9 @@ class CurvatureMonitor(Callback):
             writers=writers,
             extra={"overhead": self.schedule.overhead},
         )
-        self.history.append({"step": float(record.step), **metrics})
+        self.history.append(
+            {"step": float(record.step), **metrics, RATIO_TRUSTED: float(self._ratio_trusted)}
+        )
         ratio = record.stability_ratio if self._ratio_trusted else None
         alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
         # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
@@ -453,6 +465,13 @@ class CurvatureMonitor(Callback):
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
+
+
+def _has_forward(module: nn.Module) -> bool:
+    """Whether the module's class (or a mixin) defines ``forward``; LightningModule's own
+    only forwards to ``nn.Module``'s, which raises NotImplementedError."""
+    framework = set(pl.LightningModule.__mro__)
+    return any("forward" in vars(cls) for cls in type(module).__mro__ if cls not in framework)
 
 
 def _rank_zero_value(trainer: pl.Trainer) -> Callable[[int], int]:

@@ -49,11 +49,18 @@ def alert_text_tag(prefix: str = "curvature") -> str:
     return f"{prefix}/alerts"
 
 
+def stability_edge_tag(prefix: str = "curvature") -> str:
+    """A constant 1 beside each stability ratio: Custom Scalars draws only logged tags, so
+    the edge line of the ratio chart is a scalar of its own (TensorBoard writers only)."""
+    return f"{prefix}/stability_edge"
+
+
 def dashboard_layout(prefix: str = "curvature") -> Layout:
     """One section, titled ``prefix``, of charts that overlay related tags.
 
     * the optimizer's relevant sharpness·η (λmax·η; preconditioned for Adam-family) against
-      its stability threshold, and the stability ratio (1 is the edge of stability);
+      its stability threshold, and the stability ratio against a line at 1 (the edge of
+      stability);
     * λmax·η, batch sharpness·η (Andreyev & Beneventano 2024) and directional
       sharpness·η along the last update (Pan & Li 2023) against the same threshold;
     * the top eigenvalues with λmin, and the trace;
@@ -83,7 +90,10 @@ def dashboard_layout(prefix: str = "curvature") -> Layout:
                     f"^{p}/stability_threshold$",
                 ],
             ],
-            "stability ratio (1 = edge of stability)": ["Multiline", [f"^{p}/stability_ratio$"]],
+            "stability ratio (1 = edge of stability)": [
+                "Multiline",
+                [f"^{p}/stability_ratio$", f"^{re.escape(stability_edge_tag(prefix))}$"],
+            ],
             "top eigenvalues": ["Multiline", [f"^{p}/eigenvalue_\\d+$", f"^{p}/lambda_min$"]],
             "trace": ["Multiline", [f"^{p}/trace$"]],
             "per-layer λmax": ["Multiline", [f"^{p}/layer/.*/lambda_max$"]],
@@ -112,7 +122,10 @@ def write_layout(writer: Any, prefix: str = "curvature") -> None:
 def write_measurement(
     writer: Any, record: Measurement, step: int, prefix: str = "curvature"
 ) -> None:
-    """The Ritz-value histogram and, when the density was measured, its figure."""
+    """The Ritz-value histogram, the edge line beside a logged stability ratio and, when
+    the density was measured, its figure."""
+    if record.converged and record.stability_ratio is not None:
+        writer.add_scalar(stability_edge_tag(prefix), 1.0, step)
     if record.ritz_values:
         writer.add_histogram(ritz_histogram_tag(prefix), np.asarray(record.ritz_values), step)
     if record.density is not None:

@@ -226,11 +226,30 @@ def test_the_measured_overhead_and_summary_count_what_happened():
     num_full = 1 + len(range(80, 201, 80))  # the first, then every 8·10 steps
     assert (schedule.num_track, schedule.num_full) == (20 - num_full, num_full)
     measuring = (20 - num_full) * TRACK_SECONDS + num_full * FULL_SECONDS
-    training = 199 * STEP_SECONDS  # the first call only starts the clock
+    training = 200 * STEP_SECONDS  # the clock starts at start(): step 1 counts too
     assert schedule.overhead == pytest.approx(measuring / training)
     text = schedule.summary()
     assert f"20 ({20 - num_full} track, {num_full} full)" in text
     assert "every 10 steps (as asked)" in text and f"{measuring / training:.1%}" in text
+
+
+def test_the_overhead_is_defined_from_the_first_measurement_on():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=4, clock=clock)
+    measured, _, _ = train(schedule, clock, 1)
+    assert measured == [(1, FULL)]
+    # One step trained, one full measurement: FULL_SECONDS / STEP_SECONDS, not NaN.
+    assert schedule.overhead == pytest.approx(FULL_SECONDS / STEP_SECONDS)
+
+
+def test_the_first_steps_one_time_costs_count_in_the_overhead_but_not_the_calibration():
+    # Step 1 takes 1 s (loader workers starting, lazy initialisation), the others 10 ms:
+    # the overhead so far charges the run for it, the cadence is the 32 of 10 ms steps.
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    train(schedule, clock, 100, step_time=lambda step: 1.0 if step == 1 else STEP_SECONDS)
+    assert schedule.cadence == 32
+    assert schedule.train_seconds == pytest.approx(1.0 + 99 * STEP_SECONDS)
 
 
 def test_a_failed_measurement_counts_as_failed_and_the_first_full_is_retried():

@@ -42,6 +42,17 @@ def check_arguments(
         )
     if output_fn is not None and not callable(output_fn):
         raise ValueError(f"output_fn must be callable or None, got {output_fn!r}")
+    if curvature == "hessian":
+        # The Hessian is that of training_step's (or loss_fn's) loss: an output-space loss
+        # given with it would be ignored, and the user would measure another matrix than meant.
+        for name, value in (("loss_from_output", loss_from_output), ("output_fn", output_fn)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} is used only with curvature='ggn' or 'fisher'; with "
+                    "curvature='hessian' (the default) the loss is training_step's, or "
+                    f"loss_fn's: drop {name}, or pass curvature='ggn' or 'fisher', got "
+                    f"{name}={value!r}"
+                )
     if not isinstance(per_layer, bool) and not (
         isinstance(per_layer, (list, tuple))
         and per_layer

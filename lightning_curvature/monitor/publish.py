@@ -10,6 +10,7 @@ under the monitor's prefix, so several monitors can publish side by side.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -18,6 +19,10 @@ import torch
 from lightning_curvature.alerts import Alert
 from lightning_curvature.measurement import Measurement
 from lightning_curvature.tensorboard import write_alert, write_layout, write_measurement
+
+# The key of a ``history`` row that says whether its stability ratio is trusted (1.0) or
+# not yet (0.0, an adaptive optimizer before its bias correction settled); not a logged tag.
+RATIO_TRUSTED = "stability_ratio_trusted"
 
 
 class Publisher:
@@ -37,10 +42,16 @@ class Publisher:
         writers: Sequence[Any],
         extra: dict[str, float] | None = None,
     ) -> dict[str, float]:
-        """Log ``record`` (and ``extra`` scalars, tagged under the prefix) at ``step``;
-        return the scalars logged."""
+        """Log ``record`` (and the finite ``extra`` scalars, tagged under the prefix) at
+        ``step``; return the scalars logged."""
         metrics = record.scalars(self.prefix)
-        metrics.update({f"{self.prefix}/{name}": float(v) for name, v in (extra or {}).items()})
+        metrics.update(
+            {
+                f"{self.prefix}/{name}": float(v)
+                for name, v in (extra or {}).items()
+                if math.isfinite(v)
+            }
+        )
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
         callback_metrics.update({tag: torch.tensor(value) for tag, value in metrics.items()})
@@ -72,15 +83,20 @@ def run_summary(
     history: Sequence[dict[str, float]], prefix: str, schedule: Any, alerts: Any
 ) -> str:
     """The end-of-run line: points, cadence and overhead (the schedule's), the peak stability
-    ratio and the alerts fired."""
-    ratios = [
-        (h[f"{prefix}/stability_ratio"], int(h["step"]))
-        for h in history
-        if f"{prefix}/stability_ratio" in h
-    ]
-    peak = max(ratios, default=None)
-    return (
-        schedule.summary()
-        + (f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}." if peak else "")
-        + f" {alerts.summary()}"
-    )
+    ratio and the alerts fired.
+
+    The peak leaves out the measurements whose ratio the edge alert does not trust either
+    (``history`` rows with ``RATIO_TRUSTED`` 0: Adam's first steps, where 1 − β1ᵗ inflates
+    P⁻¹H up to ten-fold), so it never reports an artifact of the bias correction.
+    """
+    tag = f"{prefix}/stability_ratio"
+    logged = [h for h in history if tag in h]
+    trusted = [h for h in logged if h.get(RATIO_TRUSTED, 1.0)]
+    peak = max(((h[tag], int(h["step"])) for h in trusted), default=None)
+    text = schedule.summary()
+    if peak is not None:
+        text += f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}"
+        if len(trusted) < len(logged):
+            text += " (after the optimizer's bias correction settled)"
+        text += "."
+    return text + f" {alerts.summary()}"

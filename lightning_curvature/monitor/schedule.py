@@ -14,7 +14,8 @@ and then fixed, so curves are comparable and reruns reproducible. Calibration me
 steps :math:`s_0 + 1, 2, 4, \dots, 32` (:math:`s_0` the step training started from: on a
 fresh run, the log-spaced steps), times a full measurement :math:`t_f` (the first: cold,
 so the estimate errs towards sparse), a track one :math:`t_t` (the median) and a training
-step :math:`t_s` (the mean over the 32 steps: the run pays for its slow steps too), and
+step :math:`t_s` (the mean over steps 2 to 32: the run pays for its slow steps too; the first
+step's one-time costs count in the overhead, not here), and
 picks the smallest power of two :math:`n` with
 
 .. math:: \frac{(F - 1)\,t_t + t_f}{F \cdot n \cdot t_s} \le \text{max\_overhead},
@@ -182,6 +183,7 @@ class MeasurementSchedule:
         self._samples: dict[str, list[float]] = {kind: [] for kind in _KINDS}
         # The clock at the last call or measurement end; None: the next call only reads it.
         self._mark: float | None = None
+        self._first_interval = False  # the time since start() is not a step sample
         self._unassigned_seconds = 0.0  # training time not yet spread over a step
 
     # ------------------------------------------------------------------ protocol
@@ -192,7 +194,10 @@ class MeasurementSchedule:
         if self.cadence is None and not self._samples[FULL] and not self._samples[TRACK]:
             self.calibration_start = step  # after a resume, calibrate from here
         self.last_step = step
-        self._mark = None
+        # Training time runs from here: the first step's time counts in the overhead, but
+        # is no calibration sample (it holds one-time costs: loader workers, lazy init).
+        self._mark = self.clock()
+        self._first_interval = True
         self._unassigned_seconds = 0.0
 
     def decide(self, step: int, agree: Callable[[int], int] | None = None) -> Decision:
@@ -319,7 +324,8 @@ class MeasurementSchedule:
                 steps = step - self.last_step
                 self.train_seconds += self._unassigned_seconds
                 self.train_steps += steps
-                if self._collecting():  # one sample per step, so their mean is time / steps
+                first, self._first_interval = self._first_interval, False
+                if self._collecting() and not first:  # one sample per step: mean = time / steps
                     per_step = self._unassigned_seconds / steps
                     for _ in range(min(steps, _MAX_SAMPLES)):
                         _append(self._samples["step"], per_step)

@@ -1,0 +1,145 @@
+"""CurvatureMonitor as a new user meets it: the arguments, LightningModules written as people
+write them, the end-of-run line and the dashboard's edge line."""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_curvature.callback as callback_module
+from lightning_curvature import CurvatureMonitor
+from lightning_curvature._lightning import pl
+from lightning_curvature.tensorboard import dashboard_layout
+from tests.lightning_models import (
+    Classifier,
+    classification_data,
+    loader,
+    mlp,
+    read_events,
+    trainer,
+)
+from tests.truth import cross_entropy_loss
+
+
+def fit(tmp_path, module, monitor, max_steps=10, data=None, **kwargs):
+    torch.manual_seed(0)
+    run = trainer(tmp_path, [monitor], max_steps=max_steps, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(module, data or loader(classification_data()))
+    return run
+
+
+@pytest.fixture
+def info_lines(monkeypatch):
+    """What the monitor says through rank_zero_info (its calibration and end-of-run lines)."""
+    lines = []
+    monkeypatch.setattr(callback_module, "rank_zero_info", lines.append)
+    return lines
+
+
+def test_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        CurvatureMonitor(5)  # every_n_steps? full_every? Say which.
+    assert CurvatureMonitor(every_n_steps=5).schedule.cadence == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("loss_from_output", "cross_entropy"), ("output_fn", lambda module, batch: batch[0])],
+)
+def test_an_output_space_loss_is_refused_with_the_hessian(name, value):
+    # With curvature="hessian" the loss is training_step's: an output-space loss given with
+    # it was silently ignored, so the user measured another matrix than they meant.
+    with pytest.raises(ValueError, match=rf"{name} is used only with curvature='ggn' or 'fisher'"):
+        CurvatureMonitor(**{name: value})
+    CurvatureMonitor(curvature="ggn", **{"loss_from_output": "cross_entropy", name: value})
+
+
+class NoForward(pl.LightningModule):
+    """training_step calls the network directly: the module defines no forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self.net(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_without_forward_is_caught_at_setup_under_ggn(tmp_path):
+    monitor = CurvatureMonitor(
+        every_n_steps=2, curvature="ggn", loss_from_output="cross_entropy", max_overhead=None
+    )
+    with pytest.warns(UserWarning, match="define forward, or pass") as record:
+        trainer(tmp_path, [monitor], max_steps=6).fit(NoForward(), loader(classification_data()))
+    assert monitor.history == []
+    # Caught at setup, before any measurement could fail on NotImplementedError.
+    assert not [w for w in record if "a measurement failed" in str(w.message)]
+    # With output_fn it measures.
+    monitor = CurvatureMonitor(
+        every_n_steps=2,
+        curvature="ggn",
+        loss_from_output="cross_entropy",
+        output_fn=lambda module, batch: module.net(batch[0]),
+        max_overhead=None,
+    )
+    fit(tmp_path / "with_output_fn", NoForward(), monitor, max_steps=6)
+    assert [int(h["step"]) for h in monitor.history] == [1, 2, 4, 6]
+
+
+def test_the_overhead_is_logged_from_the_first_measurement(tmp_path):
+    monitor = CurvatureMonitor(every_n_steps=3, k=1, trace=False, max_overhead=None)
+    run = fit(tmp_path, Classifier(mlp()), monitor, max_steps=6)
+    events = read_events(run.logger.log_dir)
+    logged = {e.step: e.value for e in events.Scalars("curvature/overhead")}
+    assert sorted(logged) == [1, 2, 3, 6]  # every measurement, the first included
+    assert all(math.isfinite(v) and v > 0 for v in logged.values())
+
+
+def test_the_end_of_run_line_comes_even_when_the_monitor_switched_itself_off(tmp_path, info_lines):
+    def nan_loss(module, batch):
+        return cross_entropy_loss(module, batch) * float("nan")
+
+    monitor = CurvatureMonitor(every_n_steps=1, loss_fn=nan_loss, max_failures=2)
+    fit(tmp_path, Classifier(mlp()), monitor, max_steps=6)
+    (line,) = [text for text in info_lines if "Curvature measurements" in text]
+    assert "0 (0 track, 0 full, 2 failed)" in line
+    assert "The monitor is off: 2 measurements in a row failed" in line
+
+
+def test_adams_first_steps_are_left_out_of_the_peak_stability_ratio(tmp_path, info_lines):
+    # Adam's P holds 1 − β1ᵗ, which inflates P⁻¹H up to ten-fold at t = 1; the edge alert
+    # trusts the ratio from β1ᵗ <= 0.1 on, t >= ceil(log 0.1 / log 0.9) = 22, and so does
+    # the summary's peak.
+    settled = math.ceil(math.log(0.1) / math.log(0.9))
+    monitor = CurvatureMonitor(every_n_steps=4, k=1, trace=False, max_overhead=None)
+    fit(tmp_path, Classifier(mlp(), "adam", lr=0.01), monitor, max_steps=40)
+    ratios = {int(h["step"]): h["curvature/stability_ratio"] for h in monitor.history}
+    assert max(ratios, key=ratios.get) < settled  # the artifact the summary used to report
+    peak_step = max((s for s in ratios if s >= settled), key=ratios.get)
+    (line,) = [text for text in info_lines if "Peak stability ratio" in text]
+    assert f"Peak stability ratio {ratios[peak_step]:.3g} at step {peak_step} " in line
+
+
+def test_the_stability_ratio_chart_has_a_line_at_one(tmp_path):
+    monitor = CurvatureMonitor(every_n_steps=2, k=1, trace=False, max_overhead=None)
+    run = fit(tmp_path, Classifier(mlp()), monitor, max_steps=6)
+    events = read_events(run.logger.log_dir)
+    ratio_steps = [e.step for e in events.Scalars("curvature/stability_ratio")]
+    edge = [(e.step, e.value) for e in events.Scalars("curvature/stability_edge")]
+    assert edge == [(step, 1.0) for step in ratio_steps]
+    (chart,) = [
+        patterns
+        for title, (_, patterns) in dashboard_layout("curvature")["curvature"].items()
+        if title.startswith("stability ratio")
+    ]
+    for tag in ("curvature/stability_ratio", "curvature/stability_edge"):
+        assert any(re.search(pattern, tag) for pattern in chart)
