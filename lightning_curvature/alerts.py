@@ -7,16 +7,23 @@ Two rules, each firing once when its condition starts to hold and re-arming when
 
   .. math:: \lambda_t > f \cdot \max(\lambda_{t-w}, \dots, \lambda_{t-1}),
 
-  and the rule is past its warm-up: at least ``spike_warmup_measurements`` converged
-  measurements before this one, and the step at least ``spike_warmup_steps``. The
-  reference is the last few *measurements*, whatever the steps between them: during
-  progressive sharpening (λmax rising several-fold over a run, a few percent per
-  measurement) it is the previous value, so no flat early point of a log-spaced schedule
-  pins it; a noisy low value cannot lower it; a return to a level seen within the window
-  is no spike. A genuine jump (weights scaled up, a learning-rate raise) fires at the first
-  measurement that sees it, once: the rule stays quiet while λmax stays more than
-  ``spike_factor`` above its reference, and re-arms once it is not (λmax came back down,
-  or stopped rising).
+  the jump matters for stability, and the rule is past its warm-up (at least
+  ``spike_warmup_measurements`` converged measurements before this one, and the step at
+  least ``spike_warmup_steps``). The reference is the last few *measurements*, whatever the
+  steps between them: during progressive sharpening (λmax rising several-fold over a run, a
+  few percent per measurement) it is the previous value, so no flat early point of a
+  log-spaced schedule pins it; a noisy low value cannot lower it; a return to a level seen
+  within the window is no spike. A genuine jump (weights scaled up, a learning-rate raise)
+  fires at the first measurement that sees it, once: the rule stays quiet while λmax stays
+  more than ``spike_factor`` above its reference, and re-arms once it is not (λmax came
+  back down, or stopped rising).
+
+  The jump *matters* when the stability ratio it leaves (relevant sharpness × η over the
+  optimizer's threshold; 1 is the edge) is at least ``spike_min_ratio``: λmax going from
+  0.004 to 0.015 at a ratio of 5·10⁻⁵ is a jump from nothing to almost nothing, far below
+  the edge, and no risk to training. Without a trusted ratio (no optimizer owns the
+  parameters; Adam before its bias correction settles) the jump alone decides, and the
+  message says that it is a relative jump only.
 - **Edge of stability** (``"edge_of_stability"``): the stability ratio (relevant
   sharpness × η over the optimizer's stability threshold; 1 is the edge) is at least
   ``edge_ratio`` for ``edge_patience`` measurements in a row. It re-arms when the ratio
@@ -74,6 +81,9 @@ class AlertRules:
             can fire (at least 1).
         spike_warmup_steps: the spike rule stays quiet before this training step, where
             curvature changes fastest by nature.
+        spike_min_ratio: a spike alerts only when it leaves the stability ratio at least
+            this (1 is the edge): a jump far below the edge cannot destabilize training.
+            0 alerts on every jump.
         edge_ratio: the edge-of-stability rule fires when the stability ratio is at least
             this (1.0 is the edge itself) ...
         edge_patience: ... for this many measurements in a row.
@@ -86,6 +96,7 @@ class AlertRules:
     spike_window: int = 3
     spike_warmup_measurements: int = 5
     spike_warmup_steps: int = 100
+    spike_min_ratio: float = 0.1
     edge_ratio: float = 0.9
     edge_patience: int = 3
 
@@ -107,6 +118,11 @@ class AlertRules:
             self,
             "spike_warmup_steps",
             check_int("spike_warmup_steps", self.spike_warmup_steps, 0),
+        )
+        set_field(
+            self,
+            "spike_min_ratio",
+            check_number("spike_min_ratio", self.spike_min_ratio, at_least=0.0),
         )
         set_field(self, "edge_ratio", check_number("edge_ratio", self.edge_ratio, above=0.0))
         set_field(self, "edge_patience", check_int("edge_patience", self.edge_patience, 1))
@@ -147,7 +163,10 @@ class AlertTracker:
             return []
         alerts = [
             alert
-            for alert in (self._spike(step, lambda_max), self._edge(step, stability_ratio))
+            for alert in (
+                self._spike(step, lambda_max, stability_ratio),
+                self._edge(step, stability_ratio),
+            )
             if alert is not None
         ]
         self.history = [*self.history, lambda_max][-self.rules.spike_window :]
@@ -168,7 +187,7 @@ class AlertTracker:
         return f"Alerts: {'; '.join(parts)}."
 
     # ------------------------------------------------------------------ the two rules
-    def _spike(self, step: int, value: float) -> Alert | None:
+    def _spike(self, step: int, value: float, ratio: float | None) -> Alert | None:
         rules = self.rules
         warmed_up = (
             self.num_converged >= rules.spike_warmup_measurements
@@ -180,10 +199,18 @@ class AlertTracker:
         reference = max(self.history)
         # A relative rule needs a positive reference: λmax <= 0 has no "times higher".
         is_spike = reference > 0 and value > rules.spike_factor * reference
-        fires = is_spike and not self.spike_active
+        level = math.nan if ratio is None else float(ratio)
+        known = math.isfinite(level)
+        matters = not known or level >= rules.spike_min_ratio
+        fires = is_spike and matters and not self.spike_active
         self.spike_active = is_spike
         if not fires:
             return None
+        where = (
+            f"The stability ratio is now {level:.3g} (1 is the edge of stability)"
+            if known
+            else "The stability ratio is unknown here, so this is a relative jump only"
+        )
         return Alert(
             kind=SPIKE,
             step=step,
@@ -192,9 +219,9 @@ class AlertTracker:
             message=(
                 f"Sharpness spike at step {step}: λmax = {value:.4g}, {value / reference:.2f}× "
                 f"the highest {reference:.4g} of the previous {len(self.history)} "
-                f"measurements (spike_factor={rules.spike_factor:g}). Something changed the "
-                "loss landscape abruptly (a learning-rate change, a weight scale, a data "
-                "shift); training may become unstable."
+                f"measurements (spike_factor={rules.spike_factor:g}). {where}. Something "
+                "changed the loss landscape abruptly (a learning-rate change, a weight scale, "
+                "a data shift); training may become unstable."
             ),
         )
 

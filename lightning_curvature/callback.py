@@ -103,7 +103,8 @@ class CurvatureMonitor(Callback):
             dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
         dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
         warm_start: start each Lanczos run from the previous Ritz vectors.
-        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.alerts.AlertRules`).
+        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.alerts.AlertRules`);
+            ``spike_min_ratio`` keeps a jump far below the edge of stability from alerting.
         on_alert: called with each :class:`~lightning_curvature.alerts.Alert`.
         stop_on_alert: stop training at the first alert (changes training).
         lr_factor_on_alert: multiply every learning rate by this at each alert (changes
@@ -157,6 +158,7 @@ class CurvatureMonitor(Callback):
         spike_window: int = 3,
         spike_warmup_measurements: int = 5,
         spike_warmup_steps: int = 100,
+        spike_min_ratio: float = 0.1,
         edge_ratio: float = 0.9,
         edge_patience: int = 3,
         on_alert: Callable[[Alert], None] | None = None,
@@ -232,6 +234,7 @@ class CurvatureMonitor(Callback):
                 spike_window=spike_window,
                 spike_warmup_measurements=spike_warmup_measurements,
                 spike_warmup_steps=spike_warmup_steps,
+                spike_min_ratio=spike_min_ratio,
                 edge_ratio=edge_ratio,
                 edge_patience=edge_patience,
             )

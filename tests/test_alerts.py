@@ -164,6 +164,26 @@ def test_a_dip_and_its_recovery_or_a_fall_do_not_fire():
     assert feed(AlertTracker(rules), dict(enumerate(dip))) == []
 
 
+def test_a_jump_far_below_the_edge_of_stability_does_not_alert():
+    # The CNN near convergence: λmax 0.0037 -> 0.0149 (4.08×) at a stability ratio of
+    # 4.9e-5. A jump from nothing to almost nothing is no risk to training.
+    rules = AlertRules(spike_warmup_steps=0)
+    series = dict(enumerate([0.00366] * 5 + [0.01493]))
+    assert feed(AlertTracker(rules), series, ratio=4.9e-5) == []
+    # The same jump where it matters alerts, once, and says how far the edge is.
+    (alert,) = feed(AlertTracker(rules), series, ratio=0.45)
+    assert alert.step == 5 and "stability ratio is now 0.45 (1 is the edge" in alert.message
+    # Just above and just below spike_min_ratio.
+    assert len(feed(AlertTracker(rules), series, ratio=rules.spike_min_ratio)) == 1
+    assert feed(AlertTracker(rules), series, ratio=0.99 * rules.spike_min_ratio) == []
+    # Without a trusted ratio the jump alone decides, and the message says so.
+    (alert,) = feed(AlertTracker(rules), series, ratio=None)
+    assert "relative jump only" in alert.message
+    # spike_min_ratio=0: every jump alerts, as before.
+    everywhere = AlertRules(spike_warmup_steps=0, spike_min_ratio=0.0)
+    assert len(feed(AlertTracker(everywhere), series, ratio=4.9e-5)) == 1
+
+
 def test_warmup_counts_measurements_and_steps():
     rules = AlertRules(spike_warmup_measurements=4, spike_warmup_steps=100)
     # Four measurements before the jump, but at step 80: too early.
@@ -273,6 +293,8 @@ def test_the_summary_lists_alerts_by_kind():
         ("spike_warmup_measurements", 0, "an integer >= 1"),
         ("spike_warmup_steps", -1, "an integer >= 0"),
         ("spike_warmup_steps", 2.5, "an integer >= 0"),
+        ("spike_min_ratio", -0.1, "a number >= 0"),
+        ("spike_min_ratio", math.inf, "a number >= 0"),
         ("edge_ratio", 0, "a number > 0"),
         ("edge_ratio", "high", "a number > 0"),
         ("edge_patience", 1.5, "an integer >= 1"),

@@ -143,3 +143,41 @@ def test_the_stability_ratio_chart_has_a_line_at_one(tmp_path):
     ]
     for tag in ("curvature/stability_ratio", "curvature/stability_edge"):
         assert any(re.search(pattern, tag) for pattern in chart)
+
+
+@pytest.mark.parametrize(("lr", "alerts"), [(1e-5, []), (0.02, [13])])
+def test_a_sharpness_jump_alerts_only_where_it_matters_for_stability(tmp_path, lr, alerts):
+    # λmax jumps 50× at step 13 (the measured loss is scaled up from there). With η = 1e-5
+    # λmax·η stays about 1e-4 of SGD's threshold 2, no risk to training: quiet. With
+    # η = 0.02 the same jump takes it to about a third of the edge: one alert.
+    scale = {"value": 1.0}
+
+    def scaled_loss(module, batch):
+        return scale["value"] * cross_entropy_loss(module, batch)
+
+    class Jump(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            scale["value"] = 50.0 if trainer.global_step >= 12 else 1.0
+
+    fired = []
+    monitor = CurvatureMonitor(
+        every_n_steps=1,
+        log_spaced=False,
+        k=1,
+        trace=False,
+        loss_fn=scaled_loss,
+        on_alert=fired.append,
+        spike_warmup_steps=0,
+        max_overhead=None,
+    )
+    torch.manual_seed(0)
+    run = trainer(tmp_path, [Jump(), monitor], max_steps=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(Classifier(mlp(), lr=lr), loader(classification_data()))
+    history = {int(h["step"]): h for h in monitor.history}
+    jump = history[13]["curvature/lambda_max"] / history[12]["curvature/lambda_max"]
+    assert jump == pytest.approx(50.0, rel=0.05)
+    ratio = history[13]["curvature/stability_ratio"]
+    assert ratio < 1e-3 if not alerts else ratio > 2 * monitor.alerts.rules.spike_min_ratio
+    assert [a.step for a in fired if a.kind == "sharpness_spike"] == alerts
