@@ -297,6 +297,8 @@ class CurvatureMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # The parameters are about to move on: the last measurement no longer describes them.
+        self.publisher.withdraw(trainer.callback_metrics)
         if self.disabled_reason is not None:
             return
         upcoming = self.schedule.upcoming(trainer.global_step + 1)

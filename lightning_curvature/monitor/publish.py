@@ -3,9 +3,13 @@
 Scalars go to every logger at the trainer's global step (``log_metrics``, as
 LearningRateMonitor does: ``LightningModule.log`` would drop steps that miss
 ``log_every_n_steps``) and into ``callback_metrics`` so EarlyStopping and ModelCheckpoint can
-monitor them. TensorBoard writers also get the dashboard layout (once), the Ritz-value
-histogram, the spectral-density figure and a text entry per alert. Everything is tagged
-under the monitor's prefix, so several monitors can publish side by side.
+monitor them. A value in ``callback_metrics`` always describes the current parameters: it
+is there from the end of the step it was measured at until the next step starts
+(:meth:`Publisher.withdraw`), and absent between measurements and after a failed one, so a
+checkpoint is never scored with the curvature of older weights. TensorBoard writers also
+get the dashboard layout (once), the Ritz-value histogram, the spectral-density figure and a
+text entry per alert. Everything is tagged under the monitor's prefix, so several monitors
+can publish side by side.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Publisher:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self._layout_written: set[int] = set()
+        self._in_callback_metrics: list[str] = []  # the tags :meth:`withdraw` takes back
 
     def publish(
         self,
@@ -54,13 +59,23 @@ class Publisher:
         )
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
+        self.withdraw(callback_metrics)
         callback_metrics.update({tag: torch.tensor(value) for tag, value in metrics.items()})
+        self._in_callback_metrics = list(metrics)
         for writer in writers:
             if id(writer) not in self._layout_written:
                 write_layout(writer, self.prefix)
                 self._layout_written.add(id(writer))
             write_measurement(writer, record, step, self.prefix)
         return metrics
+
+    def withdraw(self, callback_metrics: MutableMapping[str, Any]) -> None:
+        """Take this monitor's values out of ``callback_metrics``: call it before the
+        parameters move on (at every batch start), so none outlives the weights it was
+        measured on."""
+        for tag in self._in_callback_metrics:
+            callback_metrics.pop(tag, None)
+        self._in_callback_metrics = []
 
     def announce(
         self,
