@@ -8,7 +8,7 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -88,9 +88,11 @@ class CurvatureMonitor(Callback):
             are comparable; ``"current"``: the batch about to be trained on.
         probe_dataloader: draw the fixed probe batches from this DataLoader instead.
         loss_fn: ``loss_fn(module, batch) -> loss``. By default the module's own
-            ``training_step(batch, 0)`` is called (its ``self.log`` muted and its side effects
-            on the module, optimizers, schedulers and Python/numpy RNG undone afterwards);
-            with ``loss_fn`` given, ``training_step`` is never called.
+            ``training_step(batch, batch_idx)`` is called, ``batch_idx`` the index the probe
+            batch had in training (0, 1, ... for a ``probe_dataloader``'s), and probe batches
+            are only batches it returned a loss for (its ``self.log`` muted and its side
+            effects on the module, optimizers, schedulers and Python/numpy RNG undone
+            afterwards); with ``loss_fn`` given, ``training_step`` is never called.
         k: how many top eigenvalues a full measurement logs.
         num_iters: the most Lanczos steps per run; ``None`` allows ``30 + 10·k``.
         tol: relative accuracy of the eigenvalues.
@@ -302,7 +304,7 @@ class CurvatureMonitor(Callback):
         if self.disabled_reason is not None:
             return
         upcoming = self.schedule.upcoming(trainer.global_step + 1)
-        self.probes.offer(batch, pl_module.device, upcoming is not None)
+        self.probes.offer(batch, pl_module.device, upcoming is not None, batch_idx)
         if upcoming is not None and self._param_names:
             # θ_{s−1}, for the sharpness along the update that produces step s.
             flat = flat_parameters(pl_module, self._param_names)
@@ -318,6 +320,8 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if self.disabled_reason is not None or trainer.sanity_checking:
             return
+        # A batch that training_step skipped (returned None) is no probe for it either.
+        self.probes.confirm(not self._measures_training_step or _returned_a_loss(outputs))
         step = trainer.global_step
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
         decision = self.schedule.decide(step, agree=_rank_zero_value(trainer))
@@ -332,7 +336,7 @@ class CurvatureMonitor(Callback):
             with self.schedule.timed(decision):
                 outcome = measure_module(
                     self._context(trainer, pl_module),
-                    self.probes.batches(pl_module.device),
+                    self.probes.batches(pl_module.device, indexed=self._measures_training_step),
                     step,
                     decision.tier,
                     self.settings,
@@ -381,6 +385,12 @@ class CurvatureMonitor(Callback):
         self.probes.load_state_dict(state_dict.get("probe_batches", []))
 
     # ------------------------------------------------------------------ measuring
+    @property
+    def _measures_training_step(self) -> bool:
+        """Whether the loss is ``training_step``'s, called with each probe's own batch_idx
+        (a ``loss_fn``, or the GGN's and Fisher's output-space loss, takes the batch alone)."""
+        return self.loss_fn is None and self.curvature == "hessian"
+
     def _context(self, trainer: pl.Trainer, module: pl.LightningModule) -> Context:
         return Context(
             module=module,
@@ -470,6 +480,12 @@ class CurvatureMonitor(Callback):
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
+
+
+def _returned_a_loss(outputs: Any) -> bool:
+    """Whether ``training_step`` returned a loss: Lightning hands ``{}`` (or None) to
+    ``on_train_batch_end`` when it returned None, and skipped the batch."""
+    return outputs is not None and not (isinstance(outputs, Mapping) and not outputs)
 
 
 def _has_forward(module: nn.Module) -> bool:

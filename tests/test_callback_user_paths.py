@@ -21,7 +21,7 @@ from tests.lightning_models import (
     read_events,
     trainer,
 )
-from tests.truth import cross_entropy_loss
+from tests.truth import cross_entropy_loss, dense_hessian
 
 
 def fit(tmp_path, module, monitor, max_steps=10, data=None, **kwargs):
@@ -181,3 +181,57 @@ def test_a_sharpness_jump_alerts_only_where_it_matters_for_stability(tmp_path, l
     ratio = history[13]["curvature/stability_ratio"]
     assert ratio < 1e-3 if not alerts else ratio > 2 * monitor.alerts.rules.spike_min_ratio
     assert [a.step for a in fired if a.kind == "sharpness_spike"] == alerts
+
+
+class SkipsEveryFifthBatch(Classifier):
+    """A common pattern: training_step returns None to skip a batch."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 5 == 0:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("probe", ["fixed", "current"])
+def test_a_training_step_that_skips_batches_is_measured_on_batches_it_trains_on(tmp_path, probe):
+    data = loader(classification_data())
+    monitor = CurvatureMonitor(
+        every_n_steps=2, log_spaced=False, k=1, trace=False, probe=probe, max_overhead=None
+    )
+    module = SkipsEveryFifthBatch(mlp())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, module, monitor, max_steps=8, data=data)  # one epoch: batches 0-7
+    assert not [w for w in caught if "CurvatureMonitor" in str(w.message)]
+    assert monitor.disabled_reason is None
+    # Batches 0 and 5 are skipped, global_step advancing all the same. Every scheduled step
+    # is measured, but for step 6 with probe="current": its batch, 5, was not trained on.
+    expected = [2, 4, 6, 8] if probe == "fixed" else [2, 4, 8]
+    assert [int(h["step"]) for h in monitor.history] == expected
+    # Measured on what it trains on: the fixed probe is batch 1, the first trained on;
+    # the current probe at step 8 is the batch of step 8, batch 7.
+    batches = list(data)
+    probe_batch = batches[1] if probe == "fixed" else batches[7]
+    hessian = dense_hessian(module.net, cross_entropy_loss, [probe_batch])
+    truth = torch.linalg.eigvalsh(hessian)[-1].item()
+    assert monitor.history[-1]["curvature/lambda_max"] == pytest.approx(truth, rel=1e-3)
+
+
+def test_a_probe_that_training_step_gives_no_loss_for_says_which_batch_idx_and_the_fix(
+    tmp_path,
+):
+    # probe_dataloader's batches are measured as batch_idx 0, 1, ...: index 0 is skipped.
+    monitor = CurvatureMonitor(
+        every_n_steps=2,
+        k=1,
+        trace=False,
+        probe_dataloader=loader(classification_data(seed=1)),
+        max_overhead=None,
+    )
+    with pytest.warns(UserWarning) as record:
+        trainer(tmp_path, [monitor], max_steps=8).fit(
+            SkipsEveryFifthBatch(mlp()), loader(classification_data())
+        )
+    (failure,) = [str(w.message) for w in record if "a measurement failed" in str(w.message)]
+    assert "training_step(batch, batch_idx=0) returned None" in failure
+    assert "loss_fn" in failure and "on_error" not in failure

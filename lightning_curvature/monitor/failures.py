@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightning_curvature.monitor.measuring import RankFailure
+from lightning_curvature.monitor.objective import NoLossError
 
 
 def agree_on_failure(
@@ -46,6 +47,12 @@ def fix_for(error: BaseException) -> str:
     text = str(error)
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text:
         return "Fix: use fewer or smaller probe batches (num_batches, probe_dataloader)."
+    if isinstance(error, NoLossError):
+        return (
+            "Fix: the probe batches are training batches that training_step returned a loss "
+            "for, measured with their own batch_idx (a probe_dataloader's: 0, 1, ...); make "
+            "training_step return the loss for them, or pass loss_fn(module, batch) -> loss."
+        )
     if isinstance(error, FloatingPointError):
         return (
             "Fix: the loss or its curvature is not finite on the probe batches; check the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -17,13 +18,34 @@ from torch import nn
 Mode = Literal["eval", "train"]
 
 
+@dataclass  # not frozen: batch copies rebuild the fields of mutable dataclasses only
+class IndexedBatch:
+    """A probe batch with the ``batch_idx`` it had in training.
+
+    Measuring calls ``training_step(batch, batch_idx)`` with that index, so a step that skips
+    some indices (``if batch_idx % 5 == 0: return None``) is measured on a batch it trained
+    on, as it trained on it. Batch copies walk dataclasses, so it travels like any batch.
+    """
+
+    batch: Any
+    batch_idx: int
+
+
+class NoLossError(ValueError):
+    """``training_step`` gave no loss for a probe batch."""
+
+
 def training_step_loss(module: Any, batch: Any) -> torch.Tensor:
-    """``module.training_step(batch, 0)`` as a loss function ``loss_fn(module, batch)``."""
-    output = module.training_step(batch, 0)
+    """``module.training_step(batch, batch_idx)`` as a loss function ``loss_fn(module, batch)``:
+    ``batch_idx`` is an :class:`IndexedBatch`'s own, and 0 for a plain batch."""
+    batch_idx = 0
+    if isinstance(batch, IndexedBatch):
+        batch, batch_idx = batch.batch, batch.batch_idx
+    output = module.training_step(batch, batch_idx)
     if output is None:
-        raise ValueError(
-            "training_step returned None for a probe batch, so it gives no loss: "
-            "pass CurvatureMonitor(loss_fn=...)"
+        raise NoLossError(
+            f"training_step(batch, batch_idx={batch_idx}) returned None for a probe batch, so "
+            "it gives no loss to measure"
         )
     return output
 

@@ -3,7 +3,11 @@
 ``"fixed"`` probes are the first ``num_batches`` training batches (or batches drawn once from
 a ``probe_dataloader``), copied once when they pass by, so every measurement of a run sees
 the same data and curves are comparable across steps. ``"current"`` probes are the batch
-about to be trained on, copied before ``training_step`` can edit it. Every measurement gets
+about to be trained on, copied before ``training_step`` can edit it. A training batch
+becomes a probe only once training has trained on it (:meth:`ProbeSet.confirm`: a
+``training_step`` that returns None skips its batch, and so does the probe set), and it
+keeps the ``batch_idx`` it had, so measuring calls ``training_step`` as training did
+(a ``probe_dataloader``'s batches get 0, 1, ...). Every measurement gets
 its own fresh copy, so a ``training_step`` that edits its batch in place cannot make the
 fixed probe drift. Copies go through :mod:`lightning_curvature.batches`, which walks tuples,
 mappings, namedtuples and dataclasses.
@@ -19,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_curvature.batches import detached_copy, move_batch
+from lightning_curvature.monitor.objective import IndexedBatch
 
 ProbeKind = Literal["fixed", "current"]
 
@@ -33,7 +38,9 @@ class ProbeSet:
         self.num_batches = num_batches
         self.dataloader = dataloader
         self.stored: list[Any] = []  # fixed probes, on the module's device
-        self._current: Any = None
+        self.stored_indices: list[int] = []  # the batch_idx each had in training
+        self._current: tuple[Any, int] | None = None
+        self._pending: tuple[Any, int] | None = None  # offered, not yet trained on
 
     @property
     def ready(self) -> bool:
@@ -48,32 +55,64 @@ class ProbeSet:
         if self.dataloader is None or self.stored:
             return
         with torch.random.fork_rng(devices=[]):
-            for batch in self.dataloader:
+            for index, batch in enumerate(self.dataloader):
                 self.stored.append(detached_copy(batch, device))
+                self.stored_indices.append(index)
                 if len(self.stored) == self.num_batches:
                     break
         if not self.stored:
             raise ValueError("probe_dataloader yielded no batches")
 
-    def offer(self, batch: Any, device: torch.device, upcoming_is_due: bool) -> None:
-        """A training batch passes by (before ``training_step``): keep a copy if needed."""
+    def offer(
+        self, batch: Any, device: torch.device, upcoming_is_due: bool, batch_idx: int = 0
+    ) -> None:
+        """A training batch passes by (before ``training_step``): copy it if it may be
+        needed; it becomes a probe once :meth:`confirm` says training trained on it."""
+        wanted = (
+            self.dataloader is None and len(self.stored) < self.num_batches
+            if self.kind == "fixed"
+            else upcoming_is_due
+        )
+        self._pending = (detached_copy(batch, device), batch_idx) if wanted else None
+
+    def confirm(self, trained: bool) -> None:
+        """After ``training_step``: whether training trained on the batch last offered (a
+        ``training_step`` that returned None did not, and its batch is no probe)."""
+        pending, self._pending = self._pending, None
+        if pending is None or not trained:
+            return
         if self.kind == "fixed":
-            if self.dataloader is None and len(self.stored) < self.num_batches:
-                self.stored.append(detached_copy(batch, device))
-        elif upcoming_is_due:
-            self._current = detached_copy(batch, device)
+            self.stored.append(pending[0])
+            self.stored_indices.append(pending[1])
+        else:
+            self._current = pending
 
-    def batches(self, device: torch.device) -> list[Any]:
-        """Fresh copies of the probe batches for one measurement, on ``device``."""
-        source = self.stored[: self.num_batches] if self.kind == "fixed" else [self._current]
+    def batches(self, device: torch.device, indexed: bool = False) -> list[Any]:
+        """Fresh copies of the probe batches for one measurement, on ``device``; with
+        ``indexed``, each as an :class:`IndexedBatch` with the ``batch_idx`` it had."""
+        if self.kind == "fixed":
+            source = list(zip(self.stored, self.stored_indices, strict=True))[: self.num_batches]
+        else:
+            source = [] if self._current is None else [self._current]
         self._current = None
-        return [detached_copy(batch, device) for batch in source]
+        copies = [(detached_copy(batch, device), index) for batch, index in source]
+        return [IndexedBatch(b, i) if indexed else b for b, i in copies]
 
-    def state_dict(self) -> list[Any]:
-        return [move_batch(batch, torch.device("cpu")) for batch in self.stored]
+    def state_dict(self) -> dict[str, list[Any]]:
+        return {
+            "batches": [move_batch(batch, torch.device("cpu")) for batch in self.stored],
+            "batch_indices": list(self.stored_indices),
+        }
 
-    def load_state_dict(self, batches: list[Any]) -> None:
-        self.stored = list(batches)
+    def load_state_dict(self, state: dict[str, list[Any]] | list[Any]) -> None:
+        # Older checkpoints stored the list of batches alone, each measured as batch_idx 0.
+        if isinstance(state, dict):
+            self.stored = list(state.get("batches", []))
+            self.stored_indices = [int(i) for i in state.get("batch_indices", [])]
+        else:
+            self.stored = list(state)
+            self.stored_indices = []
+        self.stored_indices += [0] * (len(self.stored) - len(self.stored_indices))
 
 
 def check_params(params: Any) -> str | tuple[str, ...] | None:
