@@ -8,6 +8,7 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -294,7 +295,7 @@ class CurvatureMonitor(Callback):
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
         self.probes.draw(pl_module.device)
-        self.schedule.start(trainer.global_step)
+        self.schedule.start(trainer.global_step, _planned_steps(trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -331,27 +332,10 @@ class CurvatureMonitor(Callback):
             rank_zero_warn(f"CurvatureMonitor[{self.tag_prefix}]: {decision.warning}")
         if decision.tier is None or not self.probes.ready:
             return
-        error: BaseException | None = None
         try:
             with self.schedule.timed(decision):
-                outcome = measure_module(
-                    self._context(trainer, pl_module),
-                    self.probes.batches(pl_module.device, indexed=self._measures_training_step),
-                    step,
-                    decision.tier,
-                    self.settings,
-                    warm=self._warm if self.warm_start else None,
-                    update=self._update(pl_module, step),
-                    hvp_method=self._hvp_method,
-                    verify=not self._checked or decision.full,
-                )
-        except Exception as caught:
-            error = caught
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            error = agree_on_failure(
-                error, trainer.strategy, trainer.world_size, trainer.global_rank
-            )
-        if error is not None:
+                outcome = self._measure_on_every_rank(trainer, pl_module, decision)
+        except Exception as error:
             self._failed(error)
             return
         self.failures_in_a_row = 0
@@ -385,6 +369,36 @@ class CurvatureMonitor(Callback):
         self.probes.load_state_dict(state_dict.get("probe_batches", []))
 
     # ------------------------------------------------------------------ measuring
+    def _measure_on_every_rank(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Any
+    ) -> Any:
+        """The measurement's outcome, or the failure every rank agrees on, raised inside
+        ``schedule.timed``: the schedule's counters (which decide the next tier) then stay
+        the same on every rank."""
+        step = trainer.global_step
+        error: BaseException | None = None
+        try:
+            outcome = measure_module(
+                self._context(trainer, pl_module),
+                self.probes.batches(pl_module.device, indexed=self._measures_training_step),
+                step,
+                decision.tier,
+                self.settings,
+                warm=self._warm if self.warm_start else None,
+                update=self._update(pl_module, step),
+                hvp_method=self._hvp_method,
+                verify=not self._checked or decision.full,
+            )
+        except Exception as caught:
+            error = caught
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            error = agree_on_failure(
+                error, trainer.strategy, trainer.world_size, trainer.global_rank
+            )
+        if error is not None:
+            raise error
+        return outcome
+
     @property
     def _measures_training_step(self) -> bool:
         """Whether the loss is ``training_step``'s, called with each probe's own batch_idx
@@ -480,6 +494,16 @@ class CurvatureMonitor(Callback):
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
+
+
+def _planned_steps(trainer: pl.Trainer) -> int | None:
+    """The global step the run will end at, when Lightning knows it (``max_steps``, or
+    ``max_epochs`` over a sized loader); None for an open-ended run."""
+    try:
+        planned = trainer.estimated_stepping_batches
+    except Exception:  # a loader without len, or a config Lightning cannot estimate
+        return None
+    return int(planned) if math.isfinite(planned) and planned >= 1 else None
 
 
 def _returned_a_loss(outputs: Any) -> bool:

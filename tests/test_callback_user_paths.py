@@ -235,3 +235,24 @@ def test_a_probe_that_training_step_gives_no_loss_for_says_which_batch_idx_and_t
     (failure,) = [str(w.message) for w in record if "a measurement failed" in str(w.message)]
     assert "training_step(batch, batch_idx=0) returned None" in failure
     assert "loss_fn" in failure and "on_error" not in failure
+
+
+def test_the_default_schedule_ends_a_short_run_with_a_full_measurement(tmp_path):
+    # Whatever cadence this machine's timing calibrates, the first measurement, every 8th
+    # after it and the run's last step (300, from max_steps) are full.
+    monitor = CurvatureMonitor(k=2, num_probes=2)
+    fit(tmp_path, Classifier(mlp()), monitor, max_steps=300)
+    steps = [int(h["step"]) for h in monitor.history]
+    full = [int(h["step"]) for h in monitor.history if "curvature/trace" in h]
+    assert steps[-1] == 300 and steps[:6] == [1, 2, 4, 8, 16, 32]
+    assert full == sorted({*steps[::8], 300})
+    assert len(full) >= 2
+
+
+def test_probe_batches_of_an_older_checkpoint_load_as_batch_idx_zero():
+    monitor = CurvatureMonitor()
+    batch = (torch.ones(2, 3), torch.zeros(2))
+    monitor.load_state_dict({"probe_batches": [batch]})  # the list older versions wrote
+    assert monitor.probes.stored == [batch] and monitor.probes.stored_indices == [0]
+    (indexed,) = monitor.probes.batches(torch.device("cpu"), indexed=True)
+    assert indexed.batch_idx == 0 and torch.equal(indexed.batch[0], batch[0])

@@ -34,13 +34,25 @@ class FakeClock:
         self.now += seconds
 
 
-def train(schedule, clock, steps, *, stride=1, start=0, costs=None, agree=None, step_time=None):
+def train(
+    schedule,
+    clock,
+    steps,
+    *,
+    stride=1,
+    start=0,
+    costs=None,
+    agree=None,
+    step_time=None,
+    total_steps=None,
+):
     """Run training from ``start`` to ``steps`` with global_step advancing by ``stride``
-    per batch; every measurement costs ``costs[tier]`` seconds. Returns the measured
+    per batch (a run planned to end at ``total_steps``); every measurement costs
+    ``costs[tier]`` seconds. Returns the measured
     (step, tier) pairs and every info/warning text."""
     costs = costs or {TRACK: TRACK_SECONDS, FULL: FULL_SECONDS}
     measured, infos, warnings = [], [], []
-    schedule.start(start)
+    schedule.start(start, total_steps)
     for step in range(start + stride, steps + 1, stride):
         clock.advance(step_time(step) if step_time else STEP_SECONDS * stride)
         decision = schedule.decide(step, agree=agree)
@@ -63,8 +75,8 @@ def test_an_explicit_cadence_measures_exactly_the_scheduled_steps_even_over_budg
     measured, _, warnings = train(schedule, clock, 200)
     # Each measurement costs 40-400% of a step: far over 5%, and still none is skipped.
     assert [s for s, _ in measured] == list(range(5, 201, 5))
-    full = [5] + [s for s in range(5, 201, 5) if s % (8 * 5) == 0]
-    assert [s for s, tier in measured if tier == FULL] == full
+    # The first measurement and every 8th after it are full.
+    assert [s for s, tier in measured if tier == FULL] == list(range(5, 201, 5))[::8]
     assert len(warnings) == 1
 
 
@@ -136,8 +148,10 @@ def test_the_calibrated_cadence_is_the_hand_computed_power_of_two_and_stays_fixe
     # Per cadence point: (7 track + 1 full) / 8 = (7·4 + 40) / 8 = 8.5 ms. Every 16 steps
     # of 10 ms that is 8.5/160 = 5.3% > 5%; every 32 steps 8.5/320 = 2.7%: so 32.
     assert schedule.cadence == 32
-    assert [s for s, _ in measured] == sorted({1, 2, 4, 8, 16, *range(32, 601, 32)})
-    assert [s for s, tier in measured if tier == FULL] == [1, 256, 512]
+    steps = sorted({1, 2, 4, 8, 16, *range(32, 601, 32)})
+    assert [s for s, _ in measured] == steps
+    # Every 8th measurement is full, the log-spaced ones counted: 1, 128 and 384.
+    assert [s for s, tier in measured if tier == FULL] == steps[::8] == [1, 128, 384]
     assert warnings == []
     (info,) = infos
     assert "every 32 steps" in info and "2.7%" in info and "5.3%" in info
@@ -145,6 +159,30 @@ def test_the_calibrated_cadence_is_the_hand_computed_power_of_two_and_stays_fixe
     # Reproducible: a second run under the same clock chooses and measures the same.
     again = MeasurementSchedule(every_n_steps=None, clock=(clock2 := FakeClock()))
     assert train(again, clock2, 600)[0] == measured
+
+
+SHORT_RUN_COSTS = {TRACK: 0.060, FULL: 0.300}  # (7·60 + 300)/8 = 90 ms a point: every 256
+
+
+def test_a_short_run_of_known_length_gets_full_points_spread_over_it():
+    # 1,000 steps of 10 ms, a cadence of 256 (90 ms a point: 3.5% every 256 steps, 7% every
+    # 128). It used to get one full measurement, at step 1, and no point after step 768.
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    measured, _, _ = train(schedule, clock, 1000, costs=SHORT_RUN_COSTS, total_steps=1000)
+    assert schedule.cadence == 256
+    steps = [*powers_of_two_below(256), 256, 512, 768, 1000]
+    assert [s for s, _ in measured] == steps
+    # The first, every 8th after it (the log-spaced points counted) and the last are full.
+    assert [s for s, tier in measured if tier == FULL] == [*steps[::8], 1000] == [1, 256, 1000]
+    assert "and at the last step" in schedule.summary()
+
+
+def test_an_explicit_cadence_adds_no_last_step():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=300, clock=clock, max_overhead=None)
+    measured, _, _ = train(schedule, clock, 1000, total_steps=1000)
+    assert [s for s, _ in measured] == [*powers_of_two_below(300), 300, 600, 900]
 
 
 def test_calibration_charges_the_slow_steps_a_run_pays_for():

@@ -4,7 +4,10 @@ r"""When to measure: a fixed cadence, two tiers, and the same decision on every 
 **track** (λmax and what hangs on it; cheap) at every multiple of the cadence :math:`n`
 and, with ``log_spaced``, at steps 1, 2, 4, 8, ... below :math:`n`, where curvature
 changes fastest; **full** (top-k, trace, density, ...) at the first measurement of the
-run and at every multiple of ``full_every``·:math:`n`. A scheduled step is measured when
+run and at every ``full_every``-th measurement after it, log-spaced ones included. The
+default schedule (``every_n_steps=None``) also measures the last step of a run whose length
+is known, full, so even a short run ends with a spectrum of the weights it produced. A
+scheduled step is measured when
 ``global_step`` *crosses* it, so a step that advances by two per batch (two optimizers
 under manual optimization) misses none; no step is measured twice.
 
@@ -59,7 +62,7 @@ Example::
     ...             print(step, decision.tier)  # measure here
     1 full
     2 track
-    4 track
+    4 full
     5 track
     10 full
     15 track
@@ -129,8 +132,8 @@ class MeasurementSchedule:
         every_n_steps: the cadence in optimizer steps, honoured exactly; ``None``
             calibrates it once to ``max_overhead`` and then keeps it.
         log_spaced: also measure at steps 1, 2, 4, 8, ... below the cadence.
-        full_every: every this-many-th cadence point is a full measurement (steps that are
-            multiples of ``full_every · cadence``); the first measurement is always full.
+        full_every: the first measurement, and every this-many-th one after it (log-spaced
+            ones included), is full.
         max_overhead: the measurement time the cadence may cost, as a fraction of the
             training time, in (0, 1]. With ``every_n_steps=None`` it sets the calibrated
             cadence; with an integer it only warns (once) when exceeded. ``None``: no
@@ -184,13 +187,19 @@ class MeasurementSchedule:
         # The clock at the last call or measurement end; None: the next call only reads it.
         self._mark: float | None = None
         self._first_interval = False  # the time since start() is not a step sample
+        self._final_step: int | None = None  # the run's last step, measured full by default
         self._unassigned_seconds = 0.0  # training time not yet spread over a step
 
     # ------------------------------------------------------------------ protocol
-    def start(self, step: int) -> None:
+    def start(self, step: int, total_steps: int | None = None) -> None:
         """Start (or resume) training at ``step`` (``trainer.global_step``); call it at
-        train start, after any checkpoint was loaded."""
+        train start, after any checkpoint was loaded. ``total_steps``: the step the run will
+        end at, when known (``trainer.estimated_stepping_batches``); the default schedule
+        then measures it, full."""
         step = check_int("step", step, 0)
+        if total_steps is not None:
+            total_steps = check_int("total_steps", total_steps, 1)
+        self._final_step = total_steps if self.every_n_steps is None else None
         if self.cadence is None and not self._samples[FULL] and not self._samples[TRACK]:
             self.calibration_start = step  # after a resume, calibrate from here
         self.last_step = step
@@ -280,9 +289,10 @@ class MeasurementSchedule:
             how = "as asked" if self.every_n_steps is not None else "calibrated"
             how = "the default" if self.max_overhead is None and self.every_n_steps is None else how
             log_spaced = " and at steps 1, 2, 4, … below it" if self.log_spaced else ""
+            final = " and at the last step" if self._final_step is not None else ""
             text += (
-                f", every {self.cadence} steps ({how}){log_spaced}, full every "
-                f"{self.full_every * self.cadence} steps"
+                f", every {self.cadence} steps ({how}){log_spaced}{final}; the first "
+                f"measurement and every {_ordinal(self.full_every)} after it full"
             )
         if math.isfinite(self.overhead):
             budget = "" if self.max_overhead is None else f" (max_overhead {self.max_overhead:g})"
@@ -341,22 +351,23 @@ class MeasurementSchedule:
         if step <= last:
             return None
         n = self.cadence
+        final = self._final_step is not None and last < self._final_step <= step
         if n is None and self._calibration_due():
             # Only upcoming() gets here: the call at this step will calibrate, and the
             # cadence it fixes is not known yet, so say it may measure.
-            return FULL if self.num_full == 0 else TRACK
-        if n is None:  # calibrating: s0 + 1, 2, 4, ..., 32
+            scheduled = True
+        elif n is None:  # calibrating: s0 + 1, 2, 4, ..., 32
             start = self.calibration_start
             scheduled = _crosses_power_of_two(last - start, step - start, below=math.inf)
         else:
             scheduled = step // n > last // n or (
                 self.log_spaced and _crosses_power_of_two(last, step, below=n)
             )
-        if not scheduled:
+        if not (scheduled or final):
             return None
-        if self.num_full == 0:
-            return FULL
-        if n is not None and step // (self.full_every * n) > last // (self.full_every * n):
+        # Counted over completed measurements, so a failed full one is retried at the next.
+        completed = self.num_track + self.num_full
+        if final or self.num_full == 0 or completed % self.full_every == 0:
             return FULL
         return TRACK
 
@@ -460,6 +471,15 @@ def _crosses_power_of_two(last: int, step: int, below: float) -> bool:
     """Whether a power of two p with last < p <= step and p < below exists."""
     first = 1 if last < 1 else 1 << last.bit_length()  # the smallest power of two > last
     return first <= step and first < below
+
+
+def _ordinal(number: int) -> str:
+    """The wording of "every ``full_every``-th measurement": one, 2nd, 3rd, 8th, 11th."""
+    if number == 1:
+        return "one"
+    suffixes = {1: "st", 2: "nd", 3: "rd"}
+    last = number % 10 if number % 100 not in (11, 12, 13) else 0
+    return f"{number}{suffixes.get(last, 'th')}"
 
 
 def _append(samples: list[float], value: float) -> None:
