@@ -256,3 +256,34 @@ def test_probe_batches_of_an_older_checkpoint_load_as_batch_idx_zero():
     assert monitor.probes.stored == [batch] and monitor.probes.stored_indices == [0]
     (indexed,) = monitor.probes.batches(torch.device("cpu"), indexed=True)
     assert indexed.batch_idx == 0 and torch.equal(indexed.batch[0], batch[0])
+
+
+@pytest.mark.parametrize(("num_batches", "samples"), [(1, 16), (2, 32)])
+def test_under_gradient_accumulation_the_probe_is_a_micro_batch_or_the_effective_batch(
+    tmp_path, num_batches, samples
+):
+    # Micro-batches of 16, two per optimizer step. The probe is the first micro-batch;
+    # num_batches=accumulate_grad_batches makes it the first step's effective batch: the
+    # mean loss over samples 0-31, which is the loss on those 32 samples as one batch.
+    monitor = CurvatureMonitor(
+        every_n_steps=2,
+        log_spaced=False,
+        k=1,
+        trace=False,
+        num_batches=num_batches,
+        max_overhead=None,
+    )
+    module = Classifier(mlp())
+    fit(
+        tmp_path,
+        module,
+        monitor,
+        max_steps=4,
+        data=loader(classification_data(), batch_size=16),
+        accumulate_grad_batches=2,
+    )
+    inputs, targets = classification_data().tensors
+    probe = (inputs[:samples], targets[:samples])
+    truth = torch.linalg.eigvalsh(dense_hessian(module.net, cross_entropy_loss, [probe]))[-1]
+    assert [int(h["step"]) for h in monitor.history] == [2, 4]
+    assert monitor.history[-1]["curvature/lambda_max"] == pytest.approx(truth.item(), rel=1e-3)
