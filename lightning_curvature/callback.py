@@ -63,7 +63,9 @@ class CurvatureMonitor(Callback):
             warning if it costs more than ``max_overhead``). ``None`` (default): calibrate a
             power-of-two cadence once, from a timed measurement, to fit ``max_overhead``, and
             keep it for the run.
-        full_every: every this many measurements is a full one (the first one is full too).
+        full_every: the first measurement and every this-many-th one after it (log-spaced
+            ones included) are full; with ``every_n_steps=None`` so is the last step of a run
+            whose length Lightning knows.
         log_spaced: also measure at steps 1, 2, 4, 8, ... below the cadence.
         max_overhead: the measurement time the calibration aims at, as a fraction of the
             training time without it (0.05: a run about 5% slower). ``None``: no warning,
