@@ -371,5 +371,7 @@ def test_other_bad_arguments_are_named():
         MeasurementSchedule(clock=1.0)
     with pytest.raises(ValueError, match="step"):
         MeasurementSchedule().decide(-1)
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1, got 0"):
+        MeasurementSchedule().start(0, total_steps=0)
     with pytest.raises(ValueError, match="every_n_steps=5 was given explicitly"):
         MeasurementSchedule(every_n_steps=5).fix_cadence(8)

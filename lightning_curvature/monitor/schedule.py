@@ -35,7 +35,7 @@ on every rank, so a collective there is safe.
 **Calling protocol** (what :class:`~lightning_curvature.CurvatureMonitor` does)::
 
     schedule = MeasurementSchedule(every_n_steps=None, max_overhead=0.05)
-    schedule.start(trainer.global_step)                       # on_train_start
+    schedule.start(trainer.global_step, total_steps)          # on_train_start
     # on_train_batch_end, on every rank, every batch (also while waiting for probe
     # batches: the calls time the training steps):
     decision = schedule.decide(trainer.global_step, agree=broadcast_from_rank_zero)
