@@ -378,6 +378,7 @@ def test_release_frees_the_graph_and_products_still_work():
     torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_products_on_gpu_match_cpu_and_stay_on_the_device():
     model = small_cnn().eval()

@@ -77,7 +77,11 @@ def test_batchnorm_adamw_run_measures_the_training_objective_and_stays_sane(tmp_
     net[1].track_running_stats, net[1].running_mean, net[1].running_var = False, None, None
     batch = next(iter(loader(image_data())))
     truth = torch.linalg.eigvalsh(dense_hessian(net, cross_entropy_loss, [batch]))[-1].item()
-    assert monitor.history[-1]["curvature/lambda_max"] == pytest.approx(truth, rel=1e-3)
+    logged = monitor.history[-1]["curvature/lambda_max"]
+    # The monitor's own error bound must hold against the truth (with the old
+    # forward-over-reverse truth only a loose rel=1e-3 passed), and meet the tol=1e-3 contract.
+    assert abs(logged - truth) <= monitor.history[-1]["curvature/lambda_max_error_bound"]
+    assert logged == pytest.approx(truth, rel=1e-3)
     # Running statistics untouched by measuring (training alone moves them).
     assert run.global_step == 30
 

@@ -1,7 +1,11 @@
 """Independent truth for the tests: dense Hessians in float64 and matrices of known spectrum.
 
-Nothing here uses the package: the dense Hessian comes from ``torch.func.hessian`` of the
-loss as a function of one flat float64 parameter vector.
+Nothing here uses the package: the dense Hessian comes from reverse-over-reverse
+differentiation (``torch.autograd.functional.hessian``) of the loss as a function of one flat
+float64 parameter vector. Not ``torch.func.hessian``: its forward-over-reverse (and
+``jacrev(jacrev)``) returns a wrong, asymmetric Hessian through train-mode batch
+normalization on torch 2.13 (tests/test_truth.py shows it), where reverse-over-reverse agrees
+with central differences of float64 gradients.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ def dense_hessian(model: nn.Module, loss_fn, batches, param_names=None) -> torch
         return sum(losses) / len(losses)
 
     theta = torch.cat([named[n].detach().reshape(-1) for n in names])
-    # The math attention kernel: fused ones support neither forward AD nor double backward.
+    # The math attention kernel: fused ones have no double backward.
     with sdpa_kernel(SDPBackend.MATH):
-        return torch.func.hessian(mean_loss)(theta)
+        hessian = torch.autograd.functional.hessian(mean_loss, theta, vectorize=True)
+    return hessian.detach()
 
 
 def matrix_with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
