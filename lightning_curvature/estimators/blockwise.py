@@ -32,6 +32,7 @@ from lightning_curvature.estimators._common import (
     rademacher,
     raise_if_not_finite,
 )
+from lightning_curvature.estimators._krylov import rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 
@@ -178,10 +179,12 @@ class BlockwiseLambdaMax:
     Attributes:
         names: the block names, in order.
         eigenvalues: (L,) float64 on the CPU: λmax of each block.
-        residuals, error_bounds: (L,) per block, as in :class:`LanczosResult`.
+        residuals, error_bounds: (L,) per block, as in :class:`LanczosResult`: each bound
+            is the residual norm plus the rounding floor of that block's products.
         num_iters: Lanczos steps each block took.
-        converged: per block, its error bound is within ``tol`` times its spectral scale
-            (or its Krylov space became invariant, which makes it exact).
+        converged: per block, its error bound is within ``tol`` times its spectral scale,
+            or its residual is below the rounding floor (as for :func:`lanczos`), or its
+            Krylov space became invariant (exact up to that floor).
         num_steps: batched products (``matmat`` calls) made.
         num_matvecs: operator columns applied in all (a step costs one per active block).
     """
@@ -273,9 +276,11 @@ def blockwise_lambda_max(
     steps_cap = max(caps)
     # One row per step, shared by the blocks (each block's vector is zero elsewhere).
     basis = torch.empty((steps_cap, op.dim), device=op.device, dtype=op.dtype)
-    alpha = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
-    beta = torch.zeros_like(alpha)
-    tiny = 1e3 * torch.finfo(op.dtype).eps
+    # Each block's QᵀÃQ as computed, column by column: the diagonal is its tridiagonal's,
+    # the rest (zero in exact arithmetic) measures the products' rounding.
+    upper = torch.zeros(steps_cap, steps_cap, len(blocks), device=op.device, dtype=op.dtype)
+    beta = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
+    breakdown = 1e3 * torch.finfo(op.dtype).eps  # a coupling this small against the scale
 
     generator = make_generator(op, seed)
     start = torch.randn(op.dim, generator=generator, device=op.device, dtype=op.dtype)
@@ -283,46 +288,62 @@ def blockwise_lambda_max(
     basis[0] = start / packing.expand(packing.sums(start[None] ** 2)[0].sqrt())
 
     active = list(range(len(blocks)))
-    final: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
+    final: dict[int, tuple[_BlockRun, bool]] = {}
     size, num_matvecs, next_check = 0, 0, check_every(op.device)
     while active:
         w = block_products(op, blocks, basis[size][:, None], active)[:, 0]
         num_matvecs += len(active)
         w, coefficients = _project_out(basis, packing, size + 1, w)
-        alpha[size] = coefficients[size]
+        upper[: size + 1, size] = coefficients
         norms = packing.sums(w[None] ** 2)[0].sqrt()
         beta[size] = norms
         size += 1
         if size < steps_cap:
             keep = torch.zeros(len(blocks), device=op.device, dtype=op.dtype)
             keep[active] = 1.0
-            # Clamped so a block that broke down writes no NaN; the host check discards it.
+            # Guarded only against 0/0: a norm is a norm at any scale (an absolute floor
+            # here shrank every vector of a block whose curvature was below it). A block
+            # that broke down may write noise; the host check discards it.
+            tiny = torch.finfo(op.dtype).tiny
             basis[size] = w / packing.expand(norms.clamp_min(tiny)) * packing.expand(keep)
         if size < next_check and size not in caps:
             continue
         next_check = size + check_every(op.device)
-        a_all = alpha[:size].double().cpu().numpy()  # one host sync: the tridiagonals
-        b_all = beta[:size].double().cpu().numpy()
+        u_all, b_all = _to_host(upper, beta, size)  # one host sync: the projections
         for index in list(active):
-            a, b = a_all[:, index], b_all[:, index]
+            u, b = u_all[:, :, index], b_all[:, index]
+            a = np.diagonal(u).copy()
             finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
-            scale = max(np.abs(finite).max(), np.finfo(np.float64).tiny)
-            broken = np.flatnonzero(~(b > tiny * scale))  # NaN counts as broken too
+            scale = np.abs(finite).max()
+            broken = np.flatnonzero(~(b > breakdown * scale))  # NaN counts as broken too
             cut = int(broken[0]) + 1 if broken.size else size
             raise_if_not_finite(
                 torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
             )
-            if broken.size:  # an invariant Krylov space: its Ritz values are exact
-                final[index] = (a[:cut], np.append(b[: cut - 1], 0.0), True)
+            # An invariant Krylov space: its Ritz values are exact up to the products'
+            # rounding; the last coupling, below the breakdown level, stays in the residual.
+            run = _BlockRun(u[:cut, :cut], b[:cut], eps=torch.finfo(op.dtype).eps)
+            if broken.size:
+                final[index] = (run, True)
             elif size >= caps[index]:
                 converged = caps[index] == blocks[index][1].stop - blocks[index][1].start
-                final[index] = (a, b, converged or _bound_ok(a, b, tol))
-            elif _bound_ok(a, b, tol):
-                final[index] = (a, b, True)
+                final[index] = (run, converged or run.resolved(tol))
+            elif run.resolved(tol):
+                final[index] = (run, True)
             else:
                 continue
             active.remove(index)
     return _result(blocks, final, size, num_matvecs)
+
+
+def _to_host(upper: torch.Tensor, beta: torch.Tensor, size: int) -> tuple[np.ndarray, ...]:
+    """The (size, size, L) coefficients and (size, L) couplings, in one transfer."""
+    flat = torch.cat([upper[:size, :size].reshape(-1), beta[:size].reshape(-1)])
+    host = flat.double().cpu().numpy()
+    count = upper.shape[2]
+    return host[: size * size * count].reshape(size, size, count), host[
+        size * size * count :
+    ].reshape(size, count)
 
 
 def _project_out(
@@ -340,38 +361,48 @@ def _project_out(
     return w, total
 
 
-def _lambda_max_evidence(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
-    """λmax of one block's tridiagonal, its residual, its error bound (the residual: a gap
-    taken from Ritz values is not certified, see :func:`~.lanczos.error_bounds`) and the
-    block's spectral scale."""
-    if a.size == 1:
-        theta, vectors = a.copy(), np.ones((1, 1))
-    else:
-        theta, vectors = eigh_tridiagonal(a, b[:-1])
-    residuals = np.abs(b[-1] * vectors[-1])
-    top = np.array([theta.size - 1])
-    bound = float(error_bounds(theta, residuals, top)[0])
-    scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
-    return float(theta[-1]), float(residuals[-1]), bound, scale
+@dataclass(frozen=True, eq=False)
+class _BlockRun:
+    """One block's Lanczos run: ``QᵀÃQ`` as computed (its upper triangle counts) and the
+    couplings ``b``, the last of which leads out of the basis."""
 
+    upper: np.ndarray
+    b: np.ndarray
+    eps: float
 
-def _bound_ok(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
-    if a.size < 2:  # one step certifies nothing
-        return False
-    _, _, bound, scale = _lambda_max_evidence(a, b)
-    return bound <= tol * scale
+    def evidence(self) -> tuple[float, float, float, float, float]:
+        """λmax of the block's tridiagonal, its residual, its error bound (the residual
+        plus the rounding floor: a gap taken from Ritz values is not certified, see
+        :func:`~.lanczos.error_bounds`), that floor, and the block's spectral scale."""
+        a = np.diagonal(self.upper).copy()
+        if a.size == 1:
+            theta, vectors = a, np.ones((1, 1))
+        else:
+            theta, vectors = eigh_tridiagonal(a, self.b[:-1])
+        residuals = np.abs(self.b[-1] * vectors[-1])
+        scale = float(np.max(np.abs(theta)))
+        products = np.triu(self.upper) + np.diag(self.b[:-1], -1)
+        floor = rounding_floor(products, scale, self.eps)
+        bound = float(error_bounds(theta, residuals, np.array([theta.size - 1]), floor)[0])
+        return float(theta[-1]), float(residuals[-1]), bound, floor, scale
+
+    def resolved(self, tol: float) -> bool:
+        """Its bound is within ``tol`` of its scale, or its residual under the floor."""
+        if self.b.size < 2:  # one step certifies nothing
+            return False
+        _, residual, bound, floor, scale = self.evidence()
+        return bound <= tol * scale or (tol > 0 and residual <= floor)
 
 
 def _result(
     blocks: list[Block],
-    final: dict[int, tuple[np.ndarray, np.ndarray, bool]],
+    final: dict[int, tuple[_BlockRun, bool]],
     num_steps: int,
     num_matvecs: int,
 ) -> BlockwiseLambdaMax:
     values, residuals, bounds = [], [], []
     for index in range(len(blocks)):
-        a, b, _ = final[index]
-        value, residual, bound, _ = _lambda_max_evidence(a, b)
+        value, residual, bound, _, _ = final[index][0].evidence()
         values.append(value)
         residuals.append(residual)
         bounds.append(bound)
@@ -380,8 +411,8 @@ def _result(
         eigenvalues=torch.tensor(values, dtype=torch.float64),
         residuals=torch.tensor(residuals, dtype=torch.float64),
         error_bounds=torch.tensor(bounds, dtype=torch.float64),
-        num_iters=tuple(int(final[i][0].size) for i in range(len(blocks))),
-        converged=tuple(bool(final[i][2]) for i in range(len(blocks))),
+        num_iters=tuple(final[i][0].b.size for i in range(len(blocks))),
+        converged=tuple(final[i][1] for i in range(len(blocks))),
         num_steps=num_steps,
         num_matvecs=num_matvecs,
     )
