@@ -276,10 +276,11 @@ def blockwise_lambda_max(
     steps_cap = max(caps)
     # One row per step, shared by the blocks (each block's vector is zero elsewhere).
     basis = torch.empty((steps_cap, op.dim), device=op.device, dtype=op.dtype)
-    # Each block's QᵀÃQ as computed, column by column: the diagonal is its tridiagonal's,
-    # the rest (zero in exact arithmetic) measures the products' rounding.
-    upper = torch.zeros(steps_cap, steps_cap, len(blocks), device=op.device, dtype=op.dtype)
-    beta = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
+    # Each block's QᵀÃQ as computed, column by column (upper Hessenberg, the couplings β
+    # below the diagonal): its symmetric tridiagonal part is the projection, the rest (zero
+    # in exact arithmetic) measures the products' rounding.
+    shape = (steps_cap + 1, steps_cap, len(blocks))
+    products = torch.zeros(shape, device=op.device, dtype=op.dtype)
     breakdown = 1e3 * torch.finfo(op.dtype).eps  # a coupling this small against the scale
 
     generator = make_generator(op, seed)
@@ -294,35 +295,33 @@ def blockwise_lambda_max(
         w = block_products(op, blocks, basis[size][:, None], active)[:, 0]
         num_matvecs += len(active)
         w, coefficients = _project_out(basis, packing, size + 1, w)
-        upper[: size + 1, size] = coefficients
         norms = packing.sums(w[None] ** 2)[0].sqrt()
-        beta[size] = norms
+        products[: size + 1, size] = coefficients
+        products[size + 1, size] = norms
         size += 1
         if size < steps_cap:
             keep = torch.zeros(len(blocks), device=op.device, dtype=op.dtype)
             keep[active] = 1.0
-            # Guarded only against 0/0: a norm is a norm at any scale (an absolute floor
-            # here shrank every vector of a block whose curvature was below it). A block
-            # that broke down may write noise; the host check discards it.
-            tiny = torch.finfo(op.dtype).tiny
-            basis[size] = w / packing.expand(norms.clamp_min(tiny)) * packing.expand(keep)
+            # Guarded against 0/0 only: an absolute floor here shrank every vector of a
+            # block whose curvature was below it. A block that broke down may write
+            # noise; the host check discards it.
+            norms = norms.clamp_min(torch.finfo(op.dtype).tiny)
+            basis[size] = w / packing.expand(norms) * packing.expand(keep)
         if size < next_check and size not in caps:
             continue
         next_check = size + check_every(op.device)
-        u_all, b_all = _to_host(upper, beta, size)  # one host sync: the projections
+        computed = products[: size + 1, :size].double().cpu().numpy()  # one host sync
         for index in list(active):
-            u, b = u_all[:, :, index], b_all[:, index]
-            a = np.diagonal(u).copy()
+            a, b = np.diagonal(computed[:, :, index]), np.diagonal(computed[:, :, index], -1)
             finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
-            scale = np.abs(finite).max()
-            broken = np.flatnonzero(~(b > breakdown * scale))  # NaN counts as broken too
+            broken = np.flatnonzero(~(b > breakdown * np.abs(finite).max()))  # NaN too
             cut = int(broken[0]) + 1 if broken.size else size
             raise_if_not_finite(
                 torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
             )
             # An invariant Krylov space: its Ritz values are exact up to the products'
             # rounding; the last coupling, below the breakdown level, stays in the residual.
-            run = _BlockRun(u[:cut, :cut], b[:cut], eps=torch.finfo(op.dtype).eps)
+            run = _BlockRun(computed[: cut + 1, :cut, index], torch.finfo(op.dtype).eps)
             if broken.size:
                 final[index] = (run, True)
             elif size >= caps[index]:
@@ -334,16 +333,6 @@ def blockwise_lambda_max(
                 continue
             active.remove(index)
     return _result(blocks, final, size, num_matvecs)
-
-
-def _to_host(upper: torch.Tensor, beta: torch.Tensor, size: int) -> tuple[np.ndarray, ...]:
-    """The (size, size, L) coefficients and (size, L) couplings, in one transfer."""
-    flat = torch.cat([upper[:size, :size].reshape(-1), beta[:size].reshape(-1)])
-    host = flat.double().cpu().numpy()
-    count = upper.shape[2]
-    return host[: size * size * count].reshape(size, size, count), host[
-        size * size * count :
-    ].reshape(size, count)
 
 
 def _project_out(
@@ -363,32 +352,30 @@ def _project_out(
 
 @dataclass(frozen=True, eq=False)
 class _BlockRun:
-    """One block's Lanczos run: ``QᵀÃQ`` as computed (its upper triangle counts) and the
-    couplings ``b``, the last of which leads out of the basis."""
+    """One block's Lanczos run: ``products`` (m + 1, m) is its ``QᵀÃQ`` as computed, the
+    couplings β below the diagonal, the last of which leads out of the basis."""
 
-    upper: np.ndarray
-    b: np.ndarray
+    products: np.ndarray
     eps: float
 
     def evidence(self) -> tuple[float, float, float, float, float]:
         """λmax of the block's tridiagonal, its residual, its error bound (the residual
         plus the rounding floor: a gap taken from Ritz values is not certified, see
         :func:`~.lanczos.error_bounds`), that floor, and the block's spectral scale."""
-        a = np.diagonal(self.upper).copy()
+        a, b = np.diagonal(self.products).copy(), np.diagonal(self.products, -1).copy()
         if a.size == 1:
             theta, vectors = a, np.ones((1, 1))
         else:
-            theta, vectors = eigh_tridiagonal(a, self.b[:-1])
-        residuals = np.abs(self.b[-1] * vectors[-1])
+            theta, vectors = eigh_tridiagonal(a, b[:-1])
+        residuals = np.abs(b[-1] * vectors[-1])
         scale = float(np.max(np.abs(theta)))
-        products = np.triu(self.upper) + np.diag(self.b[:-1], -1)
-        floor = rounding_floor(products, scale, self.eps)
+        floor = rounding_floor(self.products[:-1], scale, self.eps)
         bound = float(error_bounds(theta, residuals, np.array([theta.size - 1]), floor)[0])
         return float(theta[-1]), float(residuals[-1]), bound, floor, scale
 
     def resolved(self, tol: float) -> bool:
         """Its bound is within ``tol`` of its scale, or its residual under the floor."""
-        if self.b.size < 2:  # one step certifies nothing
+        if self.products.shape[1] < 2:  # one step certifies nothing
             return False
         _, residual, bound, floor, scale = self.evidence()
         return bound <= tol * scale or (tol > 0 and residual <= floor)
@@ -411,7 +398,7 @@ def _result(
         eigenvalues=torch.tensor(values, dtype=torch.float64),
         residuals=torch.tensor(residuals, dtype=torch.float64),
         error_bounds=torch.tensor(bounds, dtype=torch.float64),
-        num_iters=tuple(final[i][0].b.size for i in range(len(blocks))),
+        num_iters=tuple(final[i][0].products.shape[1] for i in range(len(blocks))),
         converged=tuple(final[i][1] for i in range(len(blocks))),
         num_steps=num_steps,
         num_matvecs=num_matvecs,
