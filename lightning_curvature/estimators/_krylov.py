@@ -77,7 +77,8 @@ class Projection:
         num_seeds: how many leading basis vectors came from a warm start.
         products: ``QᵀÃQ`` as computed, before it was made symmetric (for the floor).
         eps: the machine epsilon of the products' dtype.
-        dropped: the couplings a breakdown left out of ``matrix`` (their sum).
+        breakdowns: ``(column, β)`` for each coupling a breakdown cut: ``A q_column`` had
+            a part ``β`` outside the basis then, which a later restart covers only in part.
     """
 
     matrix: np.ndarray
@@ -85,7 +86,7 @@ class Projection:
     num_seeds: int
     products: np.ndarray | None = None
     eps: float = 0.0
-    dropped: float = 0.0
+    breakdowns: tuple[tuple[int, float], ...] = ()
 
     @property
     def size(self) -> int:
@@ -105,12 +106,16 @@ class Projection:
         squared = np.einsum("ij,ij->j", rows, self.outside_gram @ rows)
         return theta, vectors, np.sqrt(np.clip(squared, 0.0, None))
 
-    def rounding_floor(self, theta: np.ndarray) -> float:
-        """The floor under every error bound of this projection (see :func:`rounding_floor`),
-        plus the couplings a breakdown dropped, which no residual norm includes."""
+    def rounding_floor(self, theta: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """The floor under the error bound of each Ritz pair (see :func:`rounding_floor`),
+        plus what a breakdown's cut coupling ``β`` adds to its residual: at most
+        ``β·|s_column|``, ``s`` its coefficient vector."""
         products = self.matrix if self.products is None else self.products
         scale = float(np.max(np.abs(theta), initial=0.0))
-        return rounding_floor(products, scale, self.eps) + self.dropped
+        floor = np.full(theta.size, rounding_floor(products, scale, self.eps))
+        for column, beta in self.breakdowns:
+            floor += beta * np.abs(vectors[column])
+        return floor
 
 
 class _Basis:
@@ -220,7 +225,7 @@ def krylov_projection(
     eps = torch.finfo(dtype).eps
     tiny_relative = 1e3 * eps  # a breakdown: a coupling this small against the scale
     num_matvecs = 0
-    dropped = 0.0  # the couplings that breakdowns cut, which no residual norm includes
+    breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
 
     outside: torch.Tensor | None = None  # (dim, r) seed residuals, kept orthogonal to Q
     if seeds is not None:
@@ -243,6 +248,10 @@ def krylov_projection(
         matrix = np.triu(computed) + np.triu(computed, 1).T
         lanczos_columns = np.arange(num_seeds, size - 1)
         computed[lanczos_columns + 1, lanczos_columns] = host[size * size + lanczos_columns]
+        for column, _ in breakdowns:
+            # A restart's vectors pick up the cut coupling: q_jᵀAq_column is no longer 0,
+            # and only its mirror was computed, so it measures nothing.
+            computed[column + 1 :, column] = computed[column, column + 1 :]
         if num_seeds == 0:
             gram = np.array([[host[-1] ** 2]])
         else:
@@ -258,7 +267,7 @@ def krylov_projection(
             num_seeds=num_seeds,
             products=computed,
             eps=eps,
-            dropped=dropped,
+            breakdowns=tuple(breakdowns),
         )
 
     if num_seeds:
@@ -333,7 +342,7 @@ def krylov_projection(
             cut = checked + int(broken[0]) + 1
             if not np.isfinite(recent[: int(broken[0]) + 1]).all():
                 raise_if_not_finite(torch.from_numpy(recent), "Lanczos")
-            dropped += float(recent[int(broken[0])])
+            breakdowns.append((cut - 1, float(recent[int(broken[0])])))
             basis.size = size = cut
             betas[cut - 1] = 0.0
             residual = torch.zeros_like(w)

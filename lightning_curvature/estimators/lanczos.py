@@ -89,7 +89,10 @@ def wanted_indices(num_ritz: int, count: int, which: Which) -> np.ndarray:
 
 
 def error_bounds(
-    theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray, floor: float = 0.0
+    theta: np.ndarray,
+    residuals: np.ndarray,
+    indices: np.ndarray,
+    floor: float | np.ndarray = 0.0,
 ) -> np.ndarray:
     """The error bound of each Ritz value at ``indices``: its residual norm ``r`` plus the
     products' rounding ``floor`` (:meth:`~._krylov.Projection.rounding_floor`): below the
@@ -226,7 +229,7 @@ def lanczos(
     def evidence(projection: Projection, count: int) -> tuple[np.ndarray, ...]:
         theta, vectors, residuals = projection.ritz()
         indices = wanted_indices(theta.size, count, which)
-        floor = projection.rounding_floor(theta)
+        floor = projection.rounding_floor(theta, vectors)[indices]
         bounds = error_bounds(theta, residuals, indices, floor)
         return theta, vectors, residuals, indices, bounds, floor
 
