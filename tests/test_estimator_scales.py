@@ -272,3 +272,30 @@ def test_float32_hessian_bound_covers_rounding_of_a_nearly_separable_logistic_re
         errors = (result.eigenvalues - truth.flip(0)[:2]).abs()
         assert bool((errors <= result.error_bounds).all()), (seed, errors, result.error_bounds)
         assert float(result.error_bounds.max()) <= TOL * float(truth[-1])
+
+
+class InexactOperator(lc.DenseOperator):
+    """Products ``(A + E)v`` with a fixed non-symmetric ``E``: an HVP less accurate than
+    ``tol``, as a float32 network's near a minimum, or a finite-difference product."""
+
+    def __init__(self, matrix, error):
+        super().__init__(matrix)
+        self.error = error
+
+    def _matmat(self, block):
+        return (self.matrix + self.error) @ block
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_products_less_accurate_than_tol_stop_early_with_a_bound_that_says_so(seed):
+    spectrum = torch.cat([torch.linspace(0.0, 1.0, N - 1), torch.tensor([2.0])]).double()
+    matrix = matrix_with_spectrum(spectrum, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    error = torch.randn(N, N, generator=generator, dtype=torch.float64)
+    error *= 1e-3 * 2.0 / torch.linalg.matrix_norm(error, ord=2)  # ‖E‖ = 1e-3·‖A‖
+    result = lc.lanczos(InexactOperator(matrix, error), k=1, seed=seed)
+    # No step can beat the products: the run stops well before its 40 steps, says it is
+    # as resolved as they allow, and its bound covers the error that E causes (up to ‖E‖).
+    assert result.converged and result.num_iters < 20
+    assert abs(result.eigenvalues[0].item() - 2.0) <= result.error_bounds[0].item()
+    assert result.error_bounds[0].item() > TOL * 2.0

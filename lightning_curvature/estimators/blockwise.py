@@ -237,9 +237,12 @@ def blockwise_lambda_max(
     in block ``l``'s slice, with per-block inner products and full per-block
     re-orthogonalisation. Each step is ONE ``matmat`` of the operator with one column per
     still-active block (:func:`block_products`), never L sequential products. A block stops
-    when its own bound ``min(r, r²/gap)`` on λmax is within ``tol`` times its largest Ritz
-    magnitude (as ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact),
-    or after ``num_iters`` steps or as many steps as it has coordinates.
+    when its own bound on λmax (its residual plus its products' rounding floor) is within
+    ``tol`` times its largest Ritz magnitude, or its residual is below that floor (as
+    ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact up to the
+    floor), or after ``num_iters`` steps or as many steps as it has coordinates. Every
+    threshold is relative to the block's own scale, so a layer of curvature 1e-8 is found
+    as accurately as one of 1.
 
     Cost: each step's columns are full-model products on masked vectors. On a CPU an
     operator restricted to one layer (``params=``) differentiates towards that layer only
