@@ -32,6 +32,7 @@ from lightning_curvature.estimators._common import (
     rademacher,
     raise_if_not_finite,
 )
+from lightning_curvature.estimators._krylov import rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 
@@ -178,10 +179,12 @@ class BlockwiseLambdaMax:
     Attributes:
         names: the block names, in order.
         eigenvalues: (L,) float64 on the CPU: λmax of each block.
-        residuals, error_bounds: (L,) per block, as in :class:`LanczosResult`.
+        residuals, error_bounds: (L,) per block, as in :class:`LanczosResult`: each bound
+            is the residual norm plus the rounding floor of that block's products.
         num_iters: Lanczos steps each block took.
-        converged: per block, its error bound is within ``tol`` times its spectral scale
-            (or its Krylov space became invariant, which makes it exact).
+        converged: per block, its error bound is within ``tol`` times its spectral scale,
+            or its residual is below the rounding floor (as for :func:`lanczos`), or its
+            Krylov space became invariant (exact up to that floor).
         num_steps: batched products (``matmat`` calls) made.
         num_matvecs: operator columns applied in all (a step costs one per active block).
     """
@@ -234,9 +237,12 @@ def blockwise_lambda_max(
     in block ``l``'s slice, with per-block inner products and full per-block
     re-orthogonalisation. Each step is ONE ``matmat`` of the operator with one column per
     still-active block (:func:`block_products`), never L sequential products. A block stops
-    when its own bound ``min(r, r²/gap)`` on λmax is within ``tol`` times its largest Ritz
-    magnitude (as ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact),
-    or after ``num_iters`` steps or as many steps as it has coordinates.
+    when its own bound on λmax (its residual plus its products' rounding floor) is within
+    ``tol`` times its largest Ritz magnitude, or its residual is below that floor (as
+    ``lanczos(k=1)``), when its Krylov space becomes invariant (then exact up to the
+    floor), or after ``num_iters`` steps or as many steps as it has coordinates. Every
+    threshold is relative to the block's own scale, so a layer of curvature 1e-8 is found
+    as accurately as one of 1.
 
     Cost: each step's columns are full-model products on masked vectors. On a CPU an
     operator restricted to one layer (``params=``) differentiates towards that layer only
@@ -273,9 +279,12 @@ def blockwise_lambda_max(
     steps_cap = max(caps)
     # One row per step, shared by the blocks (each block's vector is zero elsewhere).
     basis = torch.empty((steps_cap, op.dim), device=op.device, dtype=op.dtype)
-    alpha = torch.zeros(steps_cap, len(blocks), device=op.device, dtype=op.dtype)
-    beta = torch.zeros_like(alpha)
-    tiny = 1e3 * torch.finfo(op.dtype).eps
+    # Each block's QᵀÃQ as computed, column by column (upper Hessenberg, the couplings β
+    # below the diagonal): its symmetric tridiagonal part is the projection, the rest (zero
+    # in exact arithmetic) measures the products' rounding.
+    shape = (steps_cap + 1, steps_cap, len(blocks))
+    products = torch.zeros(shape, device=op.device, dtype=op.dtype)
+    breakdown = 1e3 * torch.finfo(op.dtype).eps  # a coupling this small against the scale
 
     generator = make_generator(op, seed)
     start = torch.randn(op.dim, generator=generator, device=op.device, dtype=op.dtype)
@@ -283,42 +292,46 @@ def blockwise_lambda_max(
     basis[0] = start / packing.expand(packing.sums(start[None] ** 2)[0].sqrt())
 
     active = list(range(len(blocks)))
-    final: dict[int, tuple[np.ndarray, np.ndarray, bool]] = {}
+    final: dict[int, tuple[_BlockRun, bool]] = {}
     size, num_matvecs, next_check = 0, 0, check_every(op.device)
     while active:
         w = block_products(op, blocks, basis[size][:, None], active)[:, 0]
         num_matvecs += len(active)
         w, coefficients = _project_out(basis, packing, size + 1, w)
-        alpha[size] = coefficients[size]
         norms = packing.sums(w[None] ** 2)[0].sqrt()
-        beta[size] = norms
+        products[: size + 1, size] = coefficients
+        products[size + 1, size] = norms
         size += 1
         if size < steps_cap:
             keep = torch.zeros(len(blocks), device=op.device, dtype=op.dtype)
             keep[active] = 1.0
-            # Clamped so a block that broke down writes no NaN; the host check discards it.
-            basis[size] = w / packing.expand(norms.clamp_min(tiny)) * packing.expand(keep)
+            # Guarded against 0/0 only: an absolute floor here shrank every vector of a
+            # block whose curvature was below it. A block that broke down may write
+            # noise; the host check discards it.
+            norms = norms.clamp_min(torch.finfo(op.dtype).tiny)
+            basis[size] = w / packing.expand(norms) * packing.expand(keep)
         if size < next_check and size not in caps:
             continue
         next_check = size + check_every(op.device)
-        a_all = alpha[:size].double().cpu().numpy()  # one host sync: the tridiagonals
-        b_all = beta[:size].double().cpu().numpy()
+        computed = products[: size + 1, :size].double().cpu().numpy()  # one host sync
         for index in list(active):
-            a, b = a_all[:, index], b_all[:, index]
+            a, b = np.diagonal(computed[:, :, index]), np.diagonal(computed[:, :, index], -1)
             finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
-            scale = max(np.abs(finite).max(), np.finfo(np.float64).tiny)
-            broken = np.flatnonzero(~(b > tiny * scale))  # NaN counts as broken too
+            broken = np.flatnonzero(~(b > breakdown * np.abs(finite).max()))  # NaN too
             cut = int(broken[0]) + 1 if broken.size else size
             raise_if_not_finite(
                 torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
             )
-            if broken.size:  # an invariant Krylov space: its Ritz values are exact
-                final[index] = (a[:cut], np.append(b[: cut - 1], 0.0), True)
+            # An invariant Krylov space: its Ritz values are exact up to the products'
+            # rounding; the last coupling, below the breakdown level, stays in the residual.
+            run = _BlockRun(computed[: cut + 1, :cut, index], torch.finfo(op.dtype).eps)
+            if broken.size:
+                final[index] = (run, True)
             elif size >= caps[index]:
                 converged = caps[index] == blocks[index][1].stop - blocks[index][1].start
-                final[index] = (a, b, converged or _bound_ok(a, b, tol))
-            elif _bound_ok(a, b, tol):
-                final[index] = (a, b, True)
+                final[index] = (run, converged or run.resolved(tol))
+            elif run.resolved(tol):
+                final[index] = (run, True)
             else:
                 continue
             active.remove(index)
@@ -340,38 +353,46 @@ def _project_out(
     return w, total
 
 
-def _lambda_max_evidence(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
-    """λmax of one block's tridiagonal, its residual, its error bound (the residual: a gap
-    taken from Ritz values is not certified, see :func:`~.lanczos.error_bounds`) and the
-    block's spectral scale."""
-    if a.size == 1:
-        theta, vectors = a.copy(), np.ones((1, 1))
-    else:
-        theta, vectors = eigh_tridiagonal(a, b[:-1])
-    residuals = np.abs(b[-1] * vectors[-1])
-    top = np.array([theta.size - 1])
-    bound = float(error_bounds(theta, residuals, top)[0])
-    scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
-    return float(theta[-1]), float(residuals[-1]), bound, scale
+@dataclass(frozen=True, eq=False)
+class _BlockRun:
+    """One block's Lanczos run: ``products`` (m + 1, m) is its ``QᵀÃQ`` as computed, the
+    couplings β below the diagonal, the last of which leads out of the basis."""
 
+    products: np.ndarray
+    eps: float
 
-def _bound_ok(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
-    if a.size < 2:  # one step certifies nothing
-        return False
-    _, _, bound, scale = _lambda_max_evidence(a, b)
-    return bound <= tol * scale
+    def evidence(self) -> tuple[float, float, float, float, float]:
+        """λmax of the block's tridiagonal, its residual, its error bound (the residual
+        plus the rounding floor: a gap taken from Ritz values is not certified, see
+        :func:`~.lanczos.error_bounds`), that floor, and the block's spectral scale."""
+        a, b = np.diagonal(self.products).copy(), np.diagonal(self.products, -1).copy()
+        if a.size == 1:
+            theta, vectors = a, np.ones((1, 1))
+        else:
+            theta, vectors = eigh_tridiagonal(a, b[:-1])
+        residuals = np.abs(b[-1] * vectors[-1])
+        scale = float(np.max(np.abs(theta)))
+        floor = rounding_floor(self.products[:-1], scale, self.eps)
+        bound = float(error_bounds(theta, residuals, np.array([theta.size - 1]), floor)[0])
+        return float(theta[-1]), float(residuals[-1]), bound, floor, scale
+
+    def resolved(self, tol: float) -> bool:
+        """Its bound is within ``tol`` of its scale, or its residual under the floor."""
+        if self.products.shape[1] < 2:  # one step certifies nothing
+            return False
+        _, residual, bound, floor, scale = self.evidence()
+        return bound <= tol * scale or (tol > 0 and residual <= floor)
 
 
 def _result(
     blocks: list[Block],
-    final: dict[int, tuple[np.ndarray, np.ndarray, bool]],
+    final: dict[int, tuple[_BlockRun, bool]],
     num_steps: int,
     num_matvecs: int,
 ) -> BlockwiseLambdaMax:
     values, residuals, bounds = [], [], []
     for index in range(len(blocks)):
-        a, b, _ = final[index]
-        value, residual, bound, _ = _lambda_max_evidence(a, b)
+        value, residual, bound, _, _ = final[index][0].evidence()
         values.append(value)
         residuals.append(residual)
         bounds.append(bound)
@@ -380,8 +401,8 @@ def _result(
         eigenvalues=torch.tensor(values, dtype=torch.float64),
         residuals=torch.tensor(residuals, dtype=torch.float64),
         error_bounds=torch.tensor(bounds, dtype=torch.float64),
-        num_iters=tuple(int(final[i][0].size) for i in range(len(blocks))),
-        converged=tuple(bool(final[i][2]) for i in range(len(blocks))),
+        num_iters=tuple(final[i][0].products.shape[1] for i in range(len(blocks))),
+        converged=tuple(final[i][1] for i in range(len(blocks))),
         num_steps=num_steps,
         num_matvecs=num_matvecs,
     )

@@ -108,7 +108,10 @@ def spectral_density(
         nodes[r, theta.size :] = theta[-1]
     nodes_t, weights_t = torch.from_numpy(nodes), torch.from_numpy(weights)
     low, high = float(nodes.min()), float(nodes.max())
-    spread = max(high - low, 1e-12 * max(abs(low), abs(high), 1.0))
+    # A spectrum without spread (a multiple of the identity) still needs a width: one
+    # relative to its value (an absolute one is huge at 1e-8 and nothing at 1e8), wide
+    # enough for the float64 grid to resolve (its points 1e4 roundings apart).
+    spread = max(high - low, 1e-8 * max(abs(low), abs(high))) or 1.0  # 1.0: the zero map
     if sigma is None:
         sigma = 0.01 * spread
     grid = torch.linspace(low - 5 * sigma, high + 5 * sigma, grid_size, dtype=torch.float64)

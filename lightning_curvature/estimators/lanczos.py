@@ -5,7 +5,8 @@ For a symmetric operator :math:`A`, ``m`` Lanczos steps build an orthonormal bas
 :math:`H_m` (Ritz values) converge to the extreme eigenvalues of :math:`A` far faster than
 power iteration. Each Ritz pair has an exact residual norm :math:`r = \|Ay - \theta y\|`
 for free (see :mod:`._krylov`); :math:`r` bounds the distance from :math:`\theta` to the
-nearest eigenvalue, and it is the reported error bound (see :func:`error_bounds`).
+nearest eigenvalue, and with the products' rounding floor it is the reported error bound
+(see :func:`error_bounds`).
 
 Everything runs on the operator's device; the only host transfers are the small projected
 matrix and Gram matrix, at each convergence check.
@@ -50,14 +51,17 @@ class LanczosResult:
         eigenvectors: (dim, k) Ritz vectors on the operator's device, or None when not asked.
         residuals: ``‖A y - θ y‖`` for each returned Ritz pair (exact, float64).
         error_bounds: a bound on each eigenvalue's absolute error: the residual norm,
-            which bounds the distance to the nearest eigenvalue; honest unless an
-            eigenvalue at that end was missed altogether (see :func:`error_bounds`).
+            which bounds the distance to the nearest eigenvalue, plus the rounding floor of
+            the products, which no residual sees; honest unless an eigenvalue at that end
+            was missed altogether (see :func:`error_bounds`).
         ritz_values: every Ritz value of the final projection, ascending (for histograms).
         which: which end of the spectrum was asked for.
         num_iters: the size of the final basis (warm-start vectors included).
         num_matvecs: operator applications spent, including any discarded after a breakdown.
         converged: every error bound is within ``tol`` times the spectral scale (the largest
-            Ritz value in magnitude), after enough steps for the end asked for.
+            Ritz value in magnitude), or its residual is below the rounding floor (no step
+            can improve it: the bound then says how accurate the products allow), after
+            enough steps for the end asked for.
         basis: (dim, num_iters) orthonormal basis on the device, when asked; its Rayleigh
             quotients are ``basis_rayleigh`` (so ``tr(QᵀAQ) = basis_rayleigh.sum()``).
         basis_rayleigh: ``qᵢᵀ A qᵢ`` for each basis column (float64, CPU), when asked.
@@ -84,8 +88,16 @@ def wanted_indices(num_ritz: int, count: int, which: Which) -> np.ndarray:
     return np.arange(count)
 
 
-def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """The error bound of each Ritz value at ``indices``: its residual norm ``r``.
+def error_bounds(
+    theta: np.ndarray,
+    residuals: np.ndarray,
+    indices: np.ndarray,
+    floor: float | np.ndarray = 0.0,
+) -> np.ndarray:
+    """The error bound of each Ritz value at ``indices``: its residual norm ``r`` plus the
+    products' rounding ``floor`` (:meth:`~._krylov.Projection.rounding_floor`): below the
+    rounding, a residual certifies nothing (a float32 run can read 1e-20 while its Ritz
+    value is off by 1e-7 of the scale, or by 1e-4 near a minimum).
 
     ``r`` bounds the distance to the nearest eigenvalue whatever the rest of the spectrum.
     The sharper Kato–Temple bound ``r²/gap`` needs a gap to the *other eigenvalues*, and
@@ -96,7 +108,7 @@ def error_bounds(theta: np.ndarray, residuals: np.ndarray, indices: np.ndarray) 
     after 6 steps, Ritz values converged near 10 and 8 with the eigenvalue 9 missing, so
     even a resolved neighbour certifies nothing).
     """
-    bounds: np.ndarray = residuals[indices].astype(np.float64)
+    bounds: np.ndarray = residuals[indices].astype(np.float64) + floor
     return bounds
 
 
@@ -154,7 +166,10 @@ def lanczos(
         tol: stop when the error bound of every wanted eigenvalue is below ``tol`` times the
             largest Ritz value in magnitude (a relative accuracy for λmax), and a few guard
             Ritz values beyond them are located (see :func:`guard_ritz_values`); ``0`` runs
-            all ``num_iters`` steps.
+            all ``num_iters`` steps. A residual below the products' rounding floor also
+            counts: where the products are less accurate than ``tol`` (float32 near a
+            minimum) more steps cannot help, so the run stops and the bound, above
+            ``tol``, says how accurate the value is.
         seed: seeds the random start vector; the global RNG is never touched.
         which: ``"largest"`` (top of the spectrum, λmax first) or ``"smallest"`` (the most
             negative curvature first; needs at least ``SMALLEST_MIN_STEPS`` steps).
@@ -214,19 +229,25 @@ def lanczos(
     def evidence(projection: Projection, count: int) -> tuple[np.ndarray, ...]:
         theta, vectors, residuals = projection.ritz()
         indices = wanted_indices(theta.size, count, which)
-        return theta, vectors, residuals, indices, error_bounds(theta, residuals, indices)
+        floor = projection.rounding_floor(theta, vectors)[indices]
+        bounds = error_bounds(theta, residuals, indices, floor)
+        return theta, vectors, residuals, indices, bounds, floor
 
     def is_converged(projection: Projection) -> bool:
         if projection.size < min(k + guards, op.dim):
             return False
-        theta, _, _, indices, bounds = evidence(projection, k + guards)
+        theta, _, residuals, indices, bounds, floor = evidence(projection, k + guards)
         limit = np.where(np.arange(bounds.size) < k, tol, guard_tol) * _spectral_scale(theta)
+        # A residual under the rounding floor is as resolved as the products allow (unless
+        # tol=0 asks for every step).
+        resolved = (bounds <= limit) | ((residuals[indices] <= floor) & (tol > 0))
         # The i-th Ritz value estimates the i-th eigenvalue only if the wanted ones stand
-        # for distinct eigenvalues: their error intervals must not overlap.
+        # for distinct eigenvalues: their residual intervals must not overlap (rounding
+        # moves copies of a repeated eigenvalue together, so the floor is left out here).
         order = np.argsort(theta[indices[:k]])
-        ends, radii = theta[indices[:k]][order], bounds[:k][order]
+        ends, radii = theta[indices[:k]][order], residuals[indices[:k]][order]
         distinct = np.all(np.diff(ends) > radii[1:] + radii[:-1])
-        return bool(np.all(bounds <= limit) and distinct)
+        return bool(np.all(resolved) and distinct)
 
     def seed_weights(matrix: np.ndarray) -> np.ndarray:
         _, vectors = np.linalg.eigh(matrix)
@@ -245,7 +266,7 @@ def lanczos(
         min_steps=min(first_step, num_iters, op.dim),
     )
     projection = run.projection
-    theta, vectors, residuals, wanted, bounds = evidence(projection, k)
+    theta, vectors, residuals, wanted, bounds, _ = evidence(projection, k)
     exhausted = projection.size == op.dim
     converged = exhausted or (
         projection.size >= min(first_step, op.dim) and is_converged(projection)
