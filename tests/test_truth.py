@@ -29,7 +29,7 @@ def _central_difference_hessian(model: nn.Module, batch) -> torch.Tensor:
     for p in flat:
         for index in range(p.numel()):
             # h balances truncation (h²·f''') against rounding (eps·|g|/h).
-            h = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, abs(float(p[index])))
+            h = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, abs(float(p.detach()[index])))
             with torch.no_grad():
                 p[index] += h
             plus = gradient()
@@ -72,9 +72,7 @@ def _bn_cnn() -> nn.Module:
     ],
     ids=["bn-mlp", "bn-mlp-running-stats", "bn-cnn"],
 )
-def test_dense_hessian_agrees_with_central_differences_through_train_mode_batch_norm(
-    model, shape
-):
+def test_dense_hessian_agrees_with_central_differences_through_train_mode_batch_norm(model, shape):
     generator = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, *shape, generator=generator), torch.randint(0, 3, (8,)))
     hessian = dense_hessian(model, cross_entropy_loss, [batch])
