@@ -29,7 +29,7 @@ def _central_difference_hessian(model: nn.Module, batch) -> torch.Tensor:
     for p in flat:
         for index in range(p.numel()):
             # h balances truncation (h²·f''') against rounding (eps·|g|/h).
-            h = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, abs(float(p[index])))
+            h = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, abs(float(p.detach()[index])))
             with torch.no_grad():
                 p[index] += h
             plus = gradient()

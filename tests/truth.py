@@ -140,6 +140,48 @@ def finite_difference_hvp(model: nn.Module, loss_fn, batches, v: torch.Tensor, e
     return (gradient_at(eps) - gradient_at(-eps)) / (2 * eps)
 
 
+def mean_loss_gradient(model: nn.Module, loss_fn, batches, dtype: torch.dtype) -> torch.Tensor:
+    """The flat gradient of the mean loss over the trainable parameters, computed in ``dtype``
+    (returned in float64)."""
+    copied = copy.deepcopy(model).to(dtype)
+    params = [p for p in copied.parameters() if p.requires_grad]
+    cast = [tuple(t.to(dtype) if t.is_floating_point() else t for t in b) for b in batches]
+    loss = sum(loss_fn(copied, b) for b in cast) / len(cast)
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+
+
+def central_difference_rounding(
+    model: nn.Module, loss_fn, batches, v: torch.Tensor, step: float, hessian: torch.Tensor
+) -> float:
+    """The rounding error to expect of a central difference ``(g(θ + εv) − g(θ − εv))/2ε`` of
+    gradients in ``v.dtype`` (ε = ``step``) against ``H v``, measured on this machine without
+    the package; a tolerance is a margin times this. Two parts:
+
+    - the gradients' rounding over the step, ``δ/ε``: δ = ‖g₃₂ − g₆₄‖ at θ, which depends on
+      the BLAS's summation order; in float64 δ·u₆₄/u₃₂, the same operations rounded at a
+      finer unit u;
+    - the rounding of the shifted parameters, ``‖H (fl(θ + εv) − (θ + εv))‖/ε``, the
+      addition's exact error taken by TwoSum.
+
+    Truncation (ε²·g‴, kinks crossed) is left out: it is what a too-large step would add.
+    """
+    dtype = v.dtype
+    delta = float(
+        torch.linalg.vector_norm(
+            mean_loss_gradient(model, loss_fn, batches, torch.float32)
+            - mean_loss_gradient(model, loss_fn, batches, torch.float64)
+        )
+    )
+    if dtype == torch.float64:
+        delta *= torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    theta, shift = theta.to(dtype), v * torch.tensor(step, dtype=dtype)
+    shifted = theta + shift
+    back = shifted - theta
+    rounding = (theta - (shifted - back)) + (shift - back)  # TwoSum: shifted - (θ + εv), exactly
+    return (delta + float(torch.linalg.vector_norm(hessian @ rounding.double()))) / step
+
+
 def adam_preconditioner(
     exp_avg_sq: torch.Tensor, step: float, beta1: float = 0.9, beta2: float = 0.999, eps=1e-8
 ) -> torch.Tensor:
