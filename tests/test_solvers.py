@@ -123,7 +123,11 @@ def test_in_float32_the_drifted_recurrence_is_not_reported_as_converged(method):
     truth = _true_relative_residual(matrix, 0.0, res.x.double(), b)
     assert res.iterations < 400  # stopped because the recurrence claimed convergence
     assert truth > 1e-6 and not res.converged
-    assert res.relative_residual == pytest.approx(truth, rel=0.5)
+    # The reported residual is computed in float32: it can differ from the float64 truth by
+    # the rounding of b − Ax, eps·‖A‖·‖x‖/‖b‖ (about 30× what one CPU measured).
+    rounding = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(matrix, 2)
+    rounding = float(rounding * res.x.double().norm() / b.norm())
+    assert abs(res.relative_residual - truth) <= rounding
 
 
 def test_a_broken_down_recurrence_never_returns_a_worse_iterate_than_zero():
