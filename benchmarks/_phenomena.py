@@ -24,9 +24,9 @@ import torch
 from bench_engine import machine  # one home for naming the machine
 
 from lightning_curvature._lightning import Callback, TensorBoardLogger, pl
-from lightning_curvature.alerts import EDGE, SPIKE
 from lightning_curvature.callback import CurvatureMonitor
 from lightning_curvature.demo import DigitsDataModule
+from lightning_curvature.monitor.alerts import EDGE, SPIKE
 
 # One intra-op thread: on this machine (two cores shared with other jobs) two OpenMP threads
 # made a 2 ms full-batch step take 40-180 ms whenever another process held a core (each

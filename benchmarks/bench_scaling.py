@@ -58,7 +58,7 @@ from bench_engine import machine, timed  # noqa: E402
 
 import lightning_curvature as lc  # noqa: E402
 from lightning_curvature.estimators.lanczos import default_num_iters  # noqa: E402
-from lightning_curvature.measurement import MeasureSettings, measure  # noqa: E402
+from lightning_curvature.measure.tiers import MeasureSettings, measure  # noqa: E402
 
 CRITERION = nn.CrossEntropyLoss()
 MIB = 2**20

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import machine
 
-from lightning_curvature.measurement import MeasureSettings, measure
+from lightning_curvature.measure.tiers import MeasureSettings, measure
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.operators import HessianOperator
 

@@ -21,7 +21,6 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
-from lightning_curvature.mlp_chain import ChainSolveResult, mlp_chain_solve
 from lightning_curvature.operators import (
     DenseOperator,
     GradientGraphOperator,
@@ -32,7 +31,8 @@ from lightning_curvature.operators import (
 from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks
 from lightning_curvature.operators.fisher import FisherOperator
 from lightning_curvature.operators.ggn import GGNOperator
-from lightning_curvature.solvers import SolveResult, solve
+from lightning_curvature.solvers.chain import ChainSolveResult, mlp_chain_solve
+from lightning_curvature.solvers.krylov import SolveResult, solve
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """CurvatureMonitor: a thin adapter from Lightning's hooks onto the monitor's parts.
 
 When to measure is :mod:`~lightning_curvature.monitor.schedule`'s business, on what
-:mod:`~lightning_curvature.monitor.probes`', how :mod:`~lightning_curvature.monitor.measuring`'s
+:mod:`~lightning_curvature.monitor.probes`', how :mod:`~lightning_curvature.measure.module`'s
 and where the numbers go :mod:`~lightning_curvature.monitor.publish`'s. This module reads the
 trainer, keeps the run's state for checkpoints, and handles failures.
 """
@@ -18,21 +18,21 @@ from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_int, check_open_unit
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
-from lightning_curvature.alerts import Alert, AlertRules, AlertTracker
-from lightning_curvature.measurement import TAG_PREFIX, MeasureSettings, WarmStart
-from lightning_curvature.monitor.arguments import check_arguments
-from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
-from lightning_curvature.monitor.measuring import (
+from lightning_curvature.measure.module import (
     Context,
     RankFailure,
     flat_parameters,
     measure_module,
 )
-from lightning_curvature.monitor.objective import Mode, training_step_loss
+from lightning_curvature.measure.objective import Mode, training_step_loss
+from lightning_curvature.measure.tiers import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker
+from lightning_curvature.monitor.arguments import check_arguments
+from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
-from lightning_curvature.tensorboard import tensorboard_writers
+from lightning_curvature.monitor.tensorboard import tensorboard_writers
 
 OnError = Literal["warn", "raise"]
 Curvature = Literal["hessian", "ggn", "fisher"]
@@ -108,9 +108,9 @@ class CurvatureMonitor(Callback):
             dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
         dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
         warm_start: start each Lanczos run from the previous Ritz vectors.
-        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.alerts.AlertRules`);
+        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.monitor.alerts.AlertRules`);
             ``spike_min_ratio`` keeps a jump far below the edge of stability from alerting.
-        on_alert: called with each :class:`~lightning_curvature.alerts.Alert`.
+        on_alert: called with each :class:`~lightning_curvature.monitor.alerts.Alert`.
         stop_on_alert: stop training at the first alert (changes training).
         lr_factor_on_alert: multiply every learning rate by this at each alert (changes
             training).

@@ -16,7 +16,7 @@ from torch import nn
 import lightning_curvature as lc
 from lightning_curvature.optim import AdaHessian, HessianBackwardMixin
 from lightning_curvature.optim import adahessian as adahessian_module
-from lightning_curvature.stability import adaptive_threshold
+from lightning_curvature.optim.stability import adaptive_threshold
 
 
 class _RecordingOperator(lc.GradientGraphOperator):

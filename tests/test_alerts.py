@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_curvature.alerts import EDGE, SPIKE, Alert, AlertRules, AlertTracker
+from lightning_curvature.monitor.alerts import EDGE, SPIKE, Alert, AlertRules, AlertTracker
 
 # The default schedule's points over 1,500 steps: log-spaced below the cadence, then every 100.
 SCHEDULED_STEPS = [1, 2, 4, 8, 16, 32, 64, *range(100, 1501, 100)]

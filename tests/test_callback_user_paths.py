@@ -12,7 +12,7 @@ from torch import nn
 import lightning_curvature.callback as callback_module
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
-from lightning_curvature.tensorboard import dashboard_layout
+from lightning_curvature.monitor.tensorboard import dashboard_layout
 from tests.lightning_models import (
     Classifier,
     classification_data,

@@ -10,9 +10,9 @@ import pytest
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_curvature.alerts import Alert
-from lightning_curvature.measurement import Measurement
-from lightning_curvature.tensorboard import (
+from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.monitor.alerts import Alert
+from lightning_curvature.monitor.tensorboard import (
     dashboard_layout,
     density_figure,
     write_alert,

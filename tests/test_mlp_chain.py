@@ -256,7 +256,7 @@ def test_small_batches_use_the_low_rank_pivots_and_stay_exact(damping, loss):
 
 
 def test_low_rank_and_dense_pivot_factorisations_agree():
-    from lightning_curvature.mlp_chain import _factor_pivot
+    from lightning_curvature.solvers.chain import _factor_pivot
 
     generator = torch.Generator().manual_seed(0)
     tangent_map = torch.randn(4, 20, generator=generator, dtype=torch.float64)

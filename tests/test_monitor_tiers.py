@@ -9,7 +9,7 @@ import torch
 from lightning_curvature import CurvatureMonitor, DenseOperator, lanczos
 from lightning_curvature._lightning import pl
 from lightning_curvature.estimators import hutchinson_trace
-from lightning_curvature.measurement import MeasureSettings, WarmStart, measure
+from lightning_curvature.measure.tiers import MeasureSettings, WarmStart, measure
 from tests.lightning_models import Classifier, classification_data, loader, mlp, trainer
 from tests.truth import cross_entropy_loss, dense_hessian, matrix_with_spectrum
 
@@ -119,8 +119,8 @@ def test_a_warm_started_track_measurement_is_cheap_and_agrees_with_a_cold_full_o
 
 def test_adahessian_gets_adams_rule_with_its_own_preconditioner(tmp_path):
     from lightning_curvature.optim import AdaHessian, HessianBackwardMixin
-    from lightning_curvature.preconditioners import preconditioner_diagonal
-    from lightning_curvature.stability import stability_rule
+    from lightning_curvature.optim.preconditioners import preconditioner_diagonal
+    from lightning_curvature.optim.stability import stability_rule
 
     class WithAdaHessian(HessianBackwardMixin, Classifier):
         def configure_optimizers(self):

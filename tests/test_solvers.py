@@ -244,7 +244,7 @@ def test_non_finite_products_raise_floating_point_error():
 def test_on_gpu_convergence_is_checked_every_few_iterations_not_every_one(method):
     import warnings
 
-    from lightning_curvature.solvers import GPU_CHECK_EVERY
+    from lightning_curvature.solvers.krylov import GPU_CHECK_EVERY
 
     eigenvalues = torch.logspace(-4, 0, 2000, dtype=torch.float64)
     op = lc.DenseOperator(matrix_with_spectrum(eigenvalues).float().cuda())

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from lightning_curvature.preconditioners import preconditioner_diagonal
-from lightning_curvature.stability import (
+from lightning_curvature.optim.preconditioners import preconditioner_diagonal
+from lightning_curvature.optim.stability import (
     StabilityRule,
     adaptive_threshold,
     sgd_threshold,

@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--data {data_class.__name__} has no train_dataloader()")
     out = args.out or _unused_dir(Path("runs/analyze") / args.checkpoint.stem)
     # Imported after the cheap checks: bad paths are reported before Lightning loads.
-    from lightning_curvature.measurement import MeasureSettings, measure
-    from lightning_curvature.monitor.objective import measurement_mode, muted_logging
+    from lightning_curvature.measure.objective import measurement_mode, muted_logging
+    from lightning_curvature.measure.tiers import MeasureSettings, measure
 
     step = int(checkpoint.get("global_step", 0))
     with quiet_lightning():
@@ -256,8 +256,8 @@ def _stability(
 ) -> tuple[Any, torch.Tensor | None, str]:
     """The stability rule of the optimizer that trained the model, rebuilt from the module's
     ``configure_optimizers`` and the checkpoint's optimizer state, when both allow it."""
-    from lightning_curvature.preconditioners import preconditioner_diagonal
-    from lightning_curvature.stability import stability_rule
+    from lightning_curvature.optim.preconditioners import preconditioner_diagonal
+    from lightning_curvature.optim.stability import stability_rule
 
     states = checkpoint.get("optimizer_states") or []
     if not states:
@@ -317,7 +317,11 @@ def _write_outputs(
 ) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_curvature.tensorboard import density_figure, write_layout, write_measurement
+    from lightning_curvature.monitor.tensorboard import (
+        density_figure,
+        write_layout,
+        write_measurement,
+    )
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def build_operator(
     params: Mapping[str, torch.nn.Parameter] | None = None,
 ) -> Any:
     """The operator ``args`` asks for, over ``params`` (default: every trainable one)."""
-    from lightning_curvature.monitor.objective import training_step_loss
+    from lightning_curvature.measure.objective import training_step_loss
     from lightning_curvature.operators.choice import curvature_operator
 
     return curvature_operator(
@@ -160,7 +160,7 @@ def build_operator(
 def mean_gradient(op: Any, model: Any, batches: Sequence[Any]) -> torch.Tensor:
     """The mean gradient of the ``training_step`` loss over ``batches``, flat, in the order
     and precision of ``op``'s parameters (the Hessian operator's own for the Hessian)."""
-    from lightning_curvature.monitor.objective import training_step_loss
+    from lightning_curvature.measure.objective import training_step_loss
     from lightning_curvature.operators import HessianOperator
 
     if isinstance(op, HessianOperator):

@@ -66,7 +66,7 @@ def newton_step(
     ``converged``, ``damping`` and ``predicted_decrease`` (:math:`g^\top x - \tfrac12
     x^\top A x`, one more product).
     """
-    from lightning_curvature.solvers import solve
+    from lightning_curvature.solvers.krylov import solve
 
     result = solve(op, gradient, damping=damping, tol=tol, max_iters=max_iters, method="minres")
     x = result.x

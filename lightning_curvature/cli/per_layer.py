@@ -2,7 +2,7 @@ r"""``analyze --per-layer``: the trace and λmax of each layer's diagonal block 
 analyzed matrix, as the monitor's ``per_layer=True`` measures them.
 
 A layer's block :math:`A_{ll}` is the curvature with every other layer held fixed. The
-measurement itself (:func:`~lightning_curvature.measurement.measure` with ``blocks``) gives
+measurement itself (:func:`~lightning_curvature.measure.tiers.measure` with ``blocks``) gives
 each block's trace from the Hutchinson probes of the whole trace (no product beyond them,
 and the layer traces sum to the whole) and each block's λmax from one batched Lanczos over
 all blocks; this module only lays the blocks out and reports them.

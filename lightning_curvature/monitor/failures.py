@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.monitor.measuring import RankFailure
-from lightning_curvature.monitor.objective import NoLossError
+from lightning_curvature.measure.module import RankFailure
+from lightning_curvature.measure.objective import NoLossError
 
 
 def agree_on_failure(

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_curvature.batches import detached_copy, move_batch
-from lightning_curvature.monitor.objective import IndexedBatch
+from lightning_curvature.measure.objective import IndexedBatch
 
 ProbeKind = Literal["fixed", "current"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.alerts import Alert
-from lightning_curvature.measurement import Measurement
-from lightning_curvature.tensorboard import write_alert, write_layout, write_measurement
+from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.monitor.alerts import Alert
+from lightning_curvature.monitor.tensorboard import write_alert, write_layout, write_measurement
 
 # The key of a ``history`` row that says whether its stability ratio is trusted (1.0) or
 # not yet (0.0, an adaptive optimizer before its bias correction settled); not a logged tag.

@@ -154,7 +154,7 @@ class AdaHessian(Optimizer):
 
         The last update was :math:`\eta P^{-1} m_t` (plus weight decay) with
         :math:`P = (1-\beta_1^t)\,\big((\sqrt{v_t}/\sqrt{1-\beta_2^t})^k + \epsilon\big)`,
-        the same convention as ``lightning_curvature.preconditioners.preconditioner_diagonal``
+        the same convention as ``lightning_curvature.optim.preconditioners.preconditioner_diagonal``
         for Adam. The stability rule is Adam's: λmax(P⁻¹H)·η < 2(1+β1)/(1−β1) (38 at
         β1 = 0.9), λmax(P⁻¹H) computed as that of the symmetric P^-1/2 H P^-1/2. Decoupled
         weight decay λ adds about λ to every eigenvalue of P⁻¹H.

@@ -34,7 +34,7 @@ history and leaves both rules' state as it was.
 
 Example::
 
-    from lightning_curvature.alerts import AlertRules, AlertTracker
+    from lightning_curvature.monitor.alerts import AlertRules, AlertTracker
 
     tracker = AlertTracker(AlertRules(spike_warmup_steps=0))
     for step, sharpness in enumerate([7.0, 7.1, 6.9, 7.0, 7.2, 43.4, 18.8, 18.3], start=1):

@@ -93,7 +93,8 @@ import torch
 from torch import nn
 
 from lightning_curvature._checks import check_int, check_number
-from lightning_curvature.chain_model import (
+from lightning_curvature.operators.hessian import HessianOperator
+from lightning_curvature.solvers.chain_model import (
     Layer,
     activation_curvature,
     apply_blocks,
@@ -111,7 +112,6 @@ from lightning_curvature.chain_model import (
     state_map,
     transpose_apply_blocks,
 )
-from lightning_curvature.operators.hessian import HessianOperator
 
 # A pivot with more than this many times as many parameters as B has rows is handled in
 # B's row space (see _factor_pivot).

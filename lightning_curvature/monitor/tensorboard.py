@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from lightning_curvature._lightning import TensorBoardLogger
-from lightning_curvature.alerts import Alert
-from lightning_curvature.measurement import Measurement
+from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.monitor.alerts import Alert
 
 # A layout is {section: {chart title: ["Multiline", [tag regex, ...]]}}.
 Layout = dict[str, dict[str, list[Any]]]

@@ -4,7 +4,7 @@ This is where the monitor's parts meet: the objective (the module's own loss in 
 measurement's mode, with ``training_step``'s side effects undone), the operator over the
 chosen parameters (averaged across ranks under data parallelism), the optimizer that owns
 those parameters (its learning rate, its stability rule and, for adaptive optimizers, its
-preconditioner), and one tier of :func:`~lightning_curvature.measurement.measure`. It knows
+preconditioner), and one tier of :func:`~lightning_curvature.measure.tiers.measure`. It knows
 torch, not Lightning: the callback hands it the module, its optimizers and schedulers.
 """
 
@@ -20,24 +20,24 @@ import torch
 from torch import nn
 
 from lightning_curvature.batches import detached_copy, move_batch
-from lightning_curvature.measurement import (
+from lightning_curvature.measure.objective import (
+    Mode,
+    measurement_mode,
+    muted_logging,
+    preserved_python_state,
+)
+from lightning_curvature.measure.tiers import (
     Measurement,
     MeasureSettings,
     Tier,
     WarmStart,
     measure,
 )
-from lightning_curvature.monitor.objective import (
-    Mode,
-    measurement_mode,
-    muted_logging,
-    preserved_python_state,
-)
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.choice import curvature_operator
-from lightning_curvature.preconditioners import first_moment_settled, preconditioner_diagonal
-from lightning_curvature.stability import StabilityRule, owning_optimizer, stability_rule
+from lightning_curvature.optim.preconditioners import first_moment_settled, preconditioner_diagonal
+from lightning_curvature.optim.stability import StabilityRule, owning_optimizer, stability_rule
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
 from lightning_curvature.estimators.blockwise import blockwise_lambda_max, blockwise_trace
 from lightning_curvature.operators import PreconditionedOperator
-from lightning_curvature.stability import StabilityRule, stability_ratio
+from lightning_curvature.optim.stability import StabilityRule, stability_ratio
 
 TAG_PREFIX = "curvature"
 Tier = Literal["track", "full"]

@@ -19,7 +19,7 @@ anything else                       λmax(H), known=False    2 (the plain-SGD ru
 ==================================  ======================  ==============================
 
 P, the diagonal an adaptive optimizer divides its step by, is read from its state by
-:mod:`lightning_curvature.preconditioners`.
+:mod:`lightning_curvature.optim.preconditioners`.
 
 Not modelled: L2 ``weight_decay`` (adds wd to every eigenvalue the update feels, usually
 negligible against λmax), ``maximize=True``, and the first, undamped SGD step.
@@ -71,7 +71,7 @@ class StabilityRule:
         threshold: the bound on sharpness·η (may be ``inf`` for SGD with dampening 1).
         learning_rate: η, the ``lr`` of the param group read.
         preconditioned: True for Adam/AdamW/RMSprop/Adagrad, whose sharpness is λmax(P⁻¹H)
-            with P from :func:`~lightning_curvature.preconditioners.preconditioner_diagonal`.
+            with P from :func:`~lightning_curvature.optim.preconditioners.preconditioner_diagonal`.
         known: False when the optimizer is not known and the plain-SGD rule stands in.
         note: one line for a user, e.g. ``"Adam: λmax(P⁻¹H)·η < 2(1+β1)/(1−β1) = 38"``.
     """

@@ -2,7 +2,7 @@ r"""P, the diagonal preconditioner of an adaptive optimizer's last update, read 
 state without changing it.
 
 For Adam, AdamW, RMSprop, Adagrad and AdaHessian the sharpness their threshold bounds is
-λmax(P⁻¹H) (:mod:`lightning_curvature.stability` holds the thresholds).
+λmax(P⁻¹H) (:mod:`lightning_curvature.optim.stability` holds the thresholds).
 P is the diagonal the adaptive optimizer divides its step by, so that its last update was
 ``x ← x − η·P⁻¹·u`` (u the gradient, or the momentum buffer/first moment):
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_curvature.stability import (
+from lightning_curvature.optim.stability import (
     ADAM_LIKE,
     PRECONDITIONED,
     as_float,
