@@ -1,6 +1,5 @@
 """Matrix-free estimators: they see only an operator (matvec, dim, device, dtype)."""
 
-from lightning_curvature.estimators._common import LinearOperator
 from lightning_curvature.estimators.density import (
     SpectralDensity,
     smoothed_density,
@@ -14,6 +13,7 @@ from lightning_curvature.estimators.hutchinson import (
 )
 from lightning_curvature.estimators.lanczos import LanczosResult, lanczos
 from lightning_curvature.estimators.power import PowerIterationResult, power_iteration
+from lightning_curvature.linear_operator import LinearOperator
 
 __all__ = [
     "DiagonalResult",

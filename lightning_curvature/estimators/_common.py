@@ -1,46 +1,25 @@
-"""What every estimator shares: the operator protocol, seeded probes and block products.
-
-Estimators see only an object with ``matvec(v)``, ``dim``, ``device`` and ``dtype``
-(and, optionally, ``matmat(V)`` for a block of columns). They never touch the global RNG:
-every random vector comes from a private ``torch.Generator`` seeded by the caller.
+"""What every estimator shares besides the operator protocol (in
+:mod:`lightning_curvature.linear_operator`): argument checks, seeded probes, and the
+convergence-check cadence. Estimators never touch the global RNG: every random vector comes
+from a private ``torch.Generator`` seeded by the caller.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 
 from lightning_curvature._checks import check_int, check_number
 
+# The protocol's own names, re-exported for the estimators beside this module.
+from lightning_curvature.linear_operator import LinearOperator as LinearOperator
+from lightning_curvature.linear_operator import apply_block as apply_block
+from lightning_curvature.linear_operator import check_operator as check_operator
+
 # Iterations between convergence checks on an accelerator, where each check is a host sync
 # that stalls the device queue. On the CPU a check costs nothing extra and runs every step.
 ACCELERATOR_CHECK_EVERY = 3
-
-
-@runtime_checkable
-class LinearOperator(Protocol):
-    """A symmetric linear map on flat vectors that lives on one device."""
-
-    dim: int
-    device: torch.device
-    dtype: torch.dtype
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
-
-
-def check_operator(op: object) -> None:
-    """Fail early, naming what is missing, when ``op`` is not a usable operator."""
-    missing = [name for name in ("matvec", "dim", "device", "dtype") if not hasattr(op, name)]
-    if missing:
-        raise TypeError(
-            f"op must provide matvec(v), dim, device and dtype; {type(op).__name__} lacks "
-            f"{', '.join(missing)}"
-        )
-    dim = cast(Any, op).dim
-    if int(dim) < 1:
-        raise ValueError(f"op.dim must be at least 1, got {dim}")
 
 
 def is_integer(value: object) -> bool:
@@ -86,14 +65,6 @@ def rademacher(op: LinearOperator, count: int, generator: torch.Generator) -> to
     """``count`` Rademacher (±1) probes as columns of a (dim, count) block."""
     bits = torch.randint(0, 2, (op.dim, count), generator=generator, device=op.device)
     return (bits * 2 - 1).to(op.dtype)
-
-
-def apply_block(op: LinearOperator, block: torch.Tensor) -> torch.Tensor:
-    """``op`` applied to each column of ``block``; batched when the operator supports it."""
-    matmat = getattr(op, "matmat", None)
-    if matmat is not None:
-        return cast(torch.Tensor, matmat(block))
-    return torch.stack([op.matvec(block[:, j]) for j in range(block.shape[1])], dim=1)
 
 
 def raise_if_not_finite(values: torch.Tensor, what: str) -> None:

@@ -35,57 +35,7 @@ from lightning_curvature.estimators._common import (
 from lightning_curvature.estimators._krylov import rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
-
-Block = tuple[str, slice]
-
-
-def check_blocks(blocks: Sequence[Block], dim: int) -> list[Block]:
-    """``blocks`` as a list, checked to be non-empty, disjoint slices in flat-vector order."""
-    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not blocks:
-        raise ValueError(f"blocks must be a non-empty list of (name, slice) pairs, got {blocks!r}")
-    stop = 0
-    for entry in blocks:
-        if (
-            not isinstance(entry, tuple)
-            or len(entry) != 2
-            or not isinstance(entry[1], slice)
-            or entry[1].step not in (None, 1)
-        ):
-            raise ValueError(f"blocks must be (name, slice) pairs, got {entry!r}")
-        name, piece = entry
-        if piece.start is None or piece.stop is None or not stop <= piece.start < piece.stop:
-            raise ValueError(
-                f"blocks must be non-empty, disjoint and in flat-vector order; block {name!r} "
-                f"is {piece}"
-            )
-        if piece.stop > dim:
-            raise ValueError(f"block {name!r} = {piece} ends past the operator's dim={dim}")
-        stop = piece.stop
-    return list(blocks)
-
-
-def block_products(
-    op: LinearOperator,
-    blocks: Sequence[Block],
-    packed: torch.Tensor,
-    active: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """``A_ll x_l`` for every active block ``l`` from ONE ``matmat`` of ``len(active)·m``
-    columns: ``packed`` (dim, m) holds each block's vectors ``x_l`` in its own slice, the
-    stacked probe masks column ``(l, j)`` to block ``l``, and block ``l`` of its product is
-    kept. Blocks not in ``active`` cost nothing and come back zero."""
-    active = range(len(blocks)) if active is None else active
-    m = packed.shape[1]
-    stacked = packed.new_zeros(packed.shape[0], len(active) * m)
-    for column, index in enumerate(active):
-        piece = blocks[index][1]
-        stacked[piece, column * m : (column + 1) * m] = packed[piece]
-    products = apply_block(op, stacked)
-    result = torch.zeros_like(packed)
-    for column, index in enumerate(active):
-        piece = blocks[index][1]
-        result[piece] = products[piece, column * m : (column + 1) * m]
-    return result
+from lightning_curvature.linear_operator import Block, block_products, check_blocks
 
 
 # ----------------------------------------------------------------------------- traces

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.estimators.blockwise import Block, block_products, check_blocks
+from lightning_curvature.linear_operator import Block, block_products, check_blocks
 from lightning_curvature.operators.base import OperatorWrapper
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from lightning_curvature._checks import check_int, check_number
-from lightning_curvature.estimators._common import LinearOperator, apply_block, check_operator
+from lightning_curvature.linear_operator import LinearOperator, apply_block, check_operator
 
 SolveMethod = Literal["minres", "cg"]
 
