@@ -33,9 +33,9 @@ from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.monitor.tensorboard import tensorboard_writers
+from lightning_curvature.operators.choice import Curvature
 
 OnError = Literal["warn", "raise"]
-Curvature = Literal["hessian", "ggn", "fisher"]
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
 # Hessian-vector product of one rank is not defined.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")

@@ -22,10 +22,8 @@ from typing import Any
 import torch
 
 from lightning_curvature.cli._shared import CliError, one_line
-
-CURVATURES = ("hessian", "ggn", "fisher")
-LOSSES = ("mse", "cross_entropy")
-FISHER_KINDS = ("true", "empirical")
+from lightning_curvature.operators.choice import CURVATURES, FISHER_KINDS
+from lightning_curvature.operators.choice import LOSS_NAMES as LOSSES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

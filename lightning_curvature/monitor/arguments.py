@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_bool, check_choice
+from lightning_curvature.operators.choice import CURVATURES, LOSS_NAMES
 
 
 def check_arguments(
@@ -32,9 +33,9 @@ def check_arguments(
     """Raise a ValueError for the first of these arguments outside its allowed values."""
     check_choice("probe", probe, ("fixed", "current"))
     check_choice("mode", mode, ("train", "eval"))
-    check_choice("curvature", curvature, ("hessian", "ggn", "fisher"))
+    check_choice("curvature", curvature, CURVATURES)
     if curvature != "hessian" and not (
-        callable(loss_from_output) or loss_from_output in ("mse", "cross_entropy")
+        callable(loss_from_output) or loss_from_output in LOSS_NAMES
     ):
         raise ValueError(
             f"curvature={curvature!r} needs loss_from_output: 'mse', 'cross_entropy' or a "

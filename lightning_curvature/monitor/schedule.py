@@ -77,11 +77,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from lightning_curvature._checks import check_int, check_number
+from lightning_curvature.measure.tiers import Tier
 
-Tier = Literal["track", "full"]
 TRACK: Tier = "track"
 FULL: Tier = "full"
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_curvature.operators.choice import FISHER_KINDS, FisherKind
 from lightning_curvature.operators.ggn import (
-    FISHER_KINDS,
     GGNOperator,
     LossFromOutput,
     OutputFn,
@@ -79,7 +79,7 @@ class FisherOperator(GGNOperator):
         batches: Sequence[Any],
         params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter] | None = None,
         *,
-        kind: Literal["true", "empirical"] = "true",
+        kind: FisherKind = "true",
         output_fn: OutputFn | None = None,
         loss_from_output: LossFromOutput,
         num_samples: int = 1,

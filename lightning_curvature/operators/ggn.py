@@ -52,10 +52,10 @@ import torch
 from torch import nn
 
 from lightning_curvature.operators.base import CurvatureOperator
+from lightning_curvature.operators.choice import LOSS_NAMES, LossName
 from lightning_curvature.operators.context import isolated_evaluation
 from lightning_curvature.operators.loss import operator_inputs, scalar_loss
 from lightning_curvature.operators.output_space import (
-    BUILTIN_LOSSES,
     AutogradHessian,
     ClosedFormHessian,
     batched_grad,
@@ -63,10 +63,9 @@ from lightning_curvature.operators.output_space import (
 )
 
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
-LossFromOutput = Literal["mse", "cross_entropy"] | Callable[[torch.Tensor, Any], torch.Tensor]
+LossFromOutput = LossName | Callable[[torch.Tensor, Any], torch.Tensor]
 ProductMethod = Literal["reuse_graph", "forward_mode"]
 PRODUCT_METHODS = ("reuse_graph", "forward_mode")
-FISHER_KINDS = ("true", "empirical")
 
 
 def default_output_fn(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -121,9 +120,9 @@ class GGNOperator(CurvatureOperator):
     ) -> None:
         if output_fn is not None and not callable(output_fn):
             raise ValueError("output_fn must be callable as output_fn(model, batch) or None")
-        if not callable(loss_from_output) and loss_from_output not in BUILTIN_LOSSES:
+        if not callable(loss_from_output) and loss_from_output not in LOSS_NAMES:
             raise ValueError(
-                f"loss_from_output must be one of {BUILTIN_LOSSES} or a callable "
+                f"loss_from_output must be one of {LOSS_NAMES} or a callable "
                 f"(outputs, batch) -> scalar, got {loss_from_output!r}"
             )
         if product_method not in PRODUCT_METHODS:

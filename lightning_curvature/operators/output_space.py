@@ -23,8 +23,6 @@ from torch import nn
 
 from lightning_curvature.operators.loss import scalar_loss
 
-BUILTIN_LOSSES = ("mse", "cross_entropy")
-
 
 class TermLayout:
     """How outputs split into the terms of the mean loss: ``(..., *shape) <-> (..., P, K)``."""
