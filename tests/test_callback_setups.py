@@ -111,7 +111,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_estimator_loops_sync_with_the_host_only_at_their_checks():
     import lightning_curvature as lc
-    from lightning_curvature.estimators.lanczos import CHECK_EVERY
+    from lightning_curvature.estimators._common import ACCELERATOR_CHECK_EVERY as CHECK_EVERY
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     matrix = torch.randn(2000, 2000, device="cuda", generator=generator)

@@ -93,7 +93,6 @@ def blockwise_trace(
     blocks = check_blocks(blocks, op.dim)
     num_probes = check_positive_int("num_probes", num_probes, minimum=2)
     probes_per_block = check_positive_int("probes_per_block", probes_per_block)
-    seed = check_positive_int("seed", seed, minimum=-(2**63))
     generator = make_generator(op, seed)
     whole_terms, block_terms = [], []
     for start in range(0, num_probes, probes_per_block):
@@ -221,7 +220,6 @@ def blockwise_lambda_max(
     if num_iters is None:
         num_iters = default_num_iters(1)
     num_iters = check_positive_int("num_iters", num_iters)
-    seed = check_positive_int("seed", seed, minimum=-(2**63))
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     packing = _PackedBlocks(blocks, op.dim, op.device)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from lightning_curvature.estimators._common import (
-    ACCELERATOR_CHECK_EVERY,
     LinearOperator,
     check_operator,
     check_positive_int,
@@ -32,9 +31,6 @@ from lightning_curvature.estimators._common import (
 from lightning_curvature.estimators._krylov import Projection, krylov_projection
 
 Which = Literal["largest", "smallest"]
-
-# Steps between convergence checks on an accelerator (every step on the CPU).
-CHECK_EVERY = ACCELERATOR_CHECK_EVERY
 
 # The low end of a network Hessian is a dense cluster around zero: below this many steps a
 # Ritz value there can look converged while the Krylov space has not explored the cluster.

@@ -75,6 +75,9 @@ class AdaHessian(Optimizer):
         >>> optimizer.zero_grad()
     """
 
+    # Its stability rule is Adam's, with the P of :meth:`preconditioner_diagonal`.
+    stability_family = "AdaHessian"
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],

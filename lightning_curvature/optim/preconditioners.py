@@ -108,8 +108,9 @@ def preconditioner_diagonal(
                 "been updated yet (frozen, or no gradient so far); pass only the parameters "
                 "the optimizer has stepped"
             )
-        if family == "AdaHessian":  # P = (1−β1ᵗ)((√v̂)^k + ε), its own Hessian power k
-            diagonal = optimizer.preconditioner_diagonal([p])  # type: ignore[attr-defined]
+        own_diagonal = getattr(optimizer, "preconditioner_diagonal", None)
+        if own_diagonal is not None:  # an optimizer that knows its own P (AdaHessian)
+            diagonal = own_diagonal([p])
         else:
             assert state is not None  # _stepped(state) held
             diagonal = _diagonal(family, group, state)
