@@ -17,7 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_int, check_open_unit
-from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
+from lightning_curvature._lightning import (
+    Callback,
+    TensorBoardLogger,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from lightning_curvature.measure.module import (
     Context,
     RankFailure,
@@ -32,7 +38,6 @@ from lightning_curvature.monitor.failures import agree_on_failure, describe, fix
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
-from lightning_curvature.monitor.tensorboard import tensorboard_writers
 from lightning_curvature.operators.choice import Curvature
 
 OnError = Literal["warn", "raise"]
@@ -447,7 +452,11 @@ class CurvatureMonitor(Callback):
                 f"within {record.num_matvecs} products, so it is not logged there (raise "
                 "num_iters, or loosen tol).",
             )
-        writers = tensorboard_writers(trainer.loggers) if trainer.is_global_zero else []
+        writers = (
+            [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
+            if trainer.is_global_zero
+            else []
+        )
         metrics = self.publisher.publish(
             record,
             trainer.global_step,

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from lightning_curvature._lightning import TensorBoardLogger
 from lightning_curvature.measure.tiers import Measurement
 from lightning_curvature.monitor.alerts import Alert
 
@@ -100,11 +99,6 @@ def dashboard_layout(prefix: str = "curvature") -> Layout:
             "per-layer trace": ["Multiline", [f"^{p}/layer/.*/trace$"]],
         }
     }
-
-
-def tensorboard_writers(loggers: list[Any]) -> list[Any]:
-    """The SummaryWriters of the TensorBoard loggers among ``loggers``."""
-    return [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
 def write_layout(writer: Any, prefix: str = "curvature") -> None:
