@@ -256,8 +256,7 @@ def _stability(
 ) -> tuple[Any, torch.Tensor | None, str]:
     """The stability rule of the optimizer that trained the model, rebuilt from the module's
     ``configure_optimizers`` and the checkpoint's optimizer state, when both allow it."""
-    from lightning_curvature.optim.preconditioners import preconditioner_diagonal
-    from lightning_curvature.optim.stability import stability_rule
+    from lightning_curvature.optim.preconditioners import optimizer_view
 
     states = checkpoint.get("optimizer_states") or []
     if not states:
@@ -265,15 +264,12 @@ def _stability(
     try:
         optimizer = _first_optimizer(model.configure_optimizers())
         optimizer.load_state_dict(states[0])
-        rule = stability_rule(optimizer)
-        preconditioner = (
-            preconditioner_diagonal(optimizer, list(params), missing="exclude")
-            if rule.preconditioned
-            else None
-        )
+        view = optimizer_view([optimizer], params)
     except Exception as error:
         return None, None, f"optimizer not rebuilt ({type(error).__name__}: {one_line(error)})"
-    return rule, preconditioner, rule.note
+    if view.rule is None:
+        return None, None, "the rebuilt optimizer does not update the measured parameters"
+    return view.rule, view.preconditioner, view.rule.note
 
 
 def _first_optimizer(configured: Any) -> torch.optim.Optimizer:

@@ -36,8 +36,8 @@ from lightning_curvature.measure.tiers import (
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.choice import curvature_operator
-from lightning_curvature.optim.preconditioners import first_moment_settled, preconditioner_diagonal
-from lightning_curvature.optim.stability import StabilityRule, owning_optimizer, stability_rule
+from lightning_curvature.optim.preconditioners import first_moment_settled, optimizer_view
+from lightning_curvature.optim.stability import StabilityRule
 
 
 @dataclass
@@ -93,20 +93,15 @@ def measure_module(
     named = dict(target.named_parameters())
     params = {name: named[name] for name in context.param_names}
     originals = dict(module.named_parameters())
-    owner = owning_optimizer(list(context.optimizers), [originals[n] for n in params])
-    rule = stability_rule(*owner) if owner is not None else None
+    view = optimizer_view(context.optimizers, [originals[n] for n in params])
+    rule, preconditioner = view.rule, view.preconditioner
     if rule is not None and not rule.known:
         notes.append(rule.note)
-    preconditioner = None
-    if owner is not None and rule is not None and rule.preconditioned:
-        preconditioner = preconditioner_diagonal(
-            owner[0], [originals[n] for n in params], owner[1], missing="exclude"
+    if preconditioner is not None and bool(torch.isinf(preconditioner).any()):
+        notes.append(
+            "some measured parameters have no optimizer state yet (unused, frozen or "
+            "new): they are left out of the preconditioned sharpness"
         )
-        if preconditioner is not None and bool(torch.isinf(preconditioner).any()):
-            notes.append(
-                "some measured parameters have no optimizer state yet (unused, frozen or "
-                "new): they are left out of the preconditioned sharpness"
-            )
     with (
         preserved_python_state(module, context.optimizers, context.lr_schedulers),
         measurement_mode(target, context.mode, context.dropout),
@@ -158,7 +153,7 @@ def measure_module(
         record=record,
         warm=next_warm,
         rule=rule,
-        ratio_trusted=owner is None or first_moment_settled(owner[0]),
+        ratio_trusted=view.optimizer is None or first_moment_settled(view.optimizer),
         method_used=getattr(local, "method_used", None),
         fallback_reason=getattr(local, "fallback_reason", None),
         notes=notes,

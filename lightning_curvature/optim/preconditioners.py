@@ -23,6 +23,8 @@ optimizer's most recent update. Everything here reads optimizers without changin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,13 +33,45 @@ from torch.optim import Optimizer
 from lightning_curvature.optim.stability import (
     ADAM_LIKE,
     PRECONDITIONED,
+    StabilityRule,
     as_float,
     optimizer_family,
+    owning_optimizer,
     param_group_of,
+    stability_rule,
     unwrap_optimizer,
 )
 
-__all__ = ["first_moment_settled", "preconditioner_diagonal"]
+__all__ = ["OptimizerView", "first_moment_settled", "optimizer_view", "preconditioner_diagonal"]
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizerView:
+    """What the optimizer that updates some parameters says about their curvature: which
+    optimizer (and param group) it is, its stability rule, and, for adaptive optimizers,
+    P's diagonal over those parameters (∞ where it has no state yet). All None when no
+    optimizer updates them."""
+
+    optimizer: Optimizer | None = None
+    param_group: int = 0
+    rule: StabilityRule | None = None
+    preconditioner: torch.Tensor | None = None
+
+
+def optimizer_view(optimizers: Sequence[Any], params: Sequence[torch.Tensor]) -> OptimizerView:
+    """The chain owning optimizer → stability rule → preconditioner, in one place for the
+    monitor and ``analyze``. Reads the optimizer's state without changing it."""
+    owner = owning_optimizer(list(optimizers), list(params))
+    if owner is None:
+        return OptimizerView()
+    optimizer, group = owner
+    rule = stability_rule(optimizer, group)
+    preconditioner = (
+        preconditioner_diagonal(optimizer, list(params), group, missing="exclude")
+        if rule.preconditioned
+        else None
+    )
+    return OptimizerView(optimizer, group, rule, preconditioner)
 
 
 def preconditioner_diagonal(
