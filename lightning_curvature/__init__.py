@@ -3,7 +3,28 @@
 The engine: :class:`HessianOperator` applies the Hessian of a model's loss to flat vectors,
 and the estimators (:func:`lanczos`, :func:`power_iteration`, :func:`hutchinson_trace`,
 :func:`hutchinson_diagonal`, :func:`spectral_density`) turn those products into λmax, the
-top of the spectrum, the trace and the spectral density.
+top of the spectrum, the trace and the spectral density. :class:`CurvatureMonitor` logs them
+while a Lightning ``Trainer`` trains; ``lightning-curvature analyze`` measures a checkpoint.
+
+The map (imports run downward only, from the adapters at the top to the protocol below)::
+
+    callback.py         CurvatureMonitor: a thin adapter from Lightning's hooks onto monitor/
+    cli/  demo/         the command line (analyze, demo, fit) and the demo's model and data
+    monitor/            Lightning-free: schedule (when), probes (on what), alerts, publish
+                        (where), the TensorBoard layout, failures
+    measure/            the two tiers and the Measurement record; the objective the optimizer
+                        descends; a training module measured without being disturbed
+    optim/              stability thresholds, preconditioners read from optimizer state,
+                        AdaHessian
+    solvers/            (H + εI)⁻¹b: CG and MINRES, and the exact linear-in-depth chain solve
+    estimators/         algorithms that only see an operator: one Krylov process (Lanczos,
+                        top-k, bottom, SLQ, blockwise), power iteration, Hutchinson
+    operators/          curvature operators: Hessian, GGN, Fisher, blocks, wrappers; choice.py
+                        names them
+    linear_operator.py  the operator protocol and the block helpers operators and
+                        estimators share
+    _checks.py  batches.py  _lightning.py
+                        argument checks, batch copying, which Lightning package is used
 """
 
 from lightning_curvature import optim
