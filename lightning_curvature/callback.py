@@ -31,7 +31,8 @@ from lightning_curvature.measure.module import (
     measure_module,
 )
 from lightning_curvature.measure.objective import Mode, training_step_loss
-from lightning_curvature.measure.tiers import TAG_PREFIX, MeasureSettings, WarmStart
+from lightning_curvature.measure.tags import TAG_PREFIX
+from lightning_curvature.measure.tiers import MeasureSettings, WarmStart
 from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker
 from lightning_curvature.monitor.arguments import check_arguments
 from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for

@@ -221,8 +221,7 @@ def run(args: argparse.Namespace) -> int:
         summary["lambda_min_skipped"] = _psd_note(matrix)
         if record.sharpness_x_lr is not None:  # the rule is stated for the Hessian
             summary["stability"] += f" (applied to the {matrix}'s λmax, not the Hessian's)"
-    layer_scalars = per_layer.scalars(extras["per_layer"]) if args.per_layer else {}
-    _write_outputs(out, record, summary, step, layer_scalars)
+    _write_outputs(out, record, summary, step)
     printed = [table(record, summary)]
     if args.per_layer:
         printed.append(per_layer.table(extras["per_layer"]))
@@ -308,9 +307,7 @@ def _progress(args: argparse.Namespace) -> Iterator[Callable[[Any], _ProgressOpe
         bar.close()
 
 
-def _write_outputs(
-    out: Path, record: Any, summary: dict[str, Any], step: int, extra_scalars: dict[str, float]
-) -> None:
+def _write_outputs(out: Path, record: Any, summary: dict[str, Any], step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from lightning_curvature.monitor.tensorboard import (
@@ -330,7 +327,8 @@ def _write_outputs(
     writer = SummaryWriter(log_dir=str(out))
     try:
         write_layout(writer)
-        for tag, value in {**record.scalars(), **extra_scalars}.items():
+        # The per-layer tags are among the record's own: one spelling, written once.
+        for tag, value in record.scalars().items():
             writer.add_scalar(tag, value, step)
         write_measurement(writer, record, step)
     finally:

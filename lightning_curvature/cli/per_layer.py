@@ -63,19 +63,6 @@ def layer_report(record: Any, blocks: list[tuple[str, slice]], num_probes: int) 
     }
 
 
-def scalars(per_layer: dict[str, Any]) -> dict[str, float]:
-    """TensorBoard scalars under the monitor's per-layer tags:
-    ``curvature/layer/<name>/trace``, ``.../trace_stderr`` and ``.../lambda_max`` (left
-    out, as the monitor does, when that layer's Lanczos did not converge)."""
-    values = {}
-    for name, layer in per_layer["layers"].items():
-        values[f"curvature/layer/{name}/trace"] = layer["trace"]
-        values[f"curvature/layer/{name}/trace_stderr"] = layer["trace_stderr"]
-        if layer["lambda_max_converged"]:
-            values[f"curvature/layer/{name}/lambda_max"] = layer["lambda_max"]
-    return values
-
-
 def table(per_layer: dict[str, Any]) -> str:
     """The layers as a plain-text table."""
     header = ("layer", "parameters", "trace", "± stderr", "λmax", "λmax evidence")

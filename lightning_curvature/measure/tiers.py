@@ -33,10 +33,10 @@ import torch
 
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
 from lightning_curvature.estimators.blockwise import blockwise_lambda_max, blockwise_trace
+from lightning_curvature.measure.tags import TAG_PREFIX, tag
 from lightning_curvature.operators import PreconditionedOperator
 from lightning_curvature.optim.stability import StabilityRule, stability_ratio
 
-TAG_PREFIX = "curvature"
 Tier = Literal["track", "full"]
 
 
@@ -128,7 +128,7 @@ class Measurement:
         for name, (value, _, converged) in (self.layer_lambda_max or {}).items():
             if converged:
                 values[f"layer/{name}/lambda_max"] = value
-        return {f"{prefix}/{k}": float(v) for k, v in values.items() if v is not None}
+        return {tag(prefix, k): float(v) for k, v in values.items() if v is not None}
 
     def to_json(self) -> dict[str, object]:
         """Every field as JSON-ready values: tuples become lists, and NaN or inf (which JSON

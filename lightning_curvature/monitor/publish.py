@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lightning_curvature.measure.tags import tag
 from lightning_curvature.measure.tiers import Measurement
 from lightning_curvature.monitor.alerts import Alert
 from lightning_curvature.monitor.tensorboard import write_alert, write_layout, write_measurement
@@ -52,7 +53,7 @@ class Publisher:
         metrics = record.scalars(self.prefix)
         metrics.update(
             {
-                f"{self.prefix}/{name}": float(v)
+                tag(self.prefix, name): float(v)
                 for name, v in (extra or {}).items()
                 if math.isfinite(v)
             }
@@ -73,8 +74,8 @@ class Publisher:
         """Take this monitor's values out of ``callback_metrics``: call it before the
         parameters move on (at every batch start), so none outlives the weights it was
         measured on."""
-        for tag in self._in_callback_metrics:
-            callback_metrics.pop(tag, None)
+        for name in self._in_callback_metrics:
+            callback_metrics.pop(name, None)
         self._in_callback_metrics = []
 
     def announce(
@@ -104,10 +105,10 @@ def run_summary(
     (``history`` rows with ``RATIO_TRUSTED`` 0: Adam's first steps, where 1 − β1ᵗ inflates
     P⁻¹H up to ten-fold), so it never reports an artifact of the bias correction.
     """
-    tag = f"{prefix}/stability_ratio"
-    logged = [h for h in history if tag in h]
+    ratio = tag(prefix, "stability_ratio")
+    logged = [h for h in history if ratio in h]
     trusted = [h for h in logged if h.get(RATIO_TRUSTED, 1.0)]
-    peak = max(((h[tag], int(h["step"])) for h in trusted), default=None)
+    peak = max(((h[ratio], int(h["step"])) for h in trusted), default=None)
     text = schedule.summary()
     if peak is not None:
         text += f" Peak stability ratio {peak[0]:.3g} at step {peak[1]}"
