@@ -42,6 +42,7 @@ from lightning_curvature.estimators import (
     smoothed_density,
     spectral_density,
 )
+from lightning_curvature.monitor.alerts import AlertRules
 from lightning_curvature.operators import (
     DenseOperator,
     GradientGraphOperator,
@@ -68,6 +69,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AlertRules",
     "BlockDiagonalOperator",
     "ChainSolveResult",
     "CurvatureMonitor",

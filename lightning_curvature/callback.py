@@ -114,8 +114,10 @@ class CurvatureMonitor(Callback):
             dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
         dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
         warm_start: start each Lanczos run from the previous Ritz vectors.
-        spike_*, edge_*: the alert rules (:class:`~lightning_curvature.monitor.alerts.AlertRules`);
-            ``spike_min_ratio`` keeps a jump far below the edge of stability from alerting.
+        alert_rules: the spike and edge-of-stability rules, an
+            :class:`~lightning_curvature.AlertRules` (default ``AlertRules()``: spike factor
+            2 over a window of 3, quiet below a stability ratio of 0.1; edge at a ratio of
+            0.9 for 3 measurements).
         on_alert: called with each :class:`~lightning_curvature.monitor.alerts.Alert`.
         stop_on_alert: stop training at the first alert (changes training).
         lr_factor_on_alert: multiply every learning rate by this at each alert (changes
@@ -165,13 +167,7 @@ class CurvatureMonitor(Callback):
         mode: Mode = "train",
         dropout: bool = False,
         warm_start: bool = True,
-        spike_factor: float = 2.0,
-        spike_window: int = 3,
-        spike_warmup_measurements: int = 5,
-        spike_warmup_steps: int = 100,
-        spike_min_ratio: float = 0.1,
-        edge_ratio: float = 0.9,
-        edge_patience: int = 3,
+        alert_rules: AlertRules | None = None,
         on_alert: Callable[[Alert], None] | None = None,
         stop_on_alert: bool = False,
         lr_factor_on_alert: float | None = None,
@@ -239,17 +235,11 @@ class CurvatureMonitor(Callback):
             full_every=full_every,
             max_overhead=max_overhead,
         )
-        self.alerts = AlertTracker(
-            AlertRules(
-                spike_factor=spike_factor,
-                spike_window=spike_window,
-                spike_warmup_measurements=spike_warmup_measurements,
-                spike_warmup_steps=spike_warmup_steps,
-                spike_min_ratio=spike_min_ratio,
-                edge_ratio=edge_ratio,
-                edge_patience=edge_patience,
+        if alert_rules is not None and not isinstance(alert_rules, AlertRules):
+            raise ValueError(
+                f"alert_rules must be an AlertRules or None, got {type(alert_rules).__name__}"
             )
-        )
+        self.alerts = AlertTracker(alert_rules or AlertRules())
         self.probes = ProbeSet(probe, num_batches, probe_dataloader)
         self.publisher = Publisher(tag_prefix)
         # State that survives checkpoint and resume.

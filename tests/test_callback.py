@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
+from lightning_curvature.monitor.alerts import AlertRules
 from tests.lightning_models import (
     DESIGN_TAGS,
     Classifier,
@@ -117,8 +118,9 @@ def test_threshold_alerts_wait_for_adams_bias_correction_to_settle(
         k=1,
         trace=False,
         max_overhead=None,
-        edge_ratio=1e-9,  # any ratio counts as "at the edge"
-        edge_patience=1,
+        alert_rules=AlertRules(
+            edge_ratio=1e-9, edge_patience=1
+        ),  # any ratio counts as "at the edge"
         on_alert=alerts.append,
     )
     with warnings.catch_warnings():
@@ -323,7 +325,7 @@ def test_a_sharpness_spike_alerts_in_tensorboard_and_can_stop_training(tmp_path)
         loss_fn=scaled_loss,
         on_alert=on_alert,
         stop_on_alert=True,
-        spike_warmup_steps=0,
+        alert_rules=AlertRules(spike_warmup_steps=0),
         max_overhead=None,
     )
     torch.manual_seed(0)
@@ -465,7 +467,7 @@ def test_an_explicit_schedule_is_never_skipped_and_warns_once_about_its_cost(tmp
         ({"lr_factor_on_alert": 1.5}, "lr_factor_on_alert"),
         ({"loss_fn": "mse"}, "loss_fn"),
         ({"num_probes": 1}, "num_probes"),
-        ({"edge_patience": 0}, "edge_patience"),
+        ({"alert_rules": {"edge_patience": 2}}, "alert_rules"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, name):
@@ -556,8 +558,7 @@ def test_lr_factor_on_alert_reduces_every_learning_rate(tmp_path):
     monitor = CurvatureMonitor(
         every_n_steps=1,
         log_spaced=False,
-        edge_ratio=0.01,
-        edge_patience=2,
+        alert_rules=AlertRules(edge_ratio=0.01, edge_patience=2),
         lr_factor_on_alert=0.5,
         max_overhead=None,
     )

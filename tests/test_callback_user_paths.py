@@ -12,6 +12,7 @@ from torch import nn
 import lightning_curvature.callback as callback_module
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
+from lightning_curvature.monitor.alerts import AlertRules
 from lightning_curvature.monitor.tensorboard import dashboard_layout
 from tests.lightning_models import (
     Classifier,
@@ -167,7 +168,7 @@ def test_a_sharpness_jump_alerts_only_where_it_matters_for_stability(tmp_path, l
         trace=False,
         loss_fn=scaled_loss,
         on_alert=fired.append,
-        spike_warmup_steps=0,
+        alert_rules=AlertRules(spike_warmup_steps=0),
         max_overhead=None,
     )
     torch.manual_seed(0)

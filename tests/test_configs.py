@@ -3,6 +3,7 @@ promises, with numbers checked against the dense float64 Hessian of ``tests.trut
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import warnings
@@ -17,6 +18,7 @@ from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
 from lightning_curvature.cli import main
 from lightning_curvature.demo import DigitsDataModule
+from lightning_curvature.monitor.alerts import AlertRules
 from tests.lightning_models import DESIGN_TAGS, read_events
 from tests.truth import adam_preconditioner, dense_hessian, preconditioned_lambda_max
 
@@ -71,6 +73,8 @@ def test_monitor_yaml_writes_out_every_default_of_curvature_monitor():
         for name, p in inspect.signature(CurvatureMonitor.__init__).parameters.items()
         if name != "self"
     }
+    # The grouped rules default to None, "AlertRules()": the YAML spells out its fields.
+    defaults["alert_rules"] = dataclasses.asdict(AlertRules())
     assert callback["init_args"] == defaults
 
 
