@@ -19,13 +19,9 @@ fresh run, the log-spaced steps), times a full measurement :math:`t_f` (the firs
 so the estimate errs towards sparse), a track one :math:`t_t` (the median) and a training
 step :math:`t_s` (the mean over steps 2 to 32: the run pays for its slow steps too; the first
 step's one-time costs count in the overhead, not here), and
-picks the smallest power of two :math:`n` with
-
-.. math:: \frac{(F - 1)\,t_t + t_f}{F \cdot n \cdot t_s} \le \text{max\_overhead},
-    \qquad F = \text{full\_every},
-
-the measurement time of :math:`F` cadence points over the training time between them.
-With ``max_overhead=None`` the cadence is :data:`DEFAULT_EVERY_N_STEPS`.
+picks the densest power of two :math:`n` within ``max_overhead``
+(:mod:`~lightning_curvature.monitor.cadence` has the formula). With ``max_overhead=None``
+the cadence is :data:`DEFAULT_EVERY_N_STEPS`.
 
 **Ranks.** Decisions depend on steps and counters, never on a clock, except the one
 calibrated number: it goes through ``agree`` (e.g. a broadcast of rank 0's value) in the
@@ -81,6 +77,7 @@ from typing import Any
 
 from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.measure.tiers import Tier
+from lightning_curvature.monitor.cadence import Costs, calibration_line, overhead_warning
 
 TRACK: Tier = "track"
 FULL: Tier = "full"
@@ -92,8 +89,6 @@ DEFAULT_EVERY_N_STEPS = 100
 CALIBRATION_SPAN = 32
 # Timed training steps before the overhead of an explicit cadence is judged.
 _WARNING_SPAN = 8
-# The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
-MAX_CALIBRATED_EVERY_N_STEPS = 2**16
 # Samples kept for an estimate: bounded, so the state stays small.
 _MAX_SAMPLES = 64
 _KINDS = ("step", TRACK, FULL)  # what the timing samples are of
@@ -390,9 +385,9 @@ class MeasurementSchedule:
             and len(samples["step"]) >= _WARNING_SPAN
         )
 
-    def _costs(self) -> _Costs:
+    def _costs(self) -> Costs:
         samples = self._samples
-        return _Costs(
+        return Costs(
             track=statistics.median(samples[TRACK] or samples[FULL]),
             full=statistics.median(samples[FULL] or samples[TRACK]),
             # The mean: the run pays for the slow steps too (the median would not).
@@ -403,64 +398,18 @@ class MeasurementSchedule:
     def _calibrate(self, agree: Callable[[int], int] | None) -> str:
         assert self.max_overhead is not None  # a cadence is fixed at once otherwise
         costs = self._costs()
-        proposed = 1  # the densest power of two within budget
-        while (
-            proposed < MAX_CALIBRATED_EVERY_N_STEPS and costs.overhead(proposed) > self.max_overhead
-        ):
-            proposed *= 2
+        proposed = costs.densest_cadence(self.max_overhead)
         chosen = proposed if agree is None else _check_cadence(agree(proposed))
         self.fix_cadence(chosen)
         self.estimated_overhead = costs.overhead(chosen)
-        text = (
-            f"Curvature schedule: measuring every {chosen} steps for the rest of the run: "
-            f"{costs}, so every {chosen} steps costs {self.estimated_overhead:.1%} of the training "
-            f"time, {'within' if self.estimated_overhead <= self.max_overhead else 'above'} "
-            f"max_overhead={self.max_overhead:g}"
-        )
-        if proposed > 1:
-            text += f" (every {proposed // 2} would cost {costs.overhead(proposed // 2):.1%})"
-        if chosen != proposed:
-            text += f"; this rank's timing alone suggested every {proposed}, rank 0's is used"
-        return text + ". Pass every_n_steps to choose the cadence yourself."
+        return calibration_line(costs, chosen, proposed, self.max_overhead)
 
     def _overhead_warning(self) -> str | None:
         assert self.every_n_steps is not None and self.max_overhead is not None
         costs, n = self._costs(), self.every_n_steps
         self.estimated_overhead = costs.overhead(n)
         self._samples = {kind: [] for kind in _KINDS}
-        if self.estimated_overhead <= self.max_overhead:
-            return None
-        # The smallest cadence within budget: the overhead falls as 1/n.
-        fits = math.ceil(self.estimated_overhead * n / self.max_overhead * (1 - 1e-12))
-        return (
-            f"Measuring curvature every {n} steps costs about {self.estimated_overhead:.1%} of "
-            f"the training time ({costs}), above max_overhead={self.max_overhead:g}. Every "
-            "scheduled step is still measured, as asked. To lower the cost: a larger "
-            f"every_n_steps (every_n_steps={fits} would fit), a smaller k, trace=False, fewer "
-            "num_batches, a larger full_every; or max_overhead=None to silence this warning."
-        )
-
-
-@dataclass(frozen=True)
-class _Costs:
-    """Seconds of a track measurement, a full one and a training step, and the overhead
-    they give a cadence: the measurement time of ``full_every`` cadence points (one of
-    them full) over the training time of the steps between them."""
-
-    track: float
-    full: float
-    step: float
-    full_every: int
-
-    def overhead(self, every_n_steps: int) -> float:
-        per_point = ((self.full_every - 1) * self.track + self.full) / self.full_every
-        return per_point / (every_n_steps * self.step) if self.step > 0 else math.inf
-
-    def __str__(self) -> str:
-        return (
-            f"a track measurement takes {_ms(self.track)}, a full one {_ms(self.full)} (one "
-            f"point in {self.full_every}), a training step {_ms(self.step)}"
-        )
+        return overhead_warning(costs, n, self.max_overhead)
 
 
 def _check_cadence(value: object) -> int:
@@ -485,7 +434,3 @@ def _ordinal(number: int) -> str:
 def _append(samples: list[float], value: float) -> None:
     samples.append(value)
     del samples[:-_MAX_SAMPLES]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
