@@ -10,7 +10,7 @@ import pytest
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.monitor.alerts import Alert
 from lightning_curvature.monitor.tensorboard import (
     dashboard_layout,

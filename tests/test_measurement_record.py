@@ -2,7 +2,7 @@
 
 import json
 
-from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.measure.record import Measurement
 
 
 def test_to_json_turns_non_finite_numbers_into_null_even_inside_tuples():

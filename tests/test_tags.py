@@ -7,8 +7,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.measure.tags import LAYER_TAGS, SCALAR_TAGS, is_known
-from lightning_curvature.measure.tiers import Measurement
 from lightning_curvature.monitor.tensorboard import dashboard_layout, stability_edge_tag
 
 README = Path(__file__).resolve().parents[1] / "README.md"

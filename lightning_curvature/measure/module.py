@@ -26,8 +26,8 @@ from lightning_curvature.measure.objective import (
     muted_logging,
     preserved_python_state,
 )
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.measure.tiers import (
-    Measurement,
     MeasureSettings,
     Tier,
     WarmStart,

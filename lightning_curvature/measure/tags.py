@@ -1,7 +1,7 @@
 """The one table of the monitor's scalar tags: every name a measurement, the monitor or
 ``analyze`` logs under the tag prefix, with its tier and meaning.
 
-:meth:`~lightning_curvature.measure.tiers.Measurement.scalars`, the monitor's publisher, the
+:meth:`~lightning_curvature.measure.record.Measurement.scalars`, the monitor's publisher, the
 TensorBoard layout and ``analyze`` all spell their tags through :func:`tag`, and the README's
 table of tags is checked against :data:`SCALAR_TAGS` by a test, so a tag cannot be added in
 one place and forgotten in another. Per-layer tags are ``layer/<name>/<quantity>`` with the

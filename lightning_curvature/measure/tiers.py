@@ -26,124 +26,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
 from lightning_curvature.estimators.blockwise import blockwise_lambda_max, blockwise_trace
-from lightning_curvature.measure.tags import TAG_PREFIX, tag
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.operators import PreconditionedOperator
 from lightning_curvature.optim.stability import StabilityRule, stability_ratio
 
 Tier = Literal["track", "full"]
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """Everything one measurement found, as plain numbers with their evidence.
-
-    ``converged`` says whether the stability-relevant sharpness converged (λmax, and the
-    preconditioned λmax for adaptive optimizers); λmax, the top k and λmin each carry their
-    own flag and error bound too. ``sharpness_x_lr`` is that sharpness times η.
-    """
-
-    step: int
-    tier: str
-    probe_loss: float
-    lambda_max: float
-    lambda_max_error_bound: float
-    lambda_max_converged: bool
-    converged: bool
-    num_matvecs: int
-    seconds: float
-    eigenvalues: tuple[float, ...] = ()
-    error_bounds: tuple[float, ...] = ()
-    eigenvalues_converged: bool | None = None
-    ritz_values: tuple[float, ...] = ()
-    lambda_min: float | None = None
-    lambda_min_error_bound: float | None = None
-    lambda_min_converged: bool | None = None
-    trace: float | None = None
-    trace_stderr: float | None = None
-    preconditioned_lambda_max: float | None = None
-    learning_rate: float | None = None
-    stability_threshold: float | None = None
-    lambda_max_x_lr: float | None = None
-    sharpness_x_lr: float | None = None
-    stability_ratio: float | None = None
-    directional_sharpness: float | None = None
-    directional_sharpness_x_lr: float | None = None
-    batch_sharpness: float | None = None
-    batch_sharpness_x_lr: float | None = None
-    hvp_method: str | None = None
-    curvature: str = "hessian"
-    # Per-layer diagonal blocks (``per_layer``): name -> (trace, its stderr) and name ->
-    # (λmax, its error bound, converged), from the same probes as the whole trace and one
-    # batched Lanczos.
-    layer_traces: dict[str, tuple[float, float]] | None = None
-    layer_lambda_max: dict[str, tuple[float, float, bool]] | None = None
-    density_grid: tuple[float, ...] | None = field(default=None, repr=False)
-    density: tuple[float, ...] | None = field(default=None, repr=False)
-
-    def scalars(self, prefix: str = TAG_PREFIX) -> dict[str, float]:
-        """The scalar tags, ready for ``log_metrics``: a value whose estimate did not
-        converge is left out (its ``converged`` tag still says so)."""
-        values: dict[str, float | None] = {
-            "probe_loss": self.probe_loss,
-            "converged": float(self.converged),
-            "num_matvecs": float(self.num_matvecs),
-            "seconds": self.seconds,
-            "learning_rate": self.learning_rate,
-            "stability_threshold": self.stability_threshold,
-            "trace": self.trace,
-            "trace_stderr": self.trace_stderr,
-            "directional_sharpness": self.directional_sharpness,
-            "directional_sharpness_x_lr": self.directional_sharpness_x_lr,
-            "batch_sharpness": self.batch_sharpness,
-            "batch_sharpness_x_lr": self.batch_sharpness_x_lr,
-        }
-        if self.lambda_max_converged:
-            values.update(
-                lambda_max=self.lambda_max,
-                lambda_max_error_bound=self.lambda_max_error_bound,
-                lambda_max_x_lr=self.lambda_max_x_lr,
-            )
-        if self.converged:
-            values.update(
-                preconditioned_lambda_max=self.preconditioned_lambda_max,
-                sharpness_x_lr=self.sharpness_x_lr,
-                stability_ratio=self.stability_ratio,
-            )
-        if self.eigenvalues_converged:
-            values.update({f"eigenvalue_{i + 1}": v for i, v in enumerate(self.eigenvalues)})
-        if self.lambda_min_converged:
-            values["lambda_min"] = self.lambda_min
-        if self.lambda_min_converged is not None:
-            values["lambda_min_converged"] = float(self.lambda_min_converged)
-        for name, (trace, stderr) in (self.layer_traces or {}).items():
-            values[f"layer/{name}/trace"] = trace
-            values[f"layer/{name}/trace_stderr"] = stderr
-        for name, (value, _, converged) in (self.layer_lambda_max or {}).items():
-            if converged:
-                values[f"layer/{name}/lambda_max"] = value
-        return {tag(prefix, k): float(v) for k, v in values.items() if v is not None}
-
-    def to_json(self) -> dict[str, object]:
-        """Every field as JSON-ready values: tuples become lists, and NaN or inf (which JSON
-        cannot spell) become ``None``, inside the tuples too."""
-
-        def clean(value: object) -> object:
-            if isinstance(value, tuple):
-                return [clean(v) for v in value]
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            return value
-
-        return {key: clean(value) for key, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -213,97 +107,23 @@ def measure(
     warm = warm or WarmStart()
     started = time.perf_counter()
     matvecs_before = op.num_matvecs
-    extra_matvecs = 0
     full = tier == "full"
-    k = min(settings.k if full else 1, op.dim)
-    top = lanczos(
-        op,
-        k=k,
-        num_iters=_num_iters(settings, k, op.dim),
-        tol=settings.tol,
-        seed=settings.seed,
-        return_eigenvectors=True,
-        # A block start costs one product per vector: the track tier starts from the
-        # previous top vector alone, the full tier from the whole previous top k.
-        init=_usable(warm.top if full or warm.top is None else warm.top[:, :1], op.dim),
-    )
+    top = _top_eigenpairs(op, settings, warm, full)
     lambda_max = float(top.eigenvalues[0])
     loss = getattr(op, "loss", None)
     values: dict[str, Any] = {"probe_loss": math.nan if loss is None else float(loss)}
     if full:
-        values.update(
-            eigenvalues=tuple(float(v) for v in top.eigenvalues),
-            error_bounds=tuple(float(v) for v in top.error_bounds),
-            eigenvalues_converged=top.converged,
-            ritz_values=tuple(float(v) for v in top.ritz_values),
-        )
-        if settings.lambda_min:
-            bottom = lanczos(
-                op,
-                k=1,
-                num_iters=_num_iters(settings, 1, op.dim),
-                tol=settings.tol,
-                seed=settings.seed + 1,
-                which="smallest",
-            )
-            values.update(
-                lambda_min=float(bottom.eigenvalues[0]),
-                lambda_min_error_bound=float(bottom.error_bounds[0]),
-                lambda_min_converged=bottom.converged,
-            )
-        if blocks:
-            values.update(_per_layer(op, settings, blocks))
-        elif settings.trace:
-            trace = _deflated_trace(op, settings, top)
-            values.update(trace=trace.estimate, trace_stderr=trace.stderr)
-        if settings.density:
-            sd = spectral_density(
-                op,
-                num_runs=settings.density_runs,
-                num_iters=settings.density_iters,
-                seed=settings.seed + 3,
-            )
-            values.update(density_grid=tuple(sd.grid.tolist()), density=tuple(sd.density.tolist()))
-
+        values.update(_full_tier(op, settings, top, blocks))
     sharpness, converged = lambda_max, top.converged
     preconditioned_vectors = None
     if preconditioner is not None:
-        scaled = lanczos(
-            PreconditionedOperator(op, preconditioner),
-            k=1,
-            num_iters=_num_iters(settings, 1, op.dim),
-            tol=settings.tol,
-            seed=settings.seed + 4,
-            return_eigenvectors=True,
-            init=_usable(warm.preconditioned, op.dim),
-        )
+        scaled = _preconditioned_top(op, settings, preconditioner, warm)
         sharpness = values["preconditioned_lambda_max"] = float(scaled.eigenvalues[0])
         converged = converged and scaled.converged
         preconditioned_vectors = scaled.eigenvectors
-
-    if update is not None:
-        values["directional_sharpness"] = directional_sharpness(op, update)
-    if batch_ops:
-        local, spent = batch_sharpness(batch_ops, op)
-        extra_matvecs += spent
-        values["batch_sharpness"] = mean_over_ranks(local) if mean_over_ranks else local
-
+    extra_matvecs = _directional_quantities(values, op, update, batch_ops, mean_over_ranks)
     if rule is not None:
-        lr = rule.learning_rate
-        values.update(
-            learning_rate=lr,
-            stability_threshold=rule.threshold,
-            lambda_max_x_lr=lambda_max * lr,
-        )
-        for name in ("directional_sharpness", "batch_sharpness"):
-            if values.get(name) is not None:
-                values[f"{name}_x_lr"] = values[name] * lr
-        # An adaptive optimizer before its first step has no preconditioner yet: its
-        # relevant sharpness is unknown, and λmax·η against 38 would mislead.
-        if not rule.preconditioned or preconditioner is not None:
-            values.update(
-                sharpness_x_lr=sharpness * lr, stability_ratio=stability_ratio(sharpness, rule)
-            )
+        values.update(_stability(values, rule, lambda_max, sharpness, preconditioner))
     record = Measurement(
         step=step,
         tier=tier,
@@ -318,6 +138,123 @@ def measure(
         **values,
     )
     return record, WarmStart(top=top.eigenvectors, preconditioned=preconditioned_vectors)
+
+
+def _top_eigenpairs(op: Any, settings: MeasureSettings, warm: WarmStart, full: bool) -> Any:
+    """λmax (track) or the top k (full), warm-started from the previous Ritz vectors."""
+    k = min(settings.k if full else 1, op.dim)
+    return lanczos(
+        op,
+        k=k,
+        num_iters=_num_iters(settings, k, op.dim),
+        tol=settings.tol,
+        seed=settings.seed,
+        return_eigenvectors=True,
+        # A block start costs one product per vector: the track tier starts from the
+        # previous top vector alone, the full tier from the whole previous top k.
+        init=_usable(warm.top if full or warm.top is None else warm.top[:, :1], op.dim),
+    )
+
+
+def _full_tier(
+    op: Any, settings: MeasureSettings, top: Any, blocks: Sequence[tuple[str, slice]] | None
+) -> dict[str, Any]:
+    """What the full tier adds: the top k with their evidence, λmin when asked, the trace
+    (per block when ``blocks`` are given: then plain Hutchinson, so the blocks sum to it;
+    deflated by the top Ritz space otherwise) and the density when asked."""
+    values: dict[str, Any] = {
+        "eigenvalues": tuple(float(v) for v in top.eigenvalues),
+        "error_bounds": tuple(float(v) for v in top.error_bounds),
+        "eigenvalues_converged": top.converged,
+        "ritz_values": tuple(float(v) for v in top.ritz_values),
+    }
+    if settings.lambda_min:
+        bottom = lanczos(
+            op,
+            k=1,
+            num_iters=_num_iters(settings, 1, op.dim),
+            tol=settings.tol,
+            seed=settings.seed + 1,
+            which="smallest",
+        )
+        values.update(
+            lambda_min=float(bottom.eigenvalues[0]),
+            lambda_min_error_bound=float(bottom.error_bounds[0]),
+            lambda_min_converged=bottom.converged,
+        )
+    if blocks:
+        values.update(_per_layer(op, settings, blocks))
+    elif settings.trace:
+        trace = _deflated_trace(op, settings, top)
+        values.update(trace=trace.estimate, trace_stderr=trace.stderr)
+    if settings.density:
+        sd = spectral_density(
+            op,
+            num_runs=settings.density_runs,
+            num_iters=settings.density_iters,
+            seed=settings.seed + 3,
+        )
+        values.update(density_grid=tuple(sd.grid.tolist()), density=tuple(sd.density.tolist()))
+    return values
+
+
+def _preconditioned_top(
+    op: Any, settings: MeasureSettings, preconditioner: torch.Tensor, warm: WarmStart
+) -> Any:
+    """λmax of P⁻¹ᐟ²HP⁻¹ᐟ², warm-started from its own previous top vector."""
+    return lanczos(
+        PreconditionedOperator(op, preconditioner),
+        k=1,
+        num_iters=_num_iters(settings, 1, op.dim),
+        tol=settings.tol,
+        seed=settings.seed + 4,
+        return_eigenvectors=True,
+        init=_usable(warm.preconditioned, op.dim),
+    )
+
+
+def _directional_quantities(
+    values: dict[str, Any],
+    op: Any,
+    update: torch.Tensor | None,
+    batch_ops: Sequence[Any] | None,
+    mean_over_ranks: Callable[[float], float] | None,
+) -> int:
+    """Add the directional and batch sharpness to ``values``; return the products spent
+    outside ``op``."""
+    if update is not None:
+        values["directional_sharpness"] = directional_sharpness(op, update)
+    if not batch_ops:
+        return 0
+    local, spent = batch_sharpness(batch_ops, op)
+    values["batch_sharpness"] = mean_over_ranks(local) if mean_over_ranks else local
+    return spent
+
+
+def _stability(
+    values: dict[str, Any],
+    rule: StabilityRule,
+    lambda_max: float,
+    sharpness: float,
+    preconditioner: torch.Tensor | None,
+) -> dict[str, Any]:
+    """η, the threshold, every sharpness·η, and the stability ratio."""
+    lr = rule.learning_rate
+    added: dict[str, Any] = {
+        "learning_rate": lr,
+        "stability_threshold": rule.threshold,
+        "lambda_max_x_lr": lambda_max * lr,
+    }
+    for name in ("directional_sharpness", "batch_sharpness"):
+        if values.get(name) is not None:
+            added[f"{name}_x_lr"] = values[name] * lr
+    # An adaptive optimizer before its first step has no preconditioner yet: its
+    # relevant sharpness is unknown, and λmax·η against 38 would mislead.
+    if not rule.preconditioned or preconditioner is not None:
+        added.update(
+            sharpness_x_lr=sharpness * lr, stability_ratio=stability_ratio(sharpness, rule)
+        )
+    return added
 
 
 def directional_sharpness(op: Any, update: torch.Tensor) -> float | None:

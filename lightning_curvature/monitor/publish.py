@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.measure.tags import tag
-from lightning_curvature.measure.tiers import Measurement
 from lightning_curvature.monitor.alerts import Alert
 from lightning_curvature.monitor.tensorboard import write_alert, write_layout, write_measurement
 

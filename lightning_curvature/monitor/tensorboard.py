@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_curvature.measure.tiers import Measurement
+from lightning_curvature.measure.record import Measurement
 from lightning_curvature.monitor.alerts import Alert
 
 # A layout is {section: {chart title: ["Multiline", [tag regex, ...]]}}.
