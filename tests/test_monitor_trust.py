@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import lightning_curvature as lc
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature._lightning import pl
 from tests.lightning_models import (
@@ -370,9 +371,6 @@ def test_a_monitor_reused_after_fast_dev_run_measures_again(tmp_path):
         ({"trace": "yes"}, "trace"),
         ({"lambda_min": 1}, "lambda_min"),
         ({"log_spaced": None}, "log_spaced"),
-        ({"spike_window": 0}, "spike_window"),
-        ({"edge_patience": 0}, "edge_patience"),
-        ({"edge_ratio": -1.0}, "edge_ratio"),
         ({"params": "("}, "params"),
         ({"params": [1, 2]}, "params"),
         ({"tag_prefix": ""}, "tag_prefix"),
@@ -382,6 +380,19 @@ def test_a_monitor_reused_after_fast_dev_run_measures_again(tmp_path):
 def test_bad_arguments_name_the_argument_the_user_wrote(kwargs, name):
     with pytest.raises(ValueError, match=name):
         CurvatureMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"spike_window": 0}, "spike_window"),
+        ({"edge_patience": 0}, "edge_patience"),
+        ({"edge_ratio": -1.0}, "edge_ratio"),
+    ],
+)
+def test_bad_alert_rules_name_the_field_the_user_wrote(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CurvatureMonitor(alert_rules=lc.AlertRules(**kwargs))
 
 
 def test_numpy_numbers_are_accepted():
