@@ -19,8 +19,8 @@ The map (imports run downward only, from the adapters at the top to the protocol
     solvers/            (H + εI)⁻¹b: CG and MINRES, and the exact linear-in-depth chain solve
     estimators/         algorithms that only see an operator: one Krylov process (Lanczos,
                         top-k, bottom, SLQ, blockwise), power iteration, Hutchinson
-    operators/          curvature operators: Hessian, GGN, Fisher, blocks, wrappers; choice.py
-                        names them
+    operators/          curvature operators: Hessian, GGN, Fisher, blocks, wrappers; names.py
+                        holds the names users choose by, choice.py builds the one named
     linear_operator.py  the operator protocol and the block helpers operators and
                         estimators share
     _checks.py  batches.py  _lightning.py

@@ -39,7 +39,7 @@ from lightning_curvature.monitor.failures import agree_on_failure, describe, fix
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import MeasurementSchedule
-from lightning_curvature.operators.choice import Curvature
+from lightning_curvature.operators.names import Curvature
 
 OnError = Literal["warn", "raise"]
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat

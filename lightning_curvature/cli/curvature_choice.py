@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from lightning_curvature.cli._shared import CliError, one_line
-from lightning_curvature.operators.choice import CURVATURES, FISHER_KINDS
-from lightning_curvature.operators.choice import LOSS_NAMES as LOSSES
+from lightning_curvature.operators.names import CURVATURES, FISHER_KINDS
+from lightning_curvature.operators.names import LOSS_NAMES as LOSSES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_bool, check_choice
-from lightning_curvature.operators.choice import CURVATURES, LOSS_NAMES
+from lightning_curvature.operators.names import CURVATURES, LOSS_NAMES
 
 
 def check_arguments(

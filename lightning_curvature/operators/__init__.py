@@ -2,7 +2,7 @@
 (:mod:`.base`), the Hessian (:mod:`.hessian`), the generalized Gauss-Newton matrix and the
 Fisher (:mod:`.ggn`, :mod:`.fisher`), per-layer blocks (:mod:`.blocks`), wrappers that compose
 (:mod:`.wrappers`), explicit matrices for tests (:mod:`.dense`), and the choice among them by
-name (:mod:`.choice`)."""
+name (:mod:`.choice`, the names in :mod:`.names`)."""
 
 from lightning_curvature.operators.base import CurvatureOperator, OperatorWrapper
 from lightning_curvature.operators.blocks import BlockDiagonalOperator, parameter_blocks

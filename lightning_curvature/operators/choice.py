@@ -1,32 +1,25 @@
 """One home for choosing a curvature operator by name: the Hessian, the generalized
-Gauss-Newton matrix or the Fisher, over the same model, batches and parameters; and the one
-home of those names, of the closed-form output losses and of the Fisher's kinds.
+Gauss-Newton matrix or the Fisher, over the same model, batches and parameters.
 
 The monitor (``CurvatureMonitor(curvature=...)``) and ``analyze --curvature`` both build
-their operator here, so the two measure the same matrix for the same words. The operators
-themselves import the names from here, so :func:`curvature_operator` imports them when
-called.
+their operator here, so the two measure the same matrix for the same words. The names
+themselves live in :mod:`.names`, which the operators read too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_curvature.operators.base import CurvatureOperator
+from lightning_curvature.operators.fisher import FisherOperator
+from lightning_curvature.operators.ggn import GGNOperator
+from lightning_curvature.operators.hessian import HessianOperator
+from lightning_curvature.operators.names import CURVATURES
 
-Curvature = Literal["hessian", "ggn", "fisher"]
-CURVATURES: tuple[str, ...] = get_args(Curvature)
-# Losses on the model's outputs with a closed-form Hessian (GGN, Fisher), torch's mean
-# reduction against batch[1].
-LossName = Literal["mse", "cross_entropy"]
-LOSS_NAMES: tuple[str, ...] = get_args(LossName)
-# The Fisher with labels drawn from the model ("true") or the batch's own ("empirical").
-FisherKind = Literal["true", "empirical"]
-FISHER_KINDS: tuple[str, ...] = get_args(FisherKind)
 # Monte Carlo draws of the true Fisher: they enter in output space only (a product costs the
 # same for any number), and one draw biases λmax upwards against E[F] = G by its noise
 # (1.6× on the demo; 32 draws: within 1.5%).
@@ -58,10 +51,6 @@ def curvature_operator(
         ValueError: for a ``curvature`` not in :data:`CURVATURES`, or a missing ``loss_fn``
             (Hessian) or ``loss_from_output`` (GGN, Fisher).
     """
-    from lightning_curvature.operators.fisher import FisherOperator
-    from lightning_curvature.operators.ggn import GGNOperator
-    from lightning_curvature.operators.hessian import HessianOperator
-
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     if curvature == "hessian":

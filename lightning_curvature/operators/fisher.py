@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature.operators.choice import FISHER_KINDS, FisherKind
 from lightning_curvature.operators.ggn import (
     GGNOperator,
     LossFromOutput,
     OutputFn,
     ProductMethod,
 )
+from lightning_curvature.operators.names import FISHER_KINDS, FisherKind
 from lightning_curvature.operators.output_space import (
     empirical_fisher,
     true_fisher,

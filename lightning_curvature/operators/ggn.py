@@ -52,9 +52,9 @@ import torch
 from torch import nn
 
 from lightning_curvature.operators.base import CurvatureOperator
-from lightning_curvature.operators.choice import LOSS_NAMES, LossName
 from lightning_curvature.operators.context import isolated_evaluation
 from lightning_curvature.operators.loss import operator_inputs, scalar_loss
+from lightning_curvature.operators.names import LOSS_NAMES, LossName
 from lightning_curvature.operators.output_space import (
     AutogradHessian,
     ClosedFormHessian,
