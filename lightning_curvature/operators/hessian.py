@@ -296,9 +296,8 @@ class HessianOperator(CurvatureOperator):
         # Not seed 0: estimators draw their start vectors from small seeds, and u = v would
         # make the symmetry test trivial.
         generator = torch.Generator(device=self.device).manual_seed(CHECK_SEED)
-        u, v = torch.randn(
-            self.dim, 2, generator=generator, device=self.device, dtype=self.dtype
-        ).split(1, dim=1)
+        probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
+        u, v = probes[:, :1], probes[:, 1:]
         extra = [u, v]
         if bool(block[:, 0].any()):  # else a zero column probes nothing: use a random one
             v, extra = block[:, :1], [u]
