@@ -232,8 +232,9 @@ def reference_trace(model, batch, probes):
 
 
 def ours_top(model, batch, k, tol=1e-4, verify=True):
-    # verify=True is the default: the operator checks its products (2 products and 3
-    # gradients) before the first one; the peers check nothing, so both rows are shown.
+    # verify=True is the default: the operator checks its first product block (one extra
+    # column and two gradients, the first time on this model, loss and method; see
+    # checked_lambda_max_cost); the peers check nothing, so both rows are shown.
     op = lc.HessianOperator(model, loss_fn, [batch], verify=verify)
     return lc.lanczos(op, k=k, tol=tol)
 

@@ -398,8 +398,14 @@ def _lanczos_orthogonalise(
     """``w = A q_j`` made orthogonal to the basis, with its coefficients ``Qᵀ A q_j``.
 
     The three-term recurrence puts nearly all of ``w`` on ``q_j`` and ``q_{j-1}``; removing
-    those first leaves only rounding for the global pass, which then rarely needs a second.
+    those first leaves only rounding for the global pass, which then rarely needs a second
+    (the DGKS test, where reading a norm costs no device sync). Where it would cost one
+    (accelerators) both global passes always run, and the second cleans up what the first
+    leaves whatever ``w`` was, so the local pass is skipped: one fused pass over the whole
+    basis, then the second.
     """
+    if not adaptive:
+        return basis.project_out(w, adaptive=False)
     size = basis.size
     tail = basis.rows[max(size - 2, 0) : size]
     local = tail @ w
