@@ -33,6 +33,7 @@ def test_the_first_check_rides_on_the_first_block_and_is_exact():
     block = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     product = op.matmat(block)
     torch.testing.assert_close(product, exact @ block, rtol=1e-10, atol=1e-12)
+    assert product.is_contiguous()  # all_reduce (AllReduceOperator) sends raw memory
     assert op.last_check.passed
     assert (op.last_check.num_matvecs, op.last_check.num_gradients) == (1, 2)
     assert op.num_matvecs == 3 + 1

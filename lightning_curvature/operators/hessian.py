@@ -328,7 +328,8 @@ class HessianOperator(CurvatureOperator):
         self.last_check = result
         if result.passed:
             PASSED.remember(self._checked_model, self._check_key(), result)
-            return products[:, : block.shape[1]]
+            # Contiguous, as a fresh product is: collectives (all_reduce) need it.
+            return products[:, : block.shape[1]].contiguous()
         assert result.cause is not None
         self._give_up(result.cause)
         return None
