@@ -61,6 +61,11 @@ class LanczosResult:
         basis: (dim, num_iters) orthonormal basis on the device, when asked; its Rayleigh
             quotients are ``basis_rayleigh`` (so ``tr(QᵀAQ) = basis_rayleigh.sum()``).
         basis_rayleigh: ``qᵢᵀ A qᵢ`` for each basis column (float64, CPU), when asked.
+        init_rayleigh: ``sᵀAs / sᵀs`` for each column ``s`` of ``init`` as given (float64,
+            CPU; NaN for a zero column), from the warm start's first block product at no
+            extra product; ``None`` without ``init``. A column dropped as dependent on the
+            earlier ones (within 1e-3 of its norm) is read through its projection, off by
+            at most 2e-3 of the spectral scale; the others are exact to rounding.
     """
 
     eigenvalues: torch.Tensor
@@ -74,6 +79,7 @@ class LanczosResult:
     converged: bool
     basis: torch.Tensor | None = None
     basis_rayleigh: torch.Tensor | None = None
+    init_rayleigh: torch.Tensor | None = None
 
 
 def wanted_indices(num_ritz: int, count: int, which: Which) -> np.ndarray:
@@ -176,7 +182,11 @@ def lanczos(
             and Lanczos continues from its residual, while a block restarts Lanczos from
             its wanted Ritz vectors (no guard Ritz values are asked for: the previous run
             had them). For λmax pass the previous top vector alone: it converges in a few
-            steps; a block pays ``r`` products up front.
+            steps; a block pays ``r`` products up front. Every column's Rayleigh quotient
+            comes back in ``init_rayleigh`` for free: a track point passes [previous top
+            vector, last update u, probe gradient g] and reads λmax, the directional
+            sharpness uᵀHu/uᵀu and the batch sharpness gᵀHg/gᵀg from one run (3 products
+            when the block's Rayleigh–Ritz step already converges).
         return_basis: also return the whole orthonormal basis and its Rayleigh quotients,
             e.g. to deflate :func:`~lightning_curvature.hutchinson_trace` with it.
 
@@ -286,6 +296,7 @@ def lanczos(
         basis_rayleigh=torch.from_numpy(np.diag(projection.matrix).copy())
         if return_basis
         else None,
+        init_rayleigh=None if run.seed_rayleigh is None else torch.from_numpy(run.seed_rayleigh),
     )
 
 

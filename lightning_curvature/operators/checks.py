@@ -21,14 +21,25 @@ gradients catch that:
 
 Both tolerances sit far above rounding on healthy models and far below what a dropped path
 does (see the constants below).
+
+Before its first product an operator checks itself on that product (:func:`judge_products`
+with one extra column and two gradients, the gradient at :math:`\theta` taken from the
+graph it keeps), and a pass is remembered (:class:`PassedChecks`): later operators on the
+same model, loss function, method, parameters, dtype and device do not pay again, except
+every ``RECHECK_EVERY``-th one. A failure is never remembered, so every operator after it
+checks again.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 # Tolerances per dtype, measured (benchmarks/RESULTS.md, "Hessian-vector products"):
 # healthy models (tanh and ReLU MLPs up to 85k parameters, a CNN with BatchNorm in train
@@ -68,8 +79,10 @@ class HvpCheck:
             It holds no numbers (they are in the fields), so the warning it becomes is
             shown once however many operators repeat it.
         method: the product method that was checked.
-        num_matvecs: products spent (2); num_gradients: gradient evaluations spent (3:
-            at θ - εv, θ, θ + εv).
+        num_matvecs: products spent on the check (2 by :meth:`HessianOperator.check`; 1
+            when it rides along the operator's first product); num_gradients: gradient
+            evaluations spent (3: at θ - εv, θ, θ + εv; 2 when the gradient at θ came
+            from the kept graph).
     """
 
     passed: bool
@@ -89,10 +102,12 @@ def judge_products(
     step: torch.Tensor,
     method: str,
     suspects: list[str],
+    cost: tuple[int, int] = (2, 3),
 ) -> HvpCheck:
     """The :class:`HvpCheck` of ``products`` = H [u, v] for ``probes`` = [u, v], given the
     gradients at θ - εv, θ and θ + εv (the columns of ``gradients``) and ε (``step``);
-    ``suspects`` names custom autograd Functions on the loss's path (for the message)."""
+    ``suspects`` names custom autograd Functions on the loss's path (for the message);
+    ``cost`` the products and gradients the check spent (for the record)."""
     u, v, hu, hv = probes[:, 0], probes[:, 1], products[:, 0], products[:, 1]
     minus, center, plus = gradients.unbind(dim=1)
     central = (plus - minus) / (2 * step)
@@ -110,7 +125,7 @@ def judge_products(
     ).tolist()  # one host sync for the whole check
     uhv, vhu, scale, difference, uncertainty, size, central_size = values
     if not all(map(math.isfinite, values)):
-        return HvpCheck(False, math.nan, math.nan, math.nan, _non_finite(method), method, 2, 3)
+        return HvpCheck(False, math.nan, math.nan, math.nan, _non_finite(method), method, *cost)
     symmetry = abs(uhv - vhu) / scale if scale > 0 else 0.0
     reference = max(size, central_size)
     fd_error = difference / size if size > 0 else (0.0 if difference == 0 else math.inf)
@@ -129,7 +144,7 @@ def judge_products(
             f"hvp_method={method!r} disagrees with finite differences of the gradient: an "
             f"operation has a wrong second derivative{where}; {FIX}"
         )
-    return HvpCheck(cause is None, symmetry, fd_error, fd_uncertainty, cause, method, 2, 3)
+    return HvpCheck(cause is None, symmetry, fd_error, fd_uncertainty, cause, method, *cost)
 
 
 def _non_finite(method: str) -> str:
@@ -174,3 +189,82 @@ def custom_functions(loss: torch.Tensor, limit: int = 100_000) -> list[str]:
             found[type(node).__name__.removesuffix("Backward")] = None
         stack.extend(next_node for next_node, _ in node.next_functions)
     return list(found)
+
+
+# A passed check is trusted for this many operators on the same key (then checked again):
+# the monitor builds one operator per measurement, and a model's ability to be differentiated
+# twice does not change between them unless its code does (which no key can see).
+RECHECK_EVERY = 16
+
+
+class PassedChecks:
+    """Which operators have passed their check, so that later ones on the same model skip it.
+
+    Keyed weakly by the model object the caller passed (a new model is checked again), then
+    by :func:`check_key` (loss function, method, parameters, dtype, device). Every
+    ``RECHECK_EVERY``-th operator on a key is checked again. Only passes are stored; a
+    failure, or a method that raised after passing, is forgotten (:meth:`forget`).
+    """
+
+    def __init__(self) -> None:
+        self._passed: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, list[Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def trusted(self, model: nn.Module, key: Hashable) -> HvpCheck | None:
+        """The remembered pass for ``key`` when this operator may skip its check, else
+        ``None`` (never checked, forgotten, or its turn to be checked again)."""
+        entry = self._passed.get(model, {}).get(key)
+        if entry is None:
+            return None
+        entry[1] += 1
+        if entry[1] % RECHECK_EVERY == 0:
+            return None
+        result: HvpCheck = entry[0]
+        return result
+
+    def remember(self, model: nn.Module, key: Hashable, result: HvpCheck) -> None:
+        entry = self._passed.setdefault(model, {}).setdefault(key, [result, 0])
+        entry[0] = result
+
+    def forget(self, model: nn.Module, key: Hashable) -> None:
+        self._passed.get(model, {}).pop(key, None)
+
+
+PASSED = PassedChecks()
+
+
+def check_key(
+    loss_fn: Callable[..., Any],
+    method: str,
+    param_names: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Hashable:
+    """What a passed check holds for, besides the model: the loss function (its code and
+    what it captured, so a fresh closure around the same function counts as the same), the
+    method, the parameter names, the dtype and the device."""
+    return (_callable_identity(loss_fn), method, tuple(param_names), dtype, str(device))
+
+
+def _callable_identity(function: Callable[..., Any]) -> Hashable:
+    """Equal for the same function, a bound method of the same object, or a closure of the
+    same code over the same objects (compared by identity)."""
+    bound_to = getattr(function, "__self__", None)
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return ("object", id(function), id(bound_to))
+    cells = getattr(function, "__closure__", None) or ()
+    captured = []
+    for cell in cells:
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        captured.append(
+            _callable_identity(value)
+            if callable(value) and not isinstance(value, nn.Module)
+            else id(value)
+        )
+    return (code, id(bound_to), tuple(captured))

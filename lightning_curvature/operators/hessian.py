@@ -7,9 +7,10 @@ For parameters :math:`\theta \in \mathbb{R}^d` and probe batches :math:`B_1..B_n
 
 and applies it to flat vectors without ever forming it. By default the first-order graph of
 each batch is built once (``create_graph``) and every product is one extra backward pass
-through it; before the first product two products are checked (symmetry and finite
-differences, :mod:`.checks`), and a model that autograd cannot differentiate twice correctly
-is measured by central differences of its gradient instead.
+through it; the first product is checked (symmetry and finite differences, :mod:`.checks`)
+at the price of one extra product column and two gradients, once per model, loss function
+and method (re-checked every ``RECHECK_EVERY``-th operator), and a model that autograd cannot
+differentiate twice correctly is measured by central differences of its gradient instead.
 
 Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 
@@ -38,8 +39,10 @@ from torch import nn
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.checks import (
     FINITE_DIFFERENCE_TOLERANCE,
+    PASSED,
     HvpCheck,
     UnreliableProductError,
+    check_key,
     custom_functions,
     explain_failure,
     judge_products,
@@ -55,12 +58,15 @@ from lightning_curvature.operators.loss import (
 from lightning_curvature.operators.products import (
     batch_columns_by_default,
     finite_difference_products,
+    flatten,
     forward_over_reverse_products,
     gradients_along,
     products_from_graph,
 )
 
 HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference"]
+# The seed of the check's random probe (see HessianOperator._checked_products).
+CHECK_SEED = 2**31 - 1
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference")
 Gradients = list[torch.Tensor | None]
 __all__ = ["GradientGraphOperator", "HessianOperator"]
@@ -96,10 +102,16 @@ class HessianOperator(CurvatureOperator):
             back to finite differences (one warning) when the products fail :meth:`check`
             or double backward raises (no second derivative, reentrant checkpointing,
             compiled functions).
-        verify: run :meth:`check` before the first product (its two products count in
-            ``num_matvecs``; it costs about 3-5 products). A failed check switches
-            ``"auto"`` to finite differences and makes any other method raise
-            :class:`UnreliableProductError`. Ignored for ``"finite_difference"``.
+        verify: check the first product block before using it: one extra product column
+            (counted in ``num_matvecs``) and two gradients, the gradient at θ coming from
+            the kept graph (a third gradient for the other methods). A pass is remembered
+            for the model object, ``loss_fn`` (the same function, or a closure of the same
+            code over the same objects), method, parameters, dtype and device: later
+            operators on them skip the check, except every ``RECHECK_EVERY``-th (16th);
+            a new model, loss, method, parameter set or dtype, or a failure, is checked
+            again. A failed check switches ``"auto"`` to finite differences and makes any
+            other method raise :class:`UnreliableProductError`. Ignored for
+            ``"finite_difference"``.
 
     Raises:
         ValueError: on a bad argument (named, with its value and what is allowed).
@@ -141,9 +153,8 @@ class HessianOperator(CurvatureOperator):
         if not isinstance(verify, bool):
             raise ValueError(f"verify must be True or False, got {verify!r}")
         # A compiled model's parameters are those of the module it wraps.
-        inputs = operator_inputs(
-            eager(model) if isinstance(model, nn.Module) else model, batches, params, dtype
-        )
+        given = eager(model) if isinstance(model, nn.Module) else model
+        inputs = operator_inputs(given, batches, params, dtype)
         model = inputs.model
         super().__init__(sum(p.numel() for p in inputs.params), inputs.device, inputs.dtype)
         self.model = model
@@ -158,6 +169,7 @@ class HessianOperator(CurvatureOperator):
         self._verify_pending = verify and hvp_method != "finite_difference"
         self._disable_cudnn = holds_rnn(model)
         self._loss_module = LossModule(model, loss_fn)
+        self._checked_model: nn.Module = given  # the caller's model (not a cast copy)
         self._gradients: Gradients | None = None  # mean gradient, with its graph
         self._loss: float | None = None
         self.last_check: HvpCheck | None = None
@@ -254,10 +266,13 @@ class HessianOperator(CurvatureOperator):
         """``H V`` for a (dim, m) block, batched over columns where autograd allows it."""
         if self._verify_pending:
             self._verify_pending = False
-            result = self.check()
-            if not result.passed:
-                assert result.cause is not None
-                self._give_up(result.cause)
+            trusted = PASSED.trusted(self._checked_model, self._check_key())
+            if trusted is not None:
+                self.last_check = trusted
+            else:
+                checked = self._checked_products(block)
+                if checked is not None:
+                    return checked
         try:
             return self._products(block)
         except (torch.OutOfMemoryError, UnreliableProductError):
@@ -265,8 +280,65 @@ class HessianOperator(CurvatureOperator):
         except RuntimeError as error:
             if self._method == "finite_difference":
                 raise
+            PASSED.forget(self._checked_model, self._check_key())
             self._give_up(explain_failure(error, self._method), error)
             return self._products(block)
+
+    def _check_key(self) -> object:
+        return check_key(self.loss_fn, self._method, self.param_names, self.dtype, self.device)
+
+    def _checked_products(self, block: torch.Tensor) -> torch.Tensor | None:
+        """``H V``, checked on the way: the block's product with one random column ``u``
+        appended, ``uᵀ(Hv)`` against ``vᵀ(Hu)`` for the block's first column ``v``, and
+        ``Hv`` against the central difference along ``v`` (two gradients; the one at θ
+        comes from the kept graph). Returns ``None`` when the check failed (the method has
+        been given up, or this raised); remembers a pass."""
+        # Not seed 0: estimators draw their start vectors from small seeds, and u = v would
+        # make the symmetry test trivial.
+        generator = torch.Generator(device=self.device).manual_seed(CHECK_SEED)
+        probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
+        u, v = probes[:, :1], probes[:, 1:]
+        extra = [u, v]
+        if bool(block[:, 0].any()):  # else a zero column probes nothing: use a random one
+            v, extra = block[:, :1], [u]
+        method = self._method
+        cost = (len(extra), 3)
+        try:
+            self.num_matvecs += len(extra)
+            products = self._products(torch.cat([block, *extra], dim=1))
+            center = self._held_gradient()
+            cost = (len(extra), 3 if center is None else 2)
+            gradients, step = gradients_along(self._gradient_at, self.params, v[:, 0], center)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            nan = float("nan")
+            result = HvpCheck(False, nan, nan, nan, explain_failure(error, method), method, *cost)
+        else:
+            m = block.shape[1]
+            hv = products[:, m + 1] if len(extra) == 2 else products[:, 0]
+            pair = torch.cat([u, v], dim=1)
+            pair_products = torch.stack([products[:, m], hv], dim=1)
+            result = judge_products(pair, pair_products, gradients, step, method, [], cost)
+            if not result.passed:  # name the suspects, at the price of one more forward pass
+                suspects = self._custom_functions()
+                result = judge_products(
+                    pair, pair_products, gradients, step, method, suspects, cost
+                )
+        self.last_check = result
+        if result.passed:
+            PASSED.remember(self._checked_model, self._check_key(), result)
+            # Contiguous, as a fresh product is: collectives (all_reduce) need it.
+            return products[:, : block.shape[1]].contiguous()
+        assert result.cause is not None
+        self._give_up(result.cause)
+        return None
+
+    def _held_gradient(self) -> torch.Tensor | None:
+        """The flat gradient at θ from the kept graph, when there is one."""
+        if self._method != "reuse_graph" or self._gradients is None:
+            return None
+        return flatten([None if g is None else g.detach() for g in self._gradients], self.params)
 
     def _give_up(self, reason: str, error: BaseException | None = None) -> None:
         """The method in use is unreliable: raise when it was asked for, else switch

@@ -168,19 +168,23 @@ def finite_difference_products(
 
 
 def gradients_along(
-    gradient_at: GradientAt, params: Sequence[torch.Tensor], v: torch.Tensor
+    gradient_at: GradientAt,
+    params: Sequence[torch.Tensor],
+    v: torch.Tensor,
+    center: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat gradients at θ - εv, θ and θ + εv as the columns of a (dim, 3) block, with
-    the step ε of :func:`finite_difference_step` (for checking products against them)."""
+    the step ε of :func:`finite_difference_step` (for checking products against them).
+    ``center``: the flat gradient at θ when the caller already holds it (one gradient
+    fewer)."""
     base = [p.detach().to(v.dtype) for p in params]
     step = finite_difference_step(base, v)
     shift = unflatten(v * step, base)
-    points = [
-        [b - s for b, s in zip(base, shift, strict=True)],
-        base,
-        [b + s for b, s in zip(base, shift, strict=True)],
-    ]
-    return torch.stack([flatten(gradient_at(x), base) for x in points], dim=1), step
+    minus = flatten(gradient_at([b - s for b, s in zip(base, shift, strict=True)]), base)
+    if center is None:
+        center = flatten(gradient_at(base), base)
+    plus = flatten(gradient_at([b + s for b, s in zip(base, shift, strict=True)]), base)
+    return torch.stack([minus, center, plus], dim=1), step
 
 
 def forward_over_reverse_products(
