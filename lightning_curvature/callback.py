@@ -8,43 +8,27 @@ trainer, keeps the run's state for checkpoints, and handles failures.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_curvature import _trainer as facts
 from lightning_curvature._checks import check_int, check_open_unit
-from lightning_curvature._lightning import (
-    Callback,
-    TensorBoardLogger,
-    pl,
-    rank_zero_info,
-    rank_zero_warn,
-)
-from lightning_curvature.measure.module import (
-    Context,
-    RankFailure,
-    flat_parameters,
-    measure_module,
-)
+from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
+from lightning_curvature.measure.module import Context, Outcome
 from lightning_curvature.measure.objective import Mode, training_step_loss
 from lightning_curvature.measure.tags import TAG_PREFIX
-from lightning_curvature.measure.tiers import MeasureSettings, WarmStart
-from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker
-from lightning_curvature.monitor.arguments import check_arguments
-from lightning_curvature.monitor.failures import agree_on_failure, describe, fix_for
+from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker, check_alert_rules
+from lightning_curvature.monitor.arguments import check_arguments, measure_settings
+from lightning_curvature.monitor.failures import FailurePolicy, OnError, agree_on_failure
+from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
-from lightning_curvature.monitor.schedule import MeasurementSchedule
+from lightning_curvature.monitor.schedule import Decision, MeasurementSchedule
 from lightning_curvature.operators.names import Curvature
-
-OnError = Literal["warn", "raise"]
-# Strategies that shard parameters: a rank does not hold the whole model, so the flat
-# Hessian-vector product of one rank is not defined.
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class CurvatureMonitor(Callback):
@@ -176,10 +160,6 @@ class CurvatureMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        num_batches = check_int("num_batches", num_batches, 1)
-        k = check_int("k", k, 1)
-        if num_iters is not None:
-            num_iters = check_int("num_iters", num_iters, k)
         check_arguments(
             probe=probe,
             mode=mode,
@@ -187,73 +167,60 @@ class CurvatureMonitor(Callback):
             loss_from_output=loss_from_output,
             output_fn=output_fn,
             per_layer=per_layer,
-            on_error=on_error,
             probe_dataloader=probe_dataloader,
             loss_fn=loss_fn,
             on_alert=on_alert,
             tag_prefix=tag_prefix,
-            flags={
-                "log_spaced": log_spaced,
-                "trace": trace,
-                "spectral_density": spectral_density,
-                "lambda_min": lambda_min,
-                "dropout": dropout,
-                "warm_start": warm_start,
-                "stop_on_alert": stop_on_alert,
-            },
+            flags={"dropout": dropout, "warm_start": warm_start, "stop_on_alert": stop_on_alert},
         )
-        if lr_factor_on_alert is not None:
-            lr_factor_on_alert = check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
         self.params = check_params(params)
         self.tag_prefix = tag_prefix
         self.curvature = curvature
-        self.loss_from_output = loss_from_output
-        self.output_fn = output_fn
-        self.per_layer = per_layer if isinstance(per_layer, bool) else list(per_layer)
-        self.loss_fn = loss_fn
-        self.mode: Mode = mode
-        self.dropout = bool(dropout)
-        self.warm_start = bool(warm_start)
-        self.on_alert = on_alert
-        self.stop_on_alert = bool(stop_on_alert)
-        self.lr_factor_on_alert = lr_factor_on_alert
-        self.on_error = on_error
-        self.max_failures = check_int("max_failures", max_failures, 1)
-        self.settings = MeasureSettings(
+        self.settings = measure_settings(
             k=k,
             num_iters=num_iters,
-            tol=check_open_unit("tol", tol),
-            trace=bool(trace),
-            num_probes=check_int("num_probes", num_probes, 2),
-            density=bool(spectral_density),
-            lambda_min=bool(lambda_min),
-            seed=check_int("seed", seed, 0),
+            tol=tol,
+            trace=trace,
+            num_probes=num_probes,
+            spectral_density=spectral_density,
+            lambda_min=lambda_min,
+            seed=seed,
         )
         self.schedule = MeasurementSchedule(
             every_n_steps=every_n_steps,
-            log_spaced=bool(log_spaced),
+            log_spaced=log_spaced,
             full_every=full_every,
             max_overhead=max_overhead,
         )
-        if alert_rules is not None and not isinstance(alert_rules, AlertRules):
-            raise ValueError(
-                f"alert_rules must be an AlertRules or None, got {type(alert_rules).__name__}"
-            )
-        self.alerts = AlertTracker(alert_rules or AlertRules())
-        self.probes = ProbeSet(probe, num_batches, probe_dataloader)
+        self.alerts = AlertTracker(check_alert_rules(alert_rules))
+        self.probes = ProbeSet(probe, check_int("num_batches", num_batches, 1), probe_dataloader)
         self.publisher = Publisher(tag_prefix)
+        self.failures = FailurePolicy(on_error, max_failures, rank_zero_warn)
+        self.on_alert = on_alert
+        self.stop_on_alert = bool(stop_on_alert)
+        self.lr_factor_on_alert = (
+            None
+            if lr_factor_on_alert is None
+            else check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
+        )
+        # What is measured, fixed for the run; the module and parameter names come at setup
+        # and the optimizers at each measurement (dataclasses.replace).
+        self._objective = dict(
+            loss_fn=loss_fn,
+            mode=mode,
+            dropout=bool(dropout),
+            curvature=curvature,
+            output_fn=output_fn,
+            loss_from_output=loss_from_output,
+            per_layer=per_layer if isinstance(per_layer, bool) else list(per_layer),
+        )
+        self.warm_start = bool(warm_start)
         # State that survives checkpoint and resume.
         self.history: list[dict[str, float]] = []
-        self.failures_in_a_row = 0
         self.disabled_reason: str | None = None
         self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
         # Per-run scratch.
-        self._param_names: list[str] = []
-        self._warm: WarmStart | None = None
-        self._previous_params: tuple[int, torch.Tensor] | None = None
-        self._checked = False
-        self._warned: set[str] = set()
-        self._ratio_trusted = True
+        self._measurer: Measurer | None = None
 
     @property
     def state_key(self) -> str:
@@ -266,34 +233,29 @@ class CurvatureMonitor(Callback):
         if stage != "fit":
             return
         self.disabled_reason = None  # a reused instance starts afresh (resume reloads it)
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in _SHARDED_STRATEGIES):
-            self._disable(
-                f"{strategy} shards the parameters across ranks, and CurvatureMonitor needs "
-                "the whole model on every rank: it is switched off for this run (use DDP)"
-            )
+        reason = facts.cannot_measure(
+            trainer,
+            pl_module,
+            self.curvature,
+            self._objective["loss_fn"],
+            self._objective["output_fn"],
+        )
+        if reason is not None:
+            self._disable(reason)
             return
-        if self.loss_fn is None and not pl_module.automatic_optimization:
-            self._disable(
-                "the module uses manual optimization, so its training_step is not a loss "
-                "function: pass CurvatureMonitor(loss_fn=...) to measure it"
-            )
-            return
-        if self.curvature != "hessian" and self.output_fn is None and not _has_forward(pl_module):
-            self._disable(
-                f"curvature={self.curvature!r} needs the model's outputs, and "
-                f"{type(pl_module).__name__} defines no forward: define forward, or pass "
-                "CurvatureMonitor(output_fn=...), output_fn(module, batch) -> outputs"
-            )
-            return
-        self._param_names = select_parameters(pl_module, self.params)
+        context = Context(
+            module=pl_module,
+            param_names=select_parameters(pl_module, self.params),
+            **{**self._objective, "loss_fn": self._objective["loss_fn"] or training_step_loss},
+        )
+        self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
         self.probes.draw(pl_module.device)
-        self.schedule.start(trainer.global_step, _planned_steps(trainer))
+        self.schedule.start(trainer.global_step, facts.planned_steps(trainer))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -304,10 +266,8 @@ class CurvatureMonitor(Callback):
             return
         upcoming = self.schedule.upcoming(trainer.global_step + 1)
         self.probes.offer(batch, pl_module.device, upcoming is not None, batch_idx)
-        if upcoming is not None and self._param_names:
-            # θ_{s−1}, for the sharpness along the update that produces step s.
-            flat = flat_parameters(pl_module, self._param_names)
-            self._previous_params = (trainer.global_step, flat)
+        if upcoming is not None and self._measurer is not None:
+            self._measurer.before_measured_step(trainer.global_step)
 
     def on_train_batch_end(
         self,
@@ -320,10 +280,9 @@ class CurvatureMonitor(Callback):
         if self.disabled_reason is not None or trainer.sanity_checking:
             return
         # A batch that training_step skipped (returned None) is no probe for it either.
-        self.probes.confirm(not self._measures_training_step or _returned_a_loss(outputs))
-        step = trainer.global_step
+        self.probes.confirm(not self._measures_training_step or facts.returned_a_loss(outputs))
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-        decision = self.schedule.decide(step, agree=_rank_zero_value(trainer))
+        decision = self.schedule.decide(trainer.global_step, agree=facts.rank_zero_value(trainer))
         if decision.info:
             rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {decision.info}")
         if decision.warning:
@@ -336,7 +295,7 @@ class CurvatureMonitor(Callback):
         except Exception as error:
             self._failed(error)
             return
-        self.failures_in_a_row = 0
+        self.failures.succeeded()
         self._after(trainer, outcome)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -350,9 +309,9 @@ class CurvatureMonitor(Callback):
             "history": self.history,
             "alerts": self.alerts.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "failures_in_a_row": self.failures_in_a_row,
+            "failures_in_a_row": self.failures.failures_in_a_row,
             "disabled_reason": self.disabled_reason,
-            "hvp_method": self._hvp_method,
+            "hvp_method": self._hvp_method if self._measurer is None else self._measurer.hvp_method,
             "probe_batches": self.probes.state_dict(),
         }
 
@@ -361,93 +320,49 @@ class CurvatureMonitor(Callback):
         self.history = list(state_dict.get("history", []))
         self.alerts.load_state_dict(state_dict.get("alerts", {}))
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
-        self.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
+        self.failures.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
         self.disabled_reason = state_dict.get("disabled_reason")
         self._hvp_method = state_dict.get("hvp_method", "auto")
+        if self._measurer is not None:  # setup ran first: a resumed fallback holds
+            self._measurer.hvp_method = self._hvp_method
         self.probes.load_state_dict(state_dict.get("probe_batches", []))
 
     # ------------------------------------------------------------------ measuring
     def _measure_on_every_rank(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Any
-    ) -> Any:
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision
+    ) -> Outcome:
         """The measurement's outcome, or the failure every rank agrees on, raised inside
         ``schedule.timed``: the schedule's counters (which decide the next tier) then stay
         the same on every rank."""
-        step = trainer.global_step
-        error: BaseException | None = None
-        try:
-            outcome = measure_module(
-                self._context(trainer, pl_module),
-                self.probes.batches(pl_module.device, indexed=self._measures_training_step),
-                step,
-                decision.tier,
-                self.settings,
-                warm=self._warm if self.warm_start else None,
-                update=self._update(pl_module, step),
-                hvp_method=self._hvp_method,
-                verify=not self._checked or decision.full,
-            )
-        except Exception as caught:
-            error = caught
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            error = agree_on_failure(
-                error, trainer.strategy, trainer.world_size, trainer.global_rank
-            )
-        if error is not None:
-            raise error
-        return outcome
+        assert self._measurer is not None and decision.tier is not None
+        agree = None
+        if facts.distributed(trainer):
+
+            def agree(error: BaseException | None) -> BaseException | None:
+                rank, size = trainer.global_rank, trainer.world_size
+                return agree_on_failure(error, trainer.strategy, size, rank)
+
+        return self._measurer.measure(
+            self.probes.batches(pl_module.device, indexed=self._measures_training_step),
+            trainer.global_step,
+            decision.tier,
+            optimizers=trainer.optimizers,
+            lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
+            distributed=facts.distributed(trainer),
+            agree_on_failure=agree,
+        )
 
     @property
     def _measures_training_step(self) -> bool:
         """Whether the loss is ``training_step``'s, called with each probe's own batch_idx
         (a ``loss_fn``, or the GGN's and Fisher's output-space loss, takes the batch alone)."""
-        return self.loss_fn is None and self.curvature == "hessian"
+        return self._objective["loss_fn"] is None and self.curvature == "hessian"
 
-    def _context(self, trainer: pl.Trainer, module: pl.LightningModule) -> Context:
-        return Context(
-            module=module,
-            loss_fn=self.loss_fn or training_step_loss,
-            param_names=self._param_names,
-            optimizers=trainer.optimizers,
-            lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
-            mode=self.mode,
-            dropout=self.dropout,
-            distributed=trainer.world_size > 1 and torch.distributed.is_initialized(),
-            curvature=self.curvature,
-            output_fn=self.output_fn,
-            loss_from_output=self.loss_from_output,
-            per_layer=self.per_layer,
-        )
-
-    def _update(self, module: nn.Module, step: int) -> torch.Tensor | None:
-        """θ_s − θ_{s−1}, when θ_{s−1} was captured just before this step's update."""
-        previous, self._previous_params = self._previous_params, None
-        if previous is None or previous[0] >= step:
-            return None
-        return flat_parameters(module, self._param_names) - previous[1]
-
-    def _after(self, trainer: pl.Trainer, outcome: Any) -> None:
+    def _after(self, trainer: pl.Trainer, outcome: Outcome) -> None:
         record = outcome.record
-        self._warm = outcome.warm
-        self._checked = True
-        self._ratio_trusted = outcome.ratio_trusted
-        if outcome.fallback_reason and self._hvp_method != "finite_difference":
-            self._hvp_method = "finite_difference"
-            self._warn_once("fallback", f"CurvatureMonitor: {outcome.fallback_reason}")
-        for note in outcome.notes:
-            self._warn_once(note, f"CurvatureMonitor: {note}")
-        if not record.converged:
-            self._warn_once(
-                "not converged",
-                f"CurvatureMonitor: the sharpness did not converge at step {record.step} "
-                f"within {record.num_matvecs} products, so it is not logged there (raise "
-                "num_iters, or loosen tol).",
-            )
-        writers = (
-            [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
-            if trainer.is_global_zero
-            else []
-        )
+        for key, text in outcome.messages():
+            self.failures.warn_once(key, f"CurvatureMonitor: {text}")
+        writers = facts.tensorboard_writers(trainer)
         metrics = self.publisher.publish(
             record,
             trainer.global_step,
@@ -457,72 +372,28 @@ class CurvatureMonitor(Callback):
             extra={"overhead": self.schedule.overhead},
         )
         self.history.append(
-            {"step": float(record.step), **metrics, RATIO_TRUSTED: float(self._ratio_trusted)}
+            {"step": float(record.step), **metrics, RATIO_TRUSTED: float(outcome.ratio_trusted)}
         )
-        ratio = record.stability_ratio if self._ratio_trusted else None
+        ratio = record.stability_ratio if outcome.ratio_trusted else None
         alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
+        self._raise_alerts(trainer, alerts, writers)
+
+    def _raise_alerts(self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any]) -> None:
+        """Announce ``alerts`` and act on them, at the step they were raised."""
         # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
         fired = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
         self.publisher.announce(alerts, writers, rank_zero_warn, self.on_alert)
         if fired and self.stop_on_alert:
             trainer.should_stop = True
         if fired and self.lr_factor_on_alert is not None:
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = group["lr"] * self.lr_factor_on_alert
+            facts.scale_learning_rates(trainer, self.lr_factor_on_alert)
 
     # ------------------------------------------------------------------ failures
     def _failed(self, error: BaseException) -> None:
-        if self.on_error == "raise":
-            raise error
-        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self._warm = None
-        self.failures_in_a_row += 1
-        cause = type(error.__cause__ if isinstance(error, RankFailure) else error).__name__
-        self._warn_once(
-            cause,
-            "CurvatureMonitor: a measurement failed and was skipped; training goes on. "
-            f"Cause: {describe(error)}. {fix_for(error)}",
-        )
-        if self.failures_in_a_row >= self.max_failures:
-            self._disable(f"{self.failures_in_a_row} measurements in a row failed (last: {cause})")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
+        reason = self.failures.failed(error)
+        if reason is not None:
+            self._disable(reason)
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
         rank_zero_warn(f"CurvatureMonitor is off: {reason}")
-
-
-def _planned_steps(trainer: pl.Trainer) -> int | None:
-    """The global step the run will end at, when Lightning knows it (``max_steps``, or
-    ``max_epochs`` over a sized loader); None for an open-ended run."""
-    try:
-        planned = trainer.estimated_stepping_batches
-    except Exception:  # a loader without len, or a config Lightning cannot estimate
-        return None
-    return int(planned) if math.isfinite(planned) and planned >= 1 else None
-
-
-def _returned_a_loss(outputs: Any) -> bool:
-    """Whether ``training_step`` returned a loss: Lightning hands ``{}`` (or None) to
-    ``on_train_batch_end`` when it returned None, and skipped the batch."""
-    return outputs is not None and not (isinstance(outputs, Mapping) and not outputs)
-
-
-def _has_forward(module: nn.Module) -> bool:
-    """Whether the module's class (or a mixin) defines ``forward``; LightningModule's own
-    only forwards to ``nn.Module``'s, which raises NotImplementedError."""
-    framework = set(pl.LightningModule.__mro__)
-    return any("forward" in vars(cls) for cls in type(module).__mro__ if cls not in framework)
-
-
-def _rank_zero_value(trainer: pl.Trainer) -> Callable[[int], int]:
-    def agree(value: int) -> int:
-        return int(trainer.strategy.broadcast(value, src=0))
-
-    return agree

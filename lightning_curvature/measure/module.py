@@ -70,6 +70,23 @@ class Outcome:
     fallback_reason: str | None
     notes: list[str] = field(default_factory=list)
 
+    def messages(self) -> list[tuple[str, str]]:
+        """What the user should hear about this measurement, as (key, text) pairs: the key
+        says when two messages are the same news (each is shown once per run)."""
+        said = [(note, note) for note in self.notes]
+        if self.fallback_reason:
+            said.insert(0, ("fallback", self.fallback_reason))
+        if not self.record.converged:
+            said.append(
+                (
+                    "not converged",
+                    f"the sharpness did not converge at step {self.record.step} within "
+                    f"{self.record.num_matvecs} products, so it is not logged there (raise "
+                    "num_iters, or loosen tol).",
+                )
+            )
+        return said
+
 
 def measure_module(
     context: Context,
@@ -175,6 +192,25 @@ def flat_parameters(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
     """The named parameters as one detached flat vector (for the last update θ_s − θ_{s−1})."""
     named = dict(module.named_parameters())
     return torch.cat([named[name].detach().reshape(-1).float() for name in names]).clone()
+
+
+class LastUpdate:
+    """The update θ_s − θ_{s−1} of a measured step s: θ_{s−1} is copied just before the
+    step (only before steps that will be measured: a copy of θ is not free)."""
+
+    def __init__(self) -> None:
+        self._before: tuple[int, torch.Tensor] | None = None
+
+    def keep_before(self, module: nn.Module, names: Sequence[str], step: int) -> None:
+        """Copy θ at ``step`` (``global_step`` before the optimizer step)."""
+        self._before = (step, flat_parameters(module, names)) if names else None
+
+    def take(self, module: nn.Module, names: Sequence[str], step: int) -> torch.Tensor | None:
+        """θ_step − the copy, when the copy was of an earlier step; the copy is used up."""
+        before, self._before = self._before, None
+        if before is None or before[0] >= step:
+            return None
+        return flat_parameters(module, names) - before[1]
 
 
 def _on_fresh_copies(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.Module, Any], Any]:

@@ -128,6 +128,15 @@ class AlertRules:
         set_field(self, "edge_patience", check_int("edge_patience", self.edge_patience, 1))
 
 
+def check_alert_rules(rules: object) -> AlertRules:
+    """``rules``, or the default rules for None; a ValueError for anything else."""
+    if rules is None:
+        return AlertRules()
+    if not isinstance(rules, AlertRules):
+        raise ValueError(f"alert_rules must be an AlertRules or None, got {type(rules).__name__}")
+    return rules
+
+
 @dataclass
 class AlertTracker:
     """Applies :class:`AlertRules` to measurements as they arrive; its state survives resume.

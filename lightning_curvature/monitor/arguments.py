@@ -11,8 +11,35 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from lightning_curvature._checks import check_bool, check_choice
+from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
+from lightning_curvature.measure.tiers import MeasureSettings
 from lightning_curvature.operators.names import CURVATURES, LOSS_NAMES
+
+
+def measure_settings(
+    *,
+    k: Any,
+    num_iters: Any,
+    tol: Any,
+    trace: Any,
+    num_probes: Any,
+    spectral_density: Any,
+    lambda_min: Any,
+    seed: Any,
+) -> MeasureSettings:
+    """The estimators' settings from the monitor's arguments, each checked under its own
+    name (``spectral_density`` is the settings' ``density``)."""
+    k = check_int("k", k, 1)
+    return MeasureSettings(
+        k=k,
+        num_iters=None if num_iters is None else check_int("num_iters", num_iters, k),
+        tol=check_open_unit("tol", tol),
+        trace=check_bool("trace", trace),
+        num_probes=check_int("num_probes", num_probes, 2),
+        density=check_bool("spectral_density", spectral_density),
+        lambda_min=check_bool("lambda_min", lambda_min),
+        seed=check_int("seed", seed, 0),
+    )
 
 
 def check_arguments(
@@ -23,7 +50,6 @@ def check_arguments(
     loss_from_output: Any,
     output_fn: Any,
     per_layer: Any,
-    on_error: Any,
     probe_dataloader: Any,
     loss_fn: Any,
     on_alert: Any,
@@ -63,7 +89,6 @@ def check_arguments(
             "per_layer must be True, False, or a non-empty list of regular expressions "
             f"over parameter names, got {per_layer!r}"
         )
-    check_choice("on_error", on_error, ("warn", "raise"))
     for name, value in flags.items():
         check_bool(name, value)
     if probe_dataloader is not None and probe != "fixed":

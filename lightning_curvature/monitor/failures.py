@@ -7,12 +7,60 @@ cause and the fix), skips the step, and switches itself off after ``max_failures
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
+from lightning_curvature._checks import check_choice, check_int
 from lightning_curvature.measure.module import RankFailure
 from lightning_curvature.measure.objective import NoLossError
+
+OnError = Literal["warn", "raise"]
+
+
+class FailurePolicy:
+    """Counts failures in a row, warns once per cause, and says when to switch off.
+
+    Args:
+        on_error: ``"warn"``: a failure is warned about and skipped; ``"raise"``: re-raised.
+        max_failures: failures in a row after which the monitor switches itself off.
+        warn: shows a message to the user (``rank_zero_warn``).
+    """
+
+    def __init__(self, on_error: OnError, max_failures: int, warn: Callable[[str], Any]) -> None:
+        self.on_error: OnError = check_choice("on_error", on_error, ("warn", "raise"))  # type: ignore[assignment]
+        self.max_failures = check_int("max_failures", max_failures, 1)
+        self.failures_in_a_row = 0
+        self._warn = warn
+        self._warned: set[str] = set()
+
+    def succeeded(self) -> None:
+        self.failures_in_a_row = 0
+
+    def failed(self, error: BaseException) -> str | None:
+        """Warn about ``error`` (once per cause) or re-raise it; return why the monitor
+        must now switch off, or None."""
+        if self.on_error == "raise":
+            raise error
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.failures_in_a_row += 1
+        cause = type(error.__cause__ if isinstance(error, RankFailure) else error).__name__
+        self.warn_once(
+            cause,
+            "CurvatureMonitor: a measurement failed and was skipped; training goes on. "
+            f"Cause: {describe(error)}. {fix_for(error)}",
+        )
+        if self.failures_in_a_row >= self.max_failures:
+            return f"{self.failures_in_a_row} measurements in a row failed (last: {cause})"
+        return None
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Show ``message`` the first time ``key`` comes up in this run."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self._warn(message)
 
 
 def agree_on_failure(

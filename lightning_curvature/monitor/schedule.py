@@ -75,7 +75,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_curvature._checks import check_int, check_number
+from lightning_curvature._checks import check_bool, check_int, check_number
 from lightning_curvature.measure.tiers import Tier
 from lightning_curvature.monitor.cadence import Costs, calibration_line, overhead_warning
 
@@ -151,8 +151,7 @@ class MeasurementSchedule:
     ) -> None:
         if every_n_steps is not None:
             every_n_steps = _check_cadence(every_n_steps)
-        if not isinstance(log_spaced, bool):
-            raise ValueError(f"log_spaced must be True or False, got {log_spaced!r}")
+        log_spaced = check_bool("log_spaced", log_spaced)
         if max_overhead is not None:
             max_overhead = check_number(
                 "max_overhead",
