@@ -205,7 +205,7 @@ class CurvatureMonitor(Callback):
         )
         # What is measured, fixed for the run; the module and parameter names come at setup
         # and the optimizers at each measurement (dataclasses.replace).
-        self._objective = dict(
+        self._objective: dict[str, Any] = dict(
             loss_fn=loss_fn,
             mode=mode,
             dropout=bool(dropout),
