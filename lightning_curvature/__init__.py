@@ -10,8 +10,11 @@ The map (imports run downward only, from the adapters at the top to the protocol
 
     callback.py         CurvatureMonitor: a thin adapter from Lightning's hooks onto monitor/
     cli/  demo/         the command line (analyze, demo, fit) and the demo's model and data
-    monitor/            Lightning-free: schedule (when), probes (on what), alerts, publish
-                        (where), the TensorBoard layout, failures
+    _trainer.py         what the callback reads off a Trainer (facts, not decisions)
+    monitor/            Lightning-free: schedule and cadence (when), early_warning (the risk
+                        between measurements: triggers, alerts with lead time), measurer
+                        (what one measurement hands the next), probes (on what), alerts,
+                        publish (where), the TensorBoard layout, failures, arguments
     measure/            the two tiers and the Measurement record; the objective the optimizer
                         descends; a training module measured without being disturbed
     optim/              stability thresholds, preconditioners read from optimizer state,
@@ -43,6 +46,7 @@ from lightning_curvature.estimators import (
     spectral_density,
 )
 from lightning_curvature.monitor.alerts import AlertRules
+from lightning_curvature.monitor.early_warning import Triggers
 from lightning_curvature.operators import (
     DenseOperator,
     GradientGraphOperator,
@@ -86,6 +90,7 @@ __all__ = [
     "SolveResult",
     "SpectralDensity",
     "TraceResult",
+    "Triggers",
     "UnreliableProductError",
     "hutchinson_diagonal",
     "hutchinson_trace",

@@ -103,3 +103,45 @@ def cannot_measure(
             "CurvatureMonitor(output_fn=...), output_fn(module, batch) -> outputs"
         )
     return None
+
+
+def step_loss(outputs: Any) -> torch.Tensor | None:
+    """The loss ``training_step`` returned for this batch (detached), when it returned one:
+    a tensor, or a mapping's ``"loss"``."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+class LossReader:
+    """The training loss as a Python float at every step, without stalling an accelerator:
+    there the value is copied to the host without blocking and read one step later (when
+    it is long computed); on a CPU it is read at once."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, Any] | None = None
+        self._buffers: list[torch.Tensor] = []  # two pinned host scalars, used in turn
+
+    def read(self, loss: torch.Tensor | None) -> float | None:
+        """Hand over this step's loss; get the latest loss that is ready (None: none yet)."""
+        if loss is None or loss.device.type != "cuda":
+            return None if loss is None else float(loss)
+        ready = None
+        if self._pending is not None and self._pending[1].query():
+            ready = float(self._pending[0])
+        if not self._buffers:
+            self._buffers = [torch.empty((), pin_memory=True) for _ in range(2)]
+        self._buffers.reverse()
+        host = self._buffers[0]
+        host.copy_(loss.float(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event)
+        return ready
+
+
+def owned_learning_rate(owner: tuple[Any, int] | None) -> float | None:
+    """η now of the param group that owns the measured parameters (None: no owner)."""
+    if owner is None:
+        return None
+    optimizer, group = owner
+    return float(optimizer.param_groups[group]["lr"])

@@ -22,7 +22,8 @@ from lightning_curvature.measure.module import Context, Outcome
 from lightning_curvature.measure.objective import Mode, training_step_loss
 from lightning_curvature.measure.tags import TAG_PREFIX
 from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker, check_alert_rules
-from lightning_curvature.monitor.arguments import check_arguments, measure_settings
+from lightning_curvature.monitor.arguments import check_arguments, check_triggers, measure_settings
+from lightning_curvature.monitor.early_warning import EarlyWarning, Signals, Triggers
 from lightning_curvature.monitor.failures import FailurePolicy, OnError, agree_on_failure
 from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
@@ -152,6 +153,7 @@ class CurvatureMonitor(Callback):
         dropout: bool = False,
         warm_start: bool = True,
         alert_rules: AlertRules | None = None,
+        triggers: Triggers | None = None,
         on_alert: Callable[[Alert], None] | None = None,
         stop_on_alert: bool = False,
         lr_factor_on_alert: float | None = None,
@@ -193,6 +195,9 @@ class CurvatureMonitor(Callback):
             max_overhead=max_overhead,
         )
         self.alerts = AlertTracker(check_alert_rules(alert_rules))
+        self.early_warning = EarlyWarning(check_triggers(triggers), self.alerts)
+        self._loss_reader = facts.LossReader()
+        self._owner: tuple[Any, int] | None = None  # (optimizer, group) of the parameters
         self.probes = ProbeSet(probe, check_int("num_batches", num_batches, 1), probe_dataloader)
         self.publisher = Publisher(tag_prefix)
         self.failures = FailurePolicy(on_error, max_failures, rank_zero_warn)
@@ -281,8 +286,11 @@ class CurvatureMonitor(Callback):
             return
         # A batch that training_step skipped (returned None) is no probe for it either.
         self.probes.confirm(not self._measures_training_step or facts.returned_a_loss(outputs))
+        signals = self._early_signals(trainer, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-        decision = self.schedule.decide(trainer.global_step, agree=facts.rank_zero_value(trainer))
+        decision = self.schedule.decide(
+            trainer.global_step, agree=facts.rank_zero_value(trainer), trigger=signals.trigger
+        )
         if decision.info:
             rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {decision.info}")
         if decision.warning:
@@ -300,6 +308,7 @@ class CurvatureMonitor(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = run_summary(self.history, self.tag_prefix, self.schedule, self.alerts)
+        summary = " ".join(filter(None, (summary, self.early_warning.summary())))
         if self.disabled_reason is not None:
             summary += f" The monitor is off: {self.disabled_reason}."
         rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
@@ -308,6 +317,7 @@ class CurvatureMonitor(Callback):
         return {
             "history": self.history,
             "alerts": self.alerts.state_dict(),
+            "early_warning": self.early_warning.state_dict(),
             "schedule": self.schedule.state_dict(),
             "failures_in_a_row": self.failures.failures_in_a_row,
             "disabled_reason": self.disabled_reason,
@@ -319,6 +329,7 @@ class CurvatureMonitor(Callback):
         # .get() defaults: checkpoints from older versions still load.
         self.history = list(state_dict.get("history", []))
         self.alerts.load_state_dict(state_dict.get("alerts", {}))
+        self.early_warning.load_state_dict(state_dict.get("early_warning", {}))
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
         self.failures.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
         self.disabled_reason = state_dict.get("disabled_reason")
@@ -358,8 +369,39 @@ class CurvatureMonitor(Callback):
         (a ``loss_fn``, or the GGN's and Fisher's output-space loss, takes the batch alone)."""
         return self._objective["loss_fn"] is None and self.curvature == "hessian"
 
+    def _early_signals(self, trainer: pl.Trainer, outputs: Any) -> Signals:
+        """The free signals of this step (η, the loss, the last sharpness): the predicted
+        ratio, a trigger, early alerts (raised now) and a loss spike's record."""
+        agree_loss = None
+        if facts.distributed(trainer):
+
+            def agree_loss(code: int) -> int:
+                worst = torch.tensor(float(code), device=trainer.strategy.root_device)
+                return int(trainer.strategy.reduce(worst, reduce_op="max"))
+
+        signals = self.early_warning.observe(
+            trainer.global_step,
+            facts.owned_learning_rate(self._owner),
+            self._loss_reader.read(facts.step_loss(outputs)),
+            self.schedule.cadence,
+            agree_loss,
+        )
+        step, predicted = trainer.global_step, signals.predicted_ratio
+        notable = signals.alerts or signals.trigger or step % trainer.log_every_n_steps == 0
+        if predicted is not None and notable:
+            self.publisher.log_scalar("predicted_stability_ratio", predicted, step, trainer.loggers)
+        if not (signals.alerts or signals.spike):
+            return signals
+        writers = facts.tensorboard_writers(trainer)
+        self._raise_alerts(trainer, signals.alerts, writers, agreed=True)
+        if signals.spike is not None:
+            explanation = signals.spike.explanation()
+            self.publisher.explain_spike(step, explanation, writers, rank_zero_info)
+        return signals
+
     def _after(self, trainer: pl.Trainer, outcome: Outcome) -> None:
         record = outcome.record
+        self._owner = outcome.owner
         for key, text in outcome.messages():
             self.failures.warn_once(key, f"CurvatureMonitor: {text}")
         writers = facts.tensorboard_writers(trainer)
@@ -375,13 +417,24 @@ class CurvatureMonitor(Callback):
             {"step": float(record.step), **metrics, RATIO_TRUSTED: float(outcome.ratio_trusted)}
         )
         ratio = record.stability_ratio if outcome.ratio_trusted else None
+        trusted = ratio if record.converged else None
+        self.early_warning.measured(record.step, trusted, record.learning_rate)
         alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
         self._raise_alerts(trainer, alerts, writers)
 
-    def _raise_alerts(self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any]) -> None:
-        """Announce ``alerts`` and act on them, at the step they were raised."""
+    def _raise_alerts(
+        self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any], agreed: bool = False
+    ) -> None:
+        """Announce ``alerts`` and act on them, at the step they were raised. ``agreed``:
+        every rank has the same alerts by construction, so no collective is needed."""
+        if agreed and not alerts:
+            return
         # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
-        fired = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
+        fired = (
+            bool(alerts)
+            if agreed
+            else trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
+        )
         self.publisher.announce(alerts, writers, rank_zero_warn, self.on_alert)
         if fired and self.stop_on_alert:
             trainer.should_stop = True

@@ -119,12 +119,21 @@ def test_a_learning_rate_raised_into_a_catapult_trips_the_edge_rule_not_the_spik
     assert catapult[700] * 5 * LEARNING_RATE > 2 and catapult[800] < 0.8 * catapult[700]
     # GD's stability ratio is λmax·η / 2, with the η in force at each step.
     ratios = {s: v * LEARNING_RATE * (5 if s > JUMP_STEP else 1) / 2 for s, v in catapult.items()}
-    tracker = AlertTracker()
-    fired = [a for s in sorted(catapult) for a in tracker.update(s, catapult[s], ratios[s], True)]
-    # At the edge from 800 on (patience 3: 800, 900, 1000); never before, at η.
+
+    def fired(rules: AlertRules) -> list[tuple[str, int]]:
+        tracker = AlertTracker(rules)
+        alerts = [
+            a for s in sorted(catapult) for a in tracker.update(s, catapult[s], ratios[s], True)
+        ]
+        return [(a.kind, a.step) for a in alerts]
+
+    # At the edge from 800 on; never before, at η.
     assert all(r < 0.9 for s, r in ratios.items() if s < JUMP_STEP)
     assert all(ratios[s] >= 0.9 for s in (800, 900, 1000))
-    assert [(a.kind, a.step) for a in fired] == [(EDGE, 1000)]
+    # Patience in steps: two measurements 100 steps apart (>= 50) are enough ...
+    assert fired(AlertRules()) == [(EDGE, 900)]
+    # ... and with patience in measurements only (800, 900, 1000), the third.
+    assert fired(AlertRules(edge_patience_steps=10**6)) == [(EDGE, 1000)]
 
 
 def test_one_jump_and_its_slow_fall_fire_once():
@@ -236,10 +245,10 @@ def test_a_resumed_tracker_fires_exactly_as_an_uninterrupted_one(sharpening_runs
         return [a for s in part for a in tracker.update(s, jumped[s], ratio[s], True)]
 
     whole = run(AlertTracker(), steps)
-    assert [(a.kind, a.step) for a in whole] == [(SPIKE, 800), (EDGE, 1100)]
-    assert steps[-1] == 1100
+    # The edge streak starts at 900; two measurements 100 >= edge_patience_steps apart.
+    assert [(a.kind, a.step) for a in whole] == [(SPIKE, 800), (EDGE, 1000)]
     first = AlertTracker()
-    cut = steps.index(1000)  # in the middle of the edge streak
+    cut = steps.index(1000)  # in the middle of the edge streak: its start must survive
     before = run(first, steps[:cut])
     resumed = AlertTracker()
     resumed.load_state_dict(first.state_dict())

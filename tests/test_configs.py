@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from lightning_curvature import CurvatureMonitor
+from lightning_curvature import CurvatureMonitor, Triggers
 from lightning_curvature._lightning import pl
 from lightning_curvature.cli import main
 from lightning_curvature.demo import DigitsDataModule
@@ -75,6 +75,7 @@ def test_monitor_yaml_writes_out_every_default_of_curvature_monitor():
     }
     # The grouped rules default to None, "AlertRules()": the YAML spells out its fields.
     defaults["alert_rules"] = dataclasses.asdict(AlertRules())
+    defaults["triggers"] = dataclasses.asdict(Triggers())
     assert callback["init_args"] == defaults
 
 

@@ -43,7 +43,9 @@ def test_every_scalar_a_record_logs_is_in_the_table():
     assert names and all(is_known(name) for name in names), [n for n in names if not is_known(n)]
     # And the table has no entry a record or the monitor never writes.
     plain = [n for n in names if not n.startswith("layer/")]
-    written = {re.sub(r"^eigenvalue_\d+$", "eigenvalue_{i}", n) for n in plain} | {"overhead"}
+    by_monitor = {name for name, (tier, _) in SCALAR_TAGS.items() if tier == "monitor"}
+    assert by_monitor == {"overhead", "predicted_stability_ratio"}
+    written = {re.sub(r"^eigenvalue_\d+$", "eigenvalue_{i}", n) for n in plain} | by_monitor
     assert set(SCALAR_TAGS) == written
 
 

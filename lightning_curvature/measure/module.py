@@ -69,6 +69,8 @@ class Outcome:
     method_used: str | None
     fallback_reason: str | None
     notes: list[str] = field(default_factory=list)
+    # (optimizer, param group) that owns the measured parameters: η is read there per step.
+    owner: tuple[Any, int] | None = None
 
     def messages(self) -> list[tuple[str, str]]:
         """What the user should hear about this measurement, as (key, text) pairs: the key
@@ -174,6 +176,7 @@ def measure_module(
         method_used=getattr(local, "method_used", None),
         fallback_reason=getattr(local, "fallback_reason", None),
         notes=notes,
+        owner=None if view.optimizer is None else (view.optimizer, view.param_group),
     )
 
 

@@ -36,6 +36,10 @@ SCALAR_TAGS: dict[str, tuple[str, str]] = {
     "converged": ("both", "whether the stability-relevant sharpness converged"),
     "num_matvecs": ("both", "products the whole measurement took"),
     "seconds": ("both", "how long the measurement took"),
+    "predicted_stability_ratio": (
+        "monitor",
+        "the last stability ratio rescaled to η now, between measurements",
+    ),
     "overhead": ("monitor", "the monitor's overhead so far (0.05: training ran 5% longer)"),
 }
 # Per-layer quantities, logged as layer/<name>/<quantity> at full measurements.

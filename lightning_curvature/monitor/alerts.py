@@ -26,8 +26,13 @@ Two rules, each firing once when its condition starts to hold and re-arming when
   message says that it is a relative jump only.
 - **Edge of stability** (``"edge_of_stability"``): the stability ratio (relevant
   sharpness × η over the optimizer's stability threshold; 1 is the edge) is at least
-  ``edge_ratio`` for ``edge_patience`` measurements in a row. It re-arms when the ratio
-  falls below ``edge_ratio``.
+  ``edge_ratio`` for ``edge_patience`` measurements in a row, or for at least two in a row
+  spanning ``edge_patience_steps`` steps (so a sparse schedule does not delay it by
+  thousands of steps). It re-arms when the ratio falls below ``edge_ratio``.
+
+The alerts with lead time, raised between measurements from the predicted ratio and the
+trend, are :mod:`~lightning_curvature.monitor.early_warning`'s; their settings
+(``predicted_ratio``, ``trend_horizon``) are here, with the others.
 
 An estimate that has not converged (or is not finite) never fires, never enters the
 history and leaves both rules' state as it was.
@@ -86,7 +91,13 @@ class AlertRules:
             0 alerts on every jump.
         edge_ratio: the edge-of-stability rule fires when the stability ratio is at least
             this (1.0 is the edge itself) ...
-        edge_patience: ... for this many measurements in a row.
+        edge_patience: ... for this many measurements in a row ...
+        edge_patience_steps: ... or for at least two in a row this many steps apart.
+        predicted_ratio: the early warning alerts when the *predicted* stability ratio (the
+            last measured one rescaled to today's learning rate) reaches this, between
+            measurements.
+        trend_horizon: the early warning alerts when the measured trend reaches the edge
+            within this many steps.
 
     Raises:
         ValueError: naming the argument, for a value outside the range given above.
@@ -99,6 +110,9 @@ class AlertRules:
     spike_min_ratio: float = 0.1
     edge_ratio: float = 0.9
     edge_patience: int = 3
+    edge_patience_steps: int = 50
+    predicted_ratio: float = 1.0
+    trend_horizon: int = 200
 
     def __post_init__(self) -> None:
         # object.__setattr__: the dataclass is frozen, and NumPy numbers become Python ones.
@@ -126,6 +140,17 @@ class AlertRules:
         )
         set_field(self, "edge_ratio", check_number("edge_ratio", self.edge_ratio, above=0.0))
         set_field(self, "edge_patience", check_int("edge_patience", self.edge_patience, 1))
+        set_field(
+            self,
+            "edge_patience_steps",
+            check_int("edge_patience_steps", self.edge_patience_steps, 1),
+        )
+        set_field(
+            self,
+            "predicted_ratio",
+            check_number("predicted_ratio", self.predicted_ratio, above=0.0),
+        )
+        set_field(self, "trend_horizon", check_int("trend_horizon", self.trend_horizon, 1))
 
 
 def check_alert_rules(rules: object) -> AlertRules:
@@ -152,6 +177,7 @@ class AlertTracker:
     num_converged: int = 0
     spike_active: bool = False
     edge_streak: int = 0
+    edge_streak_start: int = 0
     edge_active: bool = False
     fired: list[Alert] = field(default_factory=list)
 
@@ -188,7 +214,9 @@ class AlertTracker:
         if not self.fired:
             return "Alerts: none fired."
         parts = []
-        for kind in (SPIKE, EDGE):
+        # The measurements' rules first, then the early warning's in order of first firing.
+        kinds = dict.fromkeys([SPIKE, EDGE, *(alert.kind for alert in self.fired)])
+        for kind in kinds:
             steps = [alert.step for alert in self.fired if alert.kind == kind]
             if steps:
                 shown = ", ".join(str(s) for s in steps[:10]) + (", …" if len(steps) > 10 else "")
@@ -242,8 +270,14 @@ class AlertTracker:
             self.edge_streak = 0
             self.edge_active = False
             return None
+        if self.edge_streak == 0:
+            self.edge_streak_start = step
         self.edge_streak += 1
-        if self.edge_active or self.edge_streak < self.rules.edge_patience:
+        span = step - self.edge_streak_start
+        patient = self.edge_streak >= self.rules.edge_patience or (
+            self.edge_streak >= 2 and span >= self.rules.edge_patience_steps
+        )
+        if self.edge_active or not patient:
             return None
         self.edge_active = True
         return Alert(
@@ -254,8 +288,8 @@ class AlertTracker:
             message=(
                 f"Edge of stability at step {step}: sharpness·lr is {ratio:.2f}× the "
                 f"optimizer's stability threshold for {self.edge_streak} measurements in a "
-                "row (1.0 is the edge). Expect oscillating or rising loss; lower the learning "
-                "rate if that is not what you want."
+                f"row, over {span} steps (1.0 is the edge). Expect oscillating or rising "
+                "loss; lower the learning rate if that is not what you want."
             ),
         )
 
@@ -266,6 +300,7 @@ class AlertTracker:
             "num_converged": self.num_converged,
             "spike_active": self.spike_active,
             "edge_streak": self.edge_streak,
+            "edge_streak_start": self.edge_streak_start,
             "edge_active": self.edge_active,
             "fired": [asdict(alert) for alert in self.fired],
         }
@@ -277,6 +312,7 @@ class AlertTracker:
         self.num_converged = int(state.get("num_converged", len(history)))
         self.spike_active = bool(state.get("spike_active", False))
         self.edge_streak = int(state.get("edge_streak", state.get("above_threshold_streak", 0)))
+        self.edge_streak_start = int(state.get("edge_streak_start", 0))
         self.edge_active = bool(
             state.get("edge_active", state.get("threshold_alert_active", False))
         )

@@ -13,10 +13,16 @@ decides when; this module only does the sums.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 # The sparsest cadence calibration may choose (a measurement costlier than ~50k steps).
 MAX_CALIBRATED_EVERY_N_STEPS = 2**16
+# Samples kept for an estimate: bounded, so the state stays small.
+_MAX_SAMPLES = 64
+_KINDS = ("step", "track", "full")  # what the timing samples are of
 
 
 @dataclass(frozen=True)
@@ -83,3 +89,97 @@ def overhead_warning(costs: Costs, every_n_steps: int, max_overhead: float) -> s
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+class RunClock:
+    """The run's time, split into training and measuring, and the samples a cadence is
+    calibrated from: the seconds of training steps, track and full measurements.
+
+    Training time is the time between calls that is not measuring. The first interval
+    after :meth:`start` counts in the overhead but is no step sample (it holds one-time
+    costs: loader workers, lazy initialisation); time that covers no step (gradient
+    accumulation) waits for the step that ends it.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        if not callable(clock):
+            raise ValueError(f"clock must be callable as clock() -> seconds, got {clock!r}")
+        self.now = clock
+        self.train_seconds = self.measure_seconds = 0.0
+        self.train_steps = 0
+        self.samples: dict[str, list[float]] = {kind: [] for kind in _KINDS}
+        self._mark: float | None = None  # the clock at the last call; None: not started
+        self._first_interval = False
+        self._unassigned_seconds = 0.0
+
+    def start(self) -> None:
+        self._mark = self.now()
+        self._first_interval = True
+        self._unassigned_seconds = 0.0
+
+    def steps_passed(self, steps: int, collect: bool) -> None:
+        """Count the time since the last call as training, spread over ``steps`` (none:
+        kept for the next call that has steps); ``collect``: keep step samples."""
+        now = self.now()
+        if self._mark is not None:
+            self._unassigned_seconds += now - self._mark
+            if steps > 0:
+                self.train_seconds += self._unassigned_seconds
+                self.train_steps += steps
+                first, self._first_interval = self._first_interval, False
+                if collect and not first:  # one sample per step: mean = time / steps
+                    per_step = self._unassigned_seconds / steps
+                    for _ in range(min(steps, _MAX_SAMPLES)):
+                        _append(self.samples["step"], per_step)
+                self._unassigned_seconds = 0.0
+        self._mark = now
+
+    def measured(self, kind: str, started: float, completed: bool, collect: bool) -> None:
+        """A measurement of ``kind`` ran from ``started`` until now: not training time;
+        a sample when it completed and ``collect``."""
+        ended = self.now()
+        self.measure_seconds += ended - started
+        self._mark = ended
+        if completed and collect:
+            _append(self.samples[kind], ended - started)
+
+    def measured_any(self) -> bool:
+        return bool(self.samples["track"] or self.samples["full"])
+
+    def forget_samples(self) -> None:
+        self.samples = {kind: [] for kind in _KINDS}
+
+    @property
+    def overhead(self) -> float:
+        """Measurement time over training time so far (NaN before any training time)."""
+        return self.measure_seconds / self.train_seconds if self.train_seconds > 0 else math.nan
+
+    def costs(self, full_every: int) -> Costs:
+        samples = self.samples
+        return Costs(
+            track=statistics.median(samples["track"] or samples["full"]),
+            full=statistics.median(samples["full"] or samples["track"]),
+            # The mean: the run pays for the slow steps too (the median would not).
+            step=statistics.fmean(samples["step"]),
+            full_every=full_every,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "train_steps": self.train_steps,
+            "train_seconds": self.train_seconds,
+            "measure_seconds": self.measure_seconds,
+            "samples": {kind: list(values) for kind, values in self.samples.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_steps = int(state.get("train_steps", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.measure_seconds = float(state.get("measure_seconds", 0.0))
+        samples = state.get("samples", {})
+        self.samples = {kind: [float(v) for v in samples.get(kind, [])] for kind in _KINDS}
+
+
+def _append(samples: list[float], value: float) -> None:
+    samples.append(value)
+    del samples[:-_MAX_SAMPLES]

@@ -23,7 +23,12 @@ import torch
 from lightning_curvature.measure.record import Measurement
 from lightning_curvature.measure.tags import tag
 from lightning_curvature.monitor.alerts import Alert
-from lightning_curvature.monitor.tensorboard import write_alert, write_layout, write_measurement
+from lightning_curvature.monitor.tensorboard import (
+    write_alert,
+    write_layout,
+    write_loss_spike,
+    write_measurement,
+)
 
 # The key of a ``history`` row that says whether its stability ratio is trusted (1.0) or
 # not yet (0.0, an adaptive optimizer before its bias correction settled); not a logged tag.
@@ -77,6 +82,20 @@ class Publisher:
         for name in self._in_callback_metrics:
             callback_metrics.pop(name, None)
         self._in_callback_metrics = []
+
+    def log_scalar(self, name: str, value: float, step: int, loggers: Sequence[Any]) -> None:
+        """One monitor scalar (a name of the tag table) to every logger, at ``step``."""
+        if math.isfinite(value):
+            for logger in loggers:
+                logger.log_metrics({tag(self.prefix, name): float(value)}, step=step)
+
+    def explain_spike(
+        self, step: int, explanation: str, writers: Sequence[Any], say: Callable[[str], Any]
+    ) -> None:
+        """A loss spike's explanation as a message and a TensorBoard text entry."""
+        say(f"CurvatureMonitor: {explanation}")
+        for writer in writers:
+            write_loss_spike(writer, step, explanation, self.prefix)
 
     def announce(
         self,

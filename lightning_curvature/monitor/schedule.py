@@ -68,7 +68,6 @@ Example::
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,7 +76,7 @@ from typing import Any
 
 from lightning_curvature._checks import check_bool, check_int, check_number
 from lightning_curvature.measure.tiers import Tier
-from lightning_curvature.monitor.cadence import Costs, calibration_line, overhead_warning
+from lightning_curvature.monitor.cadence import RunClock, calibration_line, overhead_warning
 
 TRACK: Tier = "track"
 FULL: Tier = "full"
@@ -89,12 +88,15 @@ DEFAULT_EVERY_N_STEPS = 100
 CALIBRATION_SPAN = 32
 # Timed training steps before the overhead of an explicit cadence is judged.
 _WARNING_SPAN = 8
-# Samples kept for an estimate: bounded, so the state stays small.
-_MAX_SAMPLES = 64
-_KINDS = ("step", TRACK, FULL)  # what the timing samples are of
-# The state that survives resume, besides the calibrated cadence and the samples.
-_COUNTS = ("calibration_start", "last_step", "num_track", "num_full", "num_failed", "train_steps")
-_SECONDS = ("measure_seconds", "train_seconds")
+# The state that survives resume, besides the calibrated cadence and the clock's.
+_COUNTS = (
+    "calibration_start",
+    "last_step",
+    "num_track",
+    "num_full",
+    "num_failed",
+    "num_triggered",
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Decision:
     tier: Tier | None
     info: str | None = None
     warning: str | None = None
+    trigger: str | None = None  # why a step off the schedule is measured
 
     @property
     def measure(self) -> bool:
@@ -160,29 +163,21 @@ class MeasurementSchedule:
                 at_most=1.0,
                 allowed="a number in (0, 1] or None",
             )
-        if not callable(clock):
-            raise ValueError(f"clock must be callable as clock() -> seconds, got {clock!r}")
         self.every_n_steps = every_n_steps
         self.log_spaced = log_spaced
         self.full_every = check_int("full_every", full_every, 1)
         self.max_overhead = max_overhead
-        self.clock = clock
+        self.clock = RunClock(clock)
 
         # The cadence in force: fixed now, or by calibration.
         self.cadence: int | None = every_n_steps
         if every_n_steps is None and max_overhead is None:
             self.cadence = DEFAULT_EVERY_N_STEPS
-        self.calibration_start = self.last_step = self.train_steps = 0
-        self.num_track = self.num_full = self.num_failed = 0
-        self.measure_seconds = self.train_seconds = 0.0
+        self.calibration_start = self.last_step = 0
+        self.num_track = self.num_full = self.num_failed = self.num_triggered = 0
         # The projected overhead of the cadence, from the calibration samples.
         self.estimated_overhead: float | None = None
-        self._samples: dict[str, list[float]] = {kind: [] for kind in _KINDS}
-        # The clock at the last call or measurement end; None: the next call only reads it.
-        self._mark: float | None = None
-        self._first_interval = False  # the time since start() is not a step sample
         self._final_step: int | None = None  # the run's last step, measured full by default
-        self._unassigned_seconds = 0.0  # training time not yet spread over a step
 
     # ------------------------------------------------------------------ protocol
     def start(self, step: int, total_steps: int | None = None) -> None:
@@ -194,16 +189,14 @@ class MeasurementSchedule:
         if total_steps is not None:
             total_steps = check_int("total_steps", total_steps, 1)
         self._final_step = total_steps if self.every_n_steps is None else None
-        if self.cadence is None and not self._samples[FULL] and not self._samples[TRACK]:
+        if self.cadence is None and not self.clock.measured_any():
             self.calibration_start = step  # after a resume, calibrate from here
         self.last_step = step
-        # Training time runs from here: the first step's time counts in the overhead, but
-        # is no calibration sample (it holds one-time costs: loader workers, lazy init).
-        self._mark = self.clock()
-        self._first_interval = True
-        self._unassigned_seconds = 0.0
+        self.clock.start()
 
-    def decide(self, step: int, agree: Callable[[int], int] | None = None) -> Decision:
+    def decide(
+        self, step: int, agree: Callable[[int], int] | None = None, trigger: str | None = None
+    ) -> Decision:
         """Call after every optimizer step (every batch) with the global step; returns
         whether and how to measure at it.
 
@@ -212,17 +205,26 @@ class MeasurementSchedule:
             agree: called once, at the call that calibrates, with this rank's proposed
                 cadence; it must return the cadence every rank uses (rank 0's, e.g. a
                 broadcast). ``None``: the proposal is used as is (one process).
+            trigger: why to measure this step even if it is not scheduled (the early
+                warning's reason, the same on every rank); a triggered measurement is a
+                track one, and does not shift the schedule's full ones.
         """
         step = check_int("step", step, 0)
-        self._time_training(step)
+        if step > self.last_step:
+            self.clock.steps_passed(step - self.last_step, collect=self._collecting())
+        else:
+            self.clock.steps_passed(0, collect=False)
         info = warning = None
         if self.cadence is None and self._calibration_due():
             info = self._calibrate(agree)
         elif self._overhead_check_due():
             warning = self._overhead_warning()
         tier = self._tier(self.last_step, step)
+        if tier is not None or step <= self.last_step:
+            trigger = None
         self.last_step = max(self.last_step, step)
-        return Decision(step=step, tier=tier, info=info, warning=warning)
+        tier = TRACK if trigger is not None else tier
+        return Decision(step=step, tier=tier, info=info, warning=warning, trigger=trigger)
 
     def upcoming(self, step: int) -> Tier | None:
         """The tier :meth:`decide` would give at ``step`` now, without deciding or timing
@@ -235,24 +237,21 @@ class MeasurementSchedule:
         serves as a timing sample) unless an exception escapes, which counts as failed."""
         if decision.tier is None:
             raise ValueError(f"timed() needs a decision that measures, got {decision!r}")
-        started = self.clock()
+        started = self.clock.now()
         completed = False
         try:
             yield
             completed = True
         finally:
-            ended = self.clock()
-            self.measure_seconds += ended - started
-            self._mark = ended  # the measurement is not training time
-            if completed:
-                if decision.tier == FULL:
-                    self.num_full += 1
-                else:
-                    self.num_track += 1
-                if self._collecting():
-                    _append(self._samples[decision.tier], ended - started)
-            else:
+            self.clock.measured(decision.tier, started, completed, collect=self._collecting())
+            if not completed:
                 self.num_failed += 1
+            elif decision.trigger is not None:
+                self.num_triggered += 1
+            elif decision.tier == FULL:
+                self.num_full += 1
+            else:
+                self.num_track += 1
 
     def fix_cadence(self, every_n_steps: int) -> None:
         """Fix the calibrated cadence (as :meth:`decide` does with the agreed value)."""
@@ -262,20 +261,22 @@ class MeasurementSchedule:
                 "was given explicitly and is honoured as it is"
             )
         self.cadence = _check_cadence(every_n_steps)
-        self._samples = {kind: [] for kind in _KINDS}
+        self.clock.forget_samples()
 
     # ------------------------------------------------------------------ reporting
     @property
     def overhead(self) -> float:
         """Measurement time over training time so far (NaN before any training time)."""
-        return self.measure_seconds / self.train_seconds if self.train_seconds > 0 else math.nan
+        return self.clock.overhead
 
     def summary(self) -> str:
         """A few sentences for the end of a run: points logged, cadence, overhead."""
         failed = f", {self.num_failed} failed" if self.num_failed else ""
+        triggered = f", {self.num_triggered} triggered" if self.num_triggered else ""
+        total = self.num_track + self.num_full + self.num_triggered
         text = (
-            f"Curvature measurements: {self.num_track + self.num_full} ({self.num_track} "
-            f"track, {self.num_full} full{failed})"
+            f"Curvature measurements: {total} ({self.num_track} track, {self.num_full} "
+            f"full{triggered}{failed})"
         )
         if self.cadence is None:
             text += " while calibrating the cadence"
@@ -298,9 +299,9 @@ class MeasurementSchedule:
         calibrated = self.every_n_steps is None and self.max_overhead is not None
         return {
             "calibrated_every_n_steps": self.cadence if calibrated else None,
-            **{name: getattr(self, name) for name in (*_COUNTS, *_SECONDS)},
+            **{name: getattr(self, name) for name in _COUNTS},
+            **self.clock.state_dict(),
             "estimated_overhead": self.estimated_overhead,
-            "samples": {kind: list(values) for kind, values in self._samples.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -310,32 +311,11 @@ class MeasurementSchedule:
             self.cadence = int(calibrated)
         for name in _COUNTS:
             setattr(self, name, int(state.get(name, 0)))
-        for name in _SECONDS:
-            setattr(self, name, float(state.get(name, 0.0)))
+        self.clock.load_state_dict(state)
         estimated = state.get("estimated_overhead")
         self.estimated_overhead = None if estimated is None else float(estimated)
-        samples = state.get("samples", {})
-        self._samples = {kind: [float(v) for v in samples.get(kind, [])] for kind in _KINDS}
 
     # ------------------------------------------------------------------ internals
-    def _time_training(self, step: int) -> None:
-        """Add the time since the last call (or measurement) to the training time; spread
-        it over the steps it covers (none under gradient accumulation: kept for later)."""
-        now = self.clock()
-        if self._mark is not None:
-            self._unassigned_seconds += now - self._mark
-            if step > self.last_step:
-                steps = step - self.last_step
-                self.train_seconds += self._unassigned_seconds
-                self.train_steps += steps
-                first, self._first_interval = self._first_interval, False
-                if self._collecting() and not first:  # one sample per step: mean = time / steps
-                    per_step = self._unassigned_seconds / steps
-                    for _ in range(min(steps, _MAX_SAMPLES)):
-                        _append(self._samples["step"], per_step)
-                self._unassigned_seconds = 0.0
-        self._mark = now
-
     def _collecting(self) -> bool:
         """Whether timings are still wanted: to calibrate, or for the one overhead check."""
         return self.max_overhead is not None and self.estimated_overhead is None
@@ -370,11 +350,11 @@ class MeasurementSchedule:
         # once anything was timed: a point that depends on steps (and on measurements
         # completing), the same on every rank.
         past_span = self.last_step >= self.calibration_start + CALIBRATION_SPAN
-        timed = bool(self._samples[TRACK] or self._samples[FULL])
-        return past_span and timed and bool(self._samples["step"])
+        samples = self.clock.samples
+        return past_span and self.clock.measured_any() and bool(samples["step"])
 
     def _overhead_check_due(self) -> bool:
-        samples = self._samples
+        samples = self.clock.samples
         return (
             self.every_n_steps is not None
             and self._collecting()
@@ -384,19 +364,9 @@ class MeasurementSchedule:
             and len(samples["step"]) >= _WARNING_SPAN
         )
 
-    def _costs(self) -> Costs:
-        samples = self._samples
-        return Costs(
-            track=statistics.median(samples[TRACK] or samples[FULL]),
-            full=statistics.median(samples[FULL] or samples[TRACK]),
-            # The mean: the run pays for the slow steps too (the median would not).
-            step=statistics.fmean(samples["step"]),
-            full_every=self.full_every,
-        )
-
     def _calibrate(self, agree: Callable[[int], int] | None) -> str:
         assert self.max_overhead is not None  # a cadence is fixed at once otherwise
-        costs = self._costs()
+        costs = self.clock.costs(self.full_every)
         proposed = costs.densest_cadence(self.max_overhead)
         chosen = proposed if agree is None else _check_cadence(agree(proposed))
         self.fix_cadence(chosen)
@@ -405,9 +375,9 @@ class MeasurementSchedule:
 
     def _overhead_warning(self) -> str | None:
         assert self.every_n_steps is not None and self.max_overhead is not None
-        costs, n = self._costs(), self.every_n_steps
+        costs, n = self.clock.costs(self.full_every), self.every_n_steps
         self.estimated_overhead = costs.overhead(n)
-        self._samples = {kind: [] for kind in _KINDS}
+        self.clock.forget_samples()
         return overhead_warning(costs, n, self.max_overhead)
 
 
@@ -428,8 +398,3 @@ def _ordinal(number: int) -> str:
     suffixes = {1: "st", 2: "nd", 3: "rd"}
     last = number % 10 if number % 100 not in (11, 12, 13) else 0
     return f"{number}{suffixes.get(last, 'th')}"
-
-
-def _append(samples: list[float], value: float) -> None:
-    samples.append(value)
-    del samples[:-_MAX_SAMPLES]

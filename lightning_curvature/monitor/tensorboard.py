@@ -48,6 +48,10 @@ def alert_text_tag(prefix: str = "curvature") -> str:
     return f"{prefix}/alerts"
 
 
+def loss_spike_text_tag(prefix: str = "curvature") -> str:
+    return f"{prefix}/loss_spikes"
+
+
 def stability_edge_tag(prefix: str = "curvature") -> str:
     """A constant 1 beside each stability ratio: Custom Scalars draws only logged tags, so
     the edge line of the ratio chart is a scalar of its own (TensorBoard writers only)."""
@@ -91,7 +95,11 @@ def dashboard_layout(prefix: str = "curvature") -> Layout:
             ],
             "stability ratio (1 = edge of stability)": [
                 "Multiline",
-                [f"^{p}/stability_ratio$", f"^{re.escape(stability_edge_tag(prefix))}$"],
+                [
+                    f"^{p}/stability_ratio$",
+                    f"^{p}/predicted_stability_ratio$",
+                    f"^{re.escape(stability_edge_tag(prefix))}$",
+                ],
             ],
             "top eigenvalues": ["Multiline", [f"^{p}/eigenvalue_\\d+$", f"^{p}/lambda_min$"]],
             "trace": ["Multiline", [f"^{p}/trace$"]],
@@ -131,6 +139,11 @@ def write_measurement(
 def write_alert(writer: Any, alert: Alert, prefix: str = "curvature") -> None:
     """The alert as a text entry at its step."""
     writer.add_text(alert_text_tag(prefix), f"**{alert.kind}** — {alert.message}", alert.step)
+
+
+def write_loss_spike(writer: Any, step: int, explanation: str, prefix: str = "curvature") -> None:
+    """What curvature said at a loss spike, as a text entry at its step."""
+    writer.add_text(loss_spike_text_tag(prefix), explanation, step)
 
 
 def density_figure(record: Measurement) -> Any | None:

@@ -1,0 +1,473 @@
+r"""Early warning: the risk between measurements, from signals that cost nothing.
+
+At every optimizer step the monitor knows, for free, the learning rate η_s of the optimizer
+that owns the measured parameters, the training loss, and the last trusted measurement: its
+stability ratio r_m (relevant sharpness × η_m over the optimizer's threshold; 1 is the edge)
+at step m. Sharpness moves slowly between measurements, η can jump (a scheduler, the end of a
+warm-up, a resume), so the **predicted stability ratio** is
+
+.. math:: \hat r_s = r_m \cdot \eta_s / \eta_m .
+
+For adaptive optimizers r_m is λmax(P⁻¹H)·η_m/threshold and P is taken as unchanged; the
+next measurement corrects both. :class:`EarlyWarning` turns these into
+
+**Triggers** (measure now, between scheduled steps; :class:`Triggers`):
+
+- ``edge``: :math:`\hat r_s` crosses ``AlertRules.edge_ratio`` from below;
+- ``lr_change``: η changed by more than that fraction since the last measurement;
+- ``loss_jump``: the loss is more than that factor above the median of its last
+  ``loss_window`` values (a non-finite loss cannot be measured: it raises an alert instead);
+- ``trend``: the measured trend (least squares over the last three trusted ratios)
+  reaches the edge before the next scheduled measurement: measure at the crossing;
+- ``risk``: near the edge, look more often: with :math:`\hat r_s \ge 0.5`, when more than
+  n/2 steps passed since the last measurement (n/4 from 0.7, n/8 from ``edge_ratio``; n
+  the cadence).
+
+Triggered measurements are *added* to the schedule (an explicit ``every_n_steps`` stays a
+promise), at least ``min_gap`` steps apart, and paid from a budget: a bucket that refills
+at one measurement per cadence n and holds at most ``burst`` (it starts full). So they
+at most double the measurement rate, and only near the edge or at events; the
+``edge`` trigger and the non-finite loss bypass the bucket (one each per crossing). Every
+rule depends on steps, η, the agreed measurements and the loss; under data parallelism the
+loss is each rank's own, so its jump is agreed (any rank) at steps that are multiples of
+``min_gap``, one collective there and none elsewhere.
+
+**Alerts with lead time** (:class:`~lightning_curvature.monitor.alerts.Alert`):
+
+- ``predicted_edge``: :math:`\hat r_s` reaches ``AlertRules.predicted_ratio`` (1: the
+  edge) at a step between measurements, before any measurement confirms it;
+- ``sharpness_trend``: the trend reaches the edge within ``AlertRules.trend_horizon``
+  steps, from a ratio of at least 0.5;
+- ``loss_not_finite``: the training loss is NaN or infinite.
+
+Each fires once and re-arms when its condition stops holding.
+
+**Loss spikes explained.** A loss above ``loss_jump`` × its recent median (or non-finite)
+starts a spike; :meth:`EarlyWarning.spikes` records what curvature said then: the last
+measured ratio, the predicted one, the trend, and which alert came first and how many steps
+before.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_curvature._checks import check_int, check_number
+from lightning_curvature.monitor.alerts import Alert, AlertTracker
+
+PREDICTED = "predicted_edge"
+TREND = "sharpness_trend"
+LOSS_NOT_FINITE = "loss_not_finite"
+EARLY_KINDS = (PREDICTED, TREND, LOSS_NOT_FINITE)
+# Risk levels of the predicted ratio and the share of the cadence they wait between looks.
+_RISK_LEVELS = ((0.9, 8), (0.7, 4), (0.5, 2))
+_TREND_POINTS = 3
+# Loss events, ordered so that the worst over ranks is the maximum.
+_CALM, _JUMP, _NOT_FINITE = 0, 1, 2
+# Triggers that do not draw on the budget: each fires once per event.
+_UNBUDGETED = ("edge", "loss_jump")
+# A loss spike's lead time counts from alerts at most this many steps before it.
+_LEAD_WINDOW = 1000
+_TREND_FLOOR = 0.5  # no trend alert from further below the edge than this ratio
+
+
+@dataclass(frozen=True)
+class Triggers:
+    """When to measure between scheduled steps (see the module docstring).
+
+    Args:
+        edge: measure when the predicted stability ratio crosses ``AlertRules.edge_ratio``.
+        lr_change: measure when η moved by more than this fraction since the last
+            measurement (0.5: by half); ``None``: never for that.
+        loss_jump: measure when the loss exceeds this factor times its recent median (> 1);
+            ``None``: never for that.
+        loss_window: how many recent losses form that median.
+        trend: measure where the measured trend crosses the edge, when that comes before
+            the next scheduled measurement.
+        risk: measure more often near the edge (every n/2, n/4, n/8 steps).
+        min_gap: the fewest steps between two triggered measurements.
+        burst: the most triggered measurements in a row before the budget (one per
+            cadence) limits them.
+
+    Raises:
+        ValueError: naming the argument, for a value outside its range.
+    """
+
+    edge: bool = True
+    lr_change: float | None = 0.5
+    loss_jump: float | None = 3.0
+    loss_window: int = 32
+    trend: bool = True
+    risk: bool = True
+    min_gap: int = 8
+    burst: int = 4
+
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen; NumPy numbers become Python ones
+        for name in ("edge", "trend", "risk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.lr_change is not None:
+            set_field(self, "lr_change", check_number("lr_change", self.lr_change, above=0.0))
+        if self.loss_jump is not None:
+            set_field(self, "loss_jump", check_number("loss_jump", self.loss_jump, above=1.0))
+        set_field(self, "loss_window", check_int("loss_window", self.loss_window, 3))
+        set_field(self, "min_gap", check_int("min_gap", self.min_gap, 1))
+        set_field(self, "burst", check_int("burst", self.burst, 1))
+
+
+@dataclass(frozen=True)
+class LossSpike:
+    """A loss spike and what curvature said when it came."""
+
+    step: int
+    loss: float
+    recent_median: float
+    measured_ratio: float | None
+    measured_step: int | None
+    predicted_ratio: float | None
+    trend_per_step: float | None
+    first_alert: str | None
+    first_alert_step: int | None
+
+    @property
+    def lead_steps(self) -> int | None:
+        """Steps from the first alert to the spike (None: no alert came first)."""
+        return None if self.first_alert_step is None else self.step - self.first_alert_step
+
+    def explanation(self) -> str:
+        """What curvature said at this spike, in words."""
+        loss = f"{self.loss:.4g}" if math.isfinite(self.loss) else "not finite"
+        text = f"Loss spike at step {self.step}: loss {loss} against a recent median of "
+        text += f"{self.recent_median:.4g}."
+        if self.measured_ratio is None:
+            text += " No trusted stability ratio had been measured yet."
+        else:
+            text += f" The stability ratio was {self.measured_ratio:.3g} at step "
+            text += f"{self.measured_step} (1 is the edge)"
+            if self.predicted_ratio is not None:
+                text += f", {self.predicted_ratio:.3g} predicted with today's learning rate"
+            if self.trend_per_step is not None:
+                text += f", trend {self.trend_per_step * 100:+.3g} per 100 steps"
+            text += "."
+        if self.first_alert is None:
+            text += " No alert came before it."
+        else:
+            text += f" The first alert, {self.first_alert}, came {self.lead_steps} steps before."
+        return text
+
+
+@dataclass
+class Signals:
+    """What :meth:`EarlyWarning.observe` says for one step."""
+
+    predicted_ratio: float | None = None
+    trigger: str | None = None
+    alerts: list[Alert] = field(default_factory=list)
+    spike: LossSpike | None = None
+
+
+class EarlyWarning:
+    """Predicted ratio, triggers, early alerts and spike records over a run (module
+    docstring). Feed every step to :meth:`observe` and every measurement to :meth:`measured`;
+    the state survives resume (:meth:`state_dict`)."""
+
+    def __init__(self, triggers: Triggers | None = None, alerts: AlertTracker | None = None):
+        self.triggers = triggers or Triggers()
+        # The run's alert log: early alerts join the measurements' ones there.
+        self.alerts = alerts or AlertTracker()
+        self.rules = self.alerts.rules
+        self.reference: tuple[int, float, float] | None = None  # (step, ratio, η) trusted
+        self.last_measured_step = 0
+        self.last_measured_lr: float | None = None
+        self.trend_points: list[tuple[int, float]] = []
+        self.losses: list[float] = []
+        self.pending_loss_event = _CALM
+        self.credit = float(self.triggers.burst)
+        self.last_trigger_step = -(10**9)
+        self.last_credit_step: int | None = None
+        self.active: dict[str, bool] = {kind: False for kind in (*EARLY_KINDS, "edge", "spike")}
+        self.spikes: list[LossSpike] = []
+
+    # ------------------------------------------------------------------ inputs
+    def measured(self, step: int, ratio: float | None, learning_rate: float | None) -> None:
+        """A measurement completed at ``step`` with this trusted stability ratio (None: none
+        to trust) under this η."""
+        self.last_measured_step = step
+        self.last_measured_lr = learning_rate
+        if ratio is None or learning_rate is None or not math.isfinite(ratio) or learning_rate <= 0:
+            return
+        self.reference = (step, float(ratio), float(learning_rate))
+        self.trend_points = [*self.trend_points, (step, float(ratio))][-_TREND_POINTS:]
+        self.active["edge"] = ratio >= self.rules.edge_ratio
+
+    def observe(
+        self,
+        step: int,
+        learning_rate: float | None,
+        loss: float | None,
+        cadence: int | None,
+        agree_loss: Callable[[int], int] | None = None,
+    ) -> Signals:
+        """The predicted ratio, the trigger (or None) and the early alerts at ``step``.
+
+        Args:
+            step: the global step after this optimizer step.
+            learning_rate: η now (of the optimizer owning the measured parameters).
+            loss: the training loss of this step, when known.
+            cadence: the schedule's cadence n (None while it calibrates).
+            agree_loss: under data parallelism, ``max_over_ranks(code) -> code``, a
+                collective, called only at steps that are multiples of ``min_gap``.
+        """
+        self._refill(step, cadence)
+        signals = Signals(predicted_ratio=self.predicted_ratio(learning_rate))
+        event = self._loss_event(step, loss, agree_loss)
+        if event == _NOT_FINITE:
+            message = self._loss_message(step)
+            signals.alerts += self._fire(LOSS_NOT_FINITE, True, step, math.inf, 0.0, message)
+        signals.alerts += self._predicted_alert(step, signals.predicted_ratio, learning_rate)
+        signals.alerts += self._trend_alert(step)
+        self.alerts.fired += signals.alerts
+        if event == _CALM:
+            self.active["spike"] = False
+        elif not self.active["spike"]:
+            self.active["spike"] = True
+            signals.spike = self._spike(step, loss, signals.predicted_ratio)
+        if event != _NOT_FINITE:
+            new_jump = signals.spike is not None
+            signals.trigger = self._trigger(
+                step, signals.predicted_ratio, learning_rate, new_jump, cadence
+            )
+        if signals.trigger is not None:
+            self.last_trigger_step = step
+            if signals.trigger not in _UNBUDGETED:
+                self.credit -= 1.0
+        return signals
+
+    def predicted_ratio(self, learning_rate: float | None) -> float | None:
+        """The last trusted ratio rescaled to η now; None without either."""
+        if self.reference is None or learning_rate is None or not math.isfinite(learning_rate):
+            return None
+        _, ratio, lr = self.reference
+        return ratio * learning_rate / lr
+
+    def trend(self) -> float | None:
+        """The ratio's slope per step, least squares over the last trusted measurements."""
+        if len(self.trend_points) < _TREND_POINTS:
+            return None
+        steps = [float(s) for s, _ in self.trend_points]
+        ratios = [r for _, r in self.trend_points]
+        if len(set(steps)) < 2:
+            return None
+        return statistics.linear_regression(steps, ratios).slope
+
+    def summary(self) -> str:
+        """One line for the end of a run: the loss spikes and their lead times."""
+        if not self.spikes:
+            return ""
+        parts = []
+        for spike in self.spikes[:5]:
+            lead = (
+                "no alert before it"
+                if spike.first_alert is None
+                else (f"{spike.first_alert} {spike.lead_steps} steps before")
+            )
+            parts.append(f"step {spike.step} ({lead})")
+        more = ", …" if len(self.spikes) > 5 else ""
+        return f"Loss spikes: {len(self.spikes)} ({'; '.join(parts)}{more})."
+
+    # ------------------------------------------------------------------ resume
+    _STATE = (
+        "last_measured_step",
+        "last_measured_lr",
+        "losses",
+        "credit",
+        "last_trigger_step",
+        "last_credit_step",
+        "active",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **{name: getattr(self, name) for name in self._STATE},
+            "reference": None if self.reference is None else list(self.reference),
+            "trend_points": [list(point) for point in self.trend_points],
+            "spikes": [asdict(spike) for spike in self.spikes],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self._STATE:
+            if name in state:
+                value = state[name]
+                setattr(self, name, dict(value) if isinstance(value, dict) else value)
+        reference = state.get("reference")
+        self.reference = (
+            None
+            if reference is None
+            else (int(reference[0]), float(reference[1]), float(reference[2]))
+        )
+        self.trend_points = [(int(s), float(r)) for s, r in state.get("trend_points", [])]
+        self.spikes = [LossSpike(**spike) for spike in state.get("spikes", [])]
+
+    # ------------------------------------------------------------------ rules
+    def _refill(self, step: int, cadence: int | None) -> None:
+        if self.last_credit_step is not None and step > self.last_credit_step:
+            per_step = 1.0 / (cadence or 32)  # while calibrating: the calibration's span
+            gained = (step - self.last_credit_step) * per_step
+            self.credit = min(float(self.triggers.burst), self.credit + gained)
+        self.last_credit_step = step
+
+    def _loss_event(self, step: int, loss: float | None, agree: Callable[[int], int] | None) -> int:
+        """This step's loss event: calm, a jump above the recent median, or not finite.
+        Under data parallelism each rank's event waits for the next multiple of
+        ``min_gap``, where the worst over ranks holds on every rank."""
+        rules = self.triggers
+        event = _CALM
+        if loss is not None and not math.isfinite(loss):
+            event = _NOT_FINITE
+        elif loss is not None:
+            if rules.loss_jump is not None and len(self.losses) >= rules.loss_window // 2:
+                if loss > rules.loss_jump * statistics.median(self.losses):
+                    event = _JUMP
+            self.losses = [*self.losses, float(loss)][-rules.loss_window :]
+        if agree is None:
+            return event
+        self.pending_loss_event = max(self.pending_loss_event, event)
+        if step % rules.min_gap != 0:
+            return _CALM if not self.active["spike"] else _JUMP  # unchanged until agreed
+        event, self.pending_loss_event = int(agree(self.pending_loss_event)), _CALM
+        return event
+
+    def _trigger(
+        self, step: int, predicted: float | None, lr: float | None, jump: bool, cadence: int | None
+    ) -> str | None:
+        rules = self.triggers
+        if step - max(self.last_trigger_step, self.last_measured_step) < rules.min_gap:
+            return None
+        crossed = predicted is not None and predicted >= self.rules.edge_ratio
+        if rules.edge and crossed and not self.active["edge"]:
+            self.active["edge"] = True  # once per crossing; a measurement re-arms it
+            return "edge"
+        if jump:
+            return "loss_jump"  # once per spike: the start of it
+        if self.credit < 1.0:
+            return None
+        if rules.lr_change is not None and lr is not None and self.last_measured_lr:
+            if abs(lr - self.last_measured_lr) > rules.lr_change * self.last_measured_lr:
+                return "lr_change"
+        since = step - self.last_measured_step
+        if rules.trend and cadence is not None:
+            crossing = self._steps_to_edge()
+            if crossing is not None and self.last_measured_step + crossing <= step < (
+                self.last_measured_step + cadence
+            ):
+                return "trend"
+        if rules.risk and cadence is not None and predicted is not None:
+            for level, parts in _RISK_LEVELS:
+                if predicted >= level:
+                    return "risk" if since >= max(rules.min_gap, cadence // parts) else None
+        return None
+
+    def _steps_to_edge(self) -> float | None:
+        """Steps from the last trusted measurement until the trend reaches the edge."""
+        slope = self.trend()
+        if slope is None or slope <= 0 or self.reference is None:
+            return None
+        return max(0.0, (1.0 - self.reference[1]) / slope)
+
+    def _predicted_alert(self, step: int, predicted: float | None, lr: float | None) -> list[Alert]:
+        if predicted is None or self.reference is None or lr is None:
+            return []
+        measured_step, ratio, measured_lr = self.reference
+        limit = self.rules.predicted_ratio
+        message = (
+            f"Predicted edge of stability at step {step}: the learning rate is now {lr:.4g}, "
+            f"{lr / measured_lr:.3g}× the {measured_lr:.4g} of step {measured_step}, whose "
+            f"stability ratio was {ratio:.3g}; with the sharpness measured there, the ratio is "
+            f"now about {predicted:.3g} (1 is the edge: sharpness·lr at the optimizer's "
+            "threshold). Training is likely to diverge along the top eigenvector within tens "
+            "of steps unless the learning rate comes down; a measurement follows."
+        )
+        # The crossing is η's doing: a measured ratio at the edge is the edge rule's business.
+        holds = predicted >= limit > ratio and step > measured_step
+        if predicted < self.rules.edge_ratio:
+            self.active[PREDICTED] = False
+        return self._fire(PREDICTED, holds, step, predicted, limit, message, rearm=False)
+
+    def _trend_alert(self, step: int) -> list[Alert]:
+        steps = self._steps_to_edge()
+        assert self.rules.trend_horizon >= 1
+        holds = (
+            steps is not None
+            and self.reference is not None
+            and self.reference[1] >= _TREND_FLOOR
+            and steps <= self.rules.trend_horizon
+        )
+        if not holds or self.reference is None or steps is None:
+            self.active[TREND] = False
+            return []
+        slope = self.trend() or 0.0
+        measured_step, ratio, _ = self.reference
+        message = (
+            f"Sharpness trend at step {step}: the stability ratio rose to {ratio:.3g} at step "
+            f"{measured_step}, {slope * 100:+.3g} per 100 steps over the last "
+            f"{len(self.trend_points)} measurements; at this rate sharpness·lr reaches the "
+            f"optimizer's threshold in about {steps:.0f} steps (by step "
+            f"{measured_step + round(steps)}). Lower the learning rate, or expect the edge of "
+            "stability."
+        )
+        return self._fire(TREND, True, step, ratio, 1.0, message)
+
+    def _fire(
+        self,
+        kind: str,
+        holds: bool,
+        step: int,
+        value: float,
+        reference: float,
+        message: str,
+        rearm: bool = True,
+    ) -> list[Alert]:
+        if not holds:
+            if rearm:
+                self.active[kind] = False
+            return []
+        if self.active[kind]:
+            return []
+        self.active[kind] = True
+        return [Alert(kind=kind, step=step, value=value, reference=reference, message=message)]
+
+    def _loss_message(self, step: int) -> str:
+        said = "no trusted stability ratio was measured before it"
+        if self.reference is not None:
+            measured_step, ratio, _ = self.reference
+            said = f"the last stability ratio was {ratio:.3g}, at step {measured_step}"
+        return (
+            f"The training loss is not finite at step {step}, so curvature cannot be measured "
+            f"there; {said}. Training has diverged: lower the learning rate, or resume from an "
+            "earlier checkpoint."
+        )
+
+    def _spike(self, step: int, loss: float | None, predicted: float | None) -> LossSpike:
+        after = self.spikes[-1].step if self.spikes else -math.inf
+        recent = (
+            a for a in self.alerts.fired if after < a.step <= step and step - a.step <= _LEAD_WINDOW
+        )
+        first = next(recent, None)
+        spike = LossSpike(
+            step=step,
+            loss=math.nan if loss is None else float(loss),
+            recent_median=statistics.median(self.losses) if self.losses else math.nan,
+            measured_ratio=None if self.reference is None else self.reference[1],
+            measured_step=None if self.reference is None else self.reference[0],
+            predicted_ratio=predicted,
+            trend_per_step=self.trend(),
+            first_alert=None if first is None else first.kind,
+            first_alert_step=None if first is None else first.step,
+        )
+        self.spikes.append(spike)
+        return spike
