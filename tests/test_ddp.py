@@ -43,7 +43,7 @@ def scenarios(tmp_path_factory):
     assert completed.returncode == 0, completed.stderr[-3000:]
     return {
         name: [json.loads(Path(f"{out}.{name}.rank{r}").read_text()) for r in (0, 1)]
-        for name in ("union", "budget", "nan")
+        for name in ("union", "budget", "nan", "warn")
     } | {"logs": tmp_path / "logs"}
 
 
@@ -85,3 +85,16 @@ def test_ddp_a_failure_on_one_rank_is_skipped_everywhere_with_its_real_cause(sce
         if report["rank"] == 0:  # only rank 0 warns (rank_zero_warn)
             assert len(failures) == 1
             assert "rank 1" in failures[0] and "the loss on the probe batches is nan" in failures[0]
+
+
+@needs_distributed
+def test_ddp_early_warning_agrees_across_ranks_without_a_hang(scenarios):
+    ranks = scenarios["warn"]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 60
+    for key in ("steps", "alerts", "spikes", "triggered"):
+        assert ranks[0][key] == ranks[1][key], key
+    kinds = {kind: step for kind, step in ranks[0]["alerts"]}
+    assert kinds.get("predicted_edge") == 31  # the raised step, before a measurement
+    assert ranks[0]["triggered"] >= 1
+    # Rank 1's own loss jump at 41, agreed at the next multiple of min_gap (8): step 48.
+    assert ranks[0]["spikes"] == [48]

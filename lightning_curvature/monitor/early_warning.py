@@ -202,7 +202,9 @@ class EarlyWarning:
         if ratio is None or learning_rate is None or not math.isfinite(ratio) or learning_rate <= 0:
             return
         self.reference = (step, float(ratio), float(learning_rate))
-        self.trend_points = [*self.trend_points, (step, float(ratio))][-_TREND_POINTS:]
+        # Each point as the sharpness it measured (ratio per unit η): an η change is no trend.
+        point = (step, float(ratio) / float(learning_rate))
+        self.trend_points = [*self.trend_points, point][-_TREND_POINTS:]
         self.active["edge"] = ratio >= self.rules.edge_ratio
 
     def observe(
@@ -256,14 +258,15 @@ class EarlyWarning:
         return ratio * learning_rate / lr
 
     def trend(self) -> float | None:
-        """The ratio's slope per step, least squares over the last trusted measurements."""
-        if len(self.trend_points) < _TREND_POINTS:
+        """The ratio's slope per step at the last measurement's η: least squares over the
+        last trusted measurements of the sharpness (ratio per unit η), times that η."""
+        if len(self.trend_points) < _TREND_POINTS or self.reference is None:
             return None
         steps = [float(s) for s, _ in self.trend_points]
-        ratios = [r for _, r in self.trend_points]
         if len(set(steps)) < 2:
             return None
-        return statistics.linear_regression(steps, ratios).slope
+        per_lr = [r for _, r in self.trend_points]
+        return statistics.linear_regression(steps, per_lr).slope * self.reference[2]
 
     def summary(self) -> str:
         """One line for the end of a run: the loss spikes and their lead times."""
@@ -404,7 +407,7 @@ class EarlyWarning:
         holds = (
             steps is not None
             and self.reference is not None
-            and self.reference[1] >= _TREND_FLOOR
+            and _TREND_FLOOR <= self.reference[1] < 1.0  # at the edge: the edge rule speaks
             and steps <= self.rules.trend_horizon
         )
         if not holds or self.reference is None or steps is None:

@@ -8,6 +8,9 @@ Scenarios (the third argument):
   so the ranks' clocks disagree; the run must finish with identical measured steps.
 - ``nan``: rank 1's loss turns NaN at one measurement; every rank must skip it and report
   rank 1's own cause.
+- ``warn``: the defaults, the learning rate raised ×40 at step 30 (a ratio of about 0.03 to 1.3) and a loss jump on rank 1
+  alone at step 41: both ranks must take the same triggered measurements, raise the same
+  alerts at the same steps, and record the spike, with no hang.
 
 One launch runs every scenario in turn (starting ranks costs more than training them); every
 rank writes what it saw in scenario S to ``OUT.S.rank<r>`` as JSON.
@@ -40,10 +43,25 @@ def nan_on_rank_one(module, batch):
     return loss
 
 
+class RaiseLearningRate(pl.Callback):
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == 30:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] *= 40
+
+
+class JumpOnRankOne(Classifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_rank == 1 and self.trainer.global_step == 41:
+            return loss * 50
+        return loss
+
+
 def run(out_path: str, log_dir: str, scenario: str) -> None:
     pl.seed_everything(0, verbose=False)
-    module = Classifier(mlp(), "sgd", lr=0.1)
-    callbacks = []
+    module = (JumpOnRankOne if scenario == "warn" else Classifier)(mlp(), "sgd", lr=0.1)
+    callbacks: list = []
     if scenario == "union":
         monitor = CurvatureMonitor(
             every_n_steps=4, log_spaced=False, max_overhead=None, on_error="raise"
@@ -52,6 +70,10 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
     elif scenario == "budget":
         monitor = CurvatureMonitor(k=2, num_probes=4)
         callbacks.append(SlowRankOne())
+        max_steps = 60
+    elif scenario == "warn":
+        monitor = CurvatureMonitor(k=2, trace=False)
+        callbacks += [SlowRankOne(), RaiseLearningRate()]
         max_steps = 60
     else:
         monitor = CurvatureMonitor(
@@ -83,6 +105,10 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
         "log_dir": trainer.logger.log_dir if rank == 0 else None,
         "warnings": [str(w.message) for w in caught],
         "global_step": trainer.global_step,
+        "alerts": [[a.kind, a.step] for a in monitor.alerts.fired],
+        "spikes": [s.step for s in monitor.early_warning.spikes],
+        "triggered": monitor.schedule.num_triggered,
+        "ratios": [h.get("curvature/stability_ratio") for h in monitor.history],
     }
     with open(f"{out_path}.{scenario}.rank{rank}", "w") as handle:
         json.dump(result, handle)
@@ -90,5 +116,5 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
 
 
 if __name__ == "__main__":
-    for name in ("union", "budget", "nan"):
+    for name in ("union", "budget", "nan", "warn"):
         run(sys.argv[1], f"{sys.argv[2]}/{name}", name)
