@@ -46,7 +46,7 @@ from lightning_curvature.estimators import (
     spectral_density,
 )
 from lightning_curvature.monitor.alerts import AlertRules
-from lightning_curvature.monitor.early_warning import Triggers
+from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators import (
     DenseOperator,
     GradientGraphOperator,

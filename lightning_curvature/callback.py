@@ -23,12 +23,13 @@ from lightning_curvature.measure.objective import Mode, training_step_loss
 from lightning_curvature.measure.tags import TAG_PREFIX
 from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker, check_alert_rules
 from lightning_curvature.monitor.arguments import check_arguments, check_triggers, measure_settings
-from lightning_curvature.monitor.early_warning import EarlyWarning, Signals, Triggers
+from lightning_curvature.monitor.early_warning import EarlyWarning, Signals
 from lightning_curvature.monitor.failures import FailurePolicy, OnError, agree_on_failure
 from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import Decision, MeasurementSchedule
+from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import Curvature
 
 

@@ -3,6 +3,7 @@ trigger, the budget, the alerts with lead time, loss spikes, ranks and resume.""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -91,7 +92,7 @@ def test_an_lr_change_triggers_within_the_budget():
             early.measured(step, 0.1 * lr, lr)
     # Two from the full bucket at once, then one per cadence (16 steps) as it refills.
     assert triggered[:2] == [10, 12]
-    assert all(b - a >= 8 for a, b in zip(triggered[1:], triggered[2:], strict=False))
+    assert all(b - a >= 8 for a, b in itertools.pairwise(triggered[1:]))
     assert len(triggered) <= 2 + (39 - 10) // 16 + 1
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
 from lightning_curvature.measure.tiers import MeasureSettings
-from lightning_curvature.monitor.early_warning import Triggers
+from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import CURVATURES, LOSS_NAMES
 
 

@@ -56,15 +56,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.monitor.alerts import Alert, AlertTracker
+from lightning_curvature.monitor.loss_spikes import LossSpike, spike_summary
+from lightning_curvature.monitor.triggers import TriggerBudget, Triggers, risk_wait
 
 PREDICTED = "predicted_edge"
 TREND = "sharpness_trend"
 LOSS_NOT_FINITE = "loss_not_finite"
 EARLY_KINDS = (PREDICTED, TREND, LOSS_NOT_FINITE)
-# Risk levels of the predicted ratio and the share of the cadence they wait between looks.
-_RISK_LEVELS = ((0.9, 8), (0.7, 4), (0.5, 2))
 _TREND_POINTS = 3
 # Loss events, ordered so that the worst over ranks is the maximum.
 _CALM, _JUMP, _NOT_FINITE = 0, 1, 2
@@ -73,92 +72,6 @@ _UNBUDGETED = ("edge", "loss_jump")
 # A loss spike's lead time counts from alerts at most this many steps before it.
 _LEAD_WINDOW = 1000
 _TREND_FLOOR = 0.5  # no trend alert from further below the edge than this ratio
-
-
-@dataclass(frozen=True)
-class Triggers:
-    """When to measure between scheduled steps (see the module docstring).
-
-    Args:
-        edge: measure when the predicted stability ratio crosses ``AlertRules.edge_ratio``.
-        lr_change: measure when η moved by more than this fraction since the last
-            measurement (0.5: by half); ``None``: never for that.
-        loss_jump: measure when the loss exceeds this factor times its recent median (> 1);
-            ``None``: never for that.
-        loss_window: how many recent losses form that median.
-        trend: measure where the measured trend crosses the edge, when that comes before
-            the next scheduled measurement.
-        risk: measure more often near the edge (every n/2, n/4, n/8 steps).
-        min_gap: the fewest steps between two triggered measurements.
-        burst: the most triggered measurements in a row before the budget (one per
-            cadence) limits them.
-
-    Raises:
-        ValueError: naming the argument, for a value outside its range.
-    """
-
-    edge: bool = True
-    lr_change: float | None = 0.5
-    loss_jump: float | None = 3.0
-    loss_window: int = 32
-    trend: bool = True
-    risk: bool = True
-    min_gap: int = 8
-    burst: int = 4
-
-    def __post_init__(self) -> None:
-        set_field = object.__setattr__  # frozen; NumPy numbers become Python ones
-        for name in ("edge", "trend", "risk"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.lr_change is not None:
-            set_field(self, "lr_change", check_number("lr_change", self.lr_change, above=0.0))
-        if self.loss_jump is not None:
-            set_field(self, "loss_jump", check_number("loss_jump", self.loss_jump, above=1.0))
-        set_field(self, "loss_window", check_int("loss_window", self.loss_window, 3))
-        set_field(self, "min_gap", check_int("min_gap", self.min_gap, 1))
-        set_field(self, "burst", check_int("burst", self.burst, 1))
-
-
-@dataclass(frozen=True)
-class LossSpike:
-    """A loss spike and what curvature said when it came."""
-
-    step: int
-    loss: float
-    recent_median: float
-    measured_ratio: float | None
-    measured_step: int | None
-    predicted_ratio: float | None
-    trend_per_step: float | None
-    first_alert: str | None
-    first_alert_step: int | None
-
-    @property
-    def lead_steps(self) -> int | None:
-        """Steps from the first alert to the spike (None: no alert came first)."""
-        return None if self.first_alert_step is None else self.step - self.first_alert_step
-
-    def explanation(self) -> str:
-        """What curvature said at this spike, in words."""
-        loss = f"{self.loss:.4g}" if math.isfinite(self.loss) else "not finite"
-        text = f"Loss spike at step {self.step}: loss {loss} against a recent median of "
-        text += f"{self.recent_median:.4g}."
-        if self.measured_ratio is None:
-            text += " No trusted stability ratio had been measured yet."
-        else:
-            text += f" The stability ratio was {self.measured_ratio:.3g} at step "
-            text += f"{self.measured_step} (1 is the edge)"
-            if self.predicted_ratio is not None:
-                text += f", {self.predicted_ratio:.3g} predicted with today's learning rate"
-            if self.trend_per_step is not None:
-                text += f", trend {self.trend_per_step * 100:+.3g} per 100 steps"
-            text += "."
-        if self.first_alert is None:
-            text += " No alert came before it."
-        else:
-            text += f" The first alert, {self.first_alert}, came {self.lead_steps} steps before."
-        return text
 
 
 @dataclass
@@ -187,9 +100,8 @@ class EarlyWarning:
         self.trend_points: list[tuple[int, float]] = []
         self.losses: list[float] = []
         self.pending_loss_event = _CALM
-        self.credit = float(self.triggers.burst)
+        self.budget = TriggerBudget(self.triggers.burst)
         self.last_trigger_step = -(10**9)
-        self.last_credit_step: int | None = None
         self.active: dict[str, bool] = {kind: False for kind in (*EARLY_KINDS, "edge", "spike")}
         self.spikes: list[LossSpike] = []
 
@@ -225,7 +137,7 @@ class EarlyWarning:
             agree_loss: under data parallelism, ``max_over_ranks(code) -> code``, a
                 collective, called only at steps that are multiples of ``min_gap``.
         """
-        self._refill(step, cadence)
+        self.budget.refill(step, cadence)
         signals = Signals(predicted_ratio=self.predicted_ratio(learning_rate))
         event = self._loss_event(step, loss, agree_loss)
         if event == _NOT_FINITE:
@@ -247,7 +159,7 @@ class EarlyWarning:
         if signals.trigger is not None:
             self.last_trigger_step = step
             if signals.trigger not in _UNBUDGETED:
-                self.credit -= 1.0
+                self.budget.spend()
         return signals
 
     def predicted_ratio(self, learning_rate: float | None) -> float | None:
@@ -270,33 +182,21 @@ class EarlyWarning:
 
     def summary(self) -> str:
         """One line for the end of a run: the loss spikes and their lead times."""
-        if not self.spikes:
-            return ""
-        parts = []
-        for spike in self.spikes[:5]:
-            lead = (
-                "no alert before it"
-                if spike.first_alert is None
-                else (f"{spike.first_alert} {spike.lead_steps} steps before")
-            )
-            parts.append(f"step {spike.step} ({lead})")
-        more = ", …" if len(self.spikes) > 5 else ""
-        return f"Loss spikes: {len(self.spikes)} ({'; '.join(parts)}{more})."
+        return spike_summary(self.spikes)
 
     # ------------------------------------------------------------------ resume
     _STATE = (
         "last_measured_step",
         "last_measured_lr",
         "losses",
-        "credit",
         "last_trigger_step",
-        "last_credit_step",
         "active",
     )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **{name: getattr(self, name) for name in self._STATE},
+            "budget": self.budget.state_dict(),
             "reference": None if self.reference is None else list(self.reference),
             "trend_points": [list(point) for point in self.trend_points],
             "spikes": [asdict(spike) for spike in self.spikes],
@@ -307,6 +207,7 @@ class EarlyWarning:
             if name in state:
                 value = state[name]
                 setattr(self, name, dict(value) if isinstance(value, dict) else value)
+        self.budget.load_state_dict(state.get("budget", {}))
         reference = state.get("reference")
         self.reference = (
             None
@@ -317,13 +218,6 @@ class EarlyWarning:
         self.spikes = [LossSpike(**spike) for spike in state.get("spikes", [])]
 
     # ------------------------------------------------------------------ rules
-    def _refill(self, step: int, cadence: int | None) -> None:
-        if self.last_credit_step is not None and step > self.last_credit_step:
-            per_step = 1.0 / (cadence or 32)  # while calibrating: the calibration's span
-            gained = (step - self.last_credit_step) * per_step
-            self.credit = min(float(self.triggers.burst), self.credit + gained)
-        self.last_credit_step = step
-
     def _loss_event(self, step: int, loss: float | None, agree: Callable[[int], int] | None) -> int:
         """This step's loss event: calm, a jump above the recent median, or not finite.
         Under data parallelism each rank's event waits for the next multiple of
@@ -357,7 +251,7 @@ class EarlyWarning:
             return "edge"
         if jump:
             return "loss_jump"  # once per spike: the start of it
-        if self.credit < 1.0:
+        if not self.budget.affords_one():
             return None
         if rules.lr_change is not None and lr is not None and self.last_measured_lr:
             if abs(lr - self.last_measured_lr) > rules.lr_change * self.last_measured_lr:
@@ -370,9 +264,8 @@ class EarlyWarning:
             ):
                 return "trend"
         if rules.risk and cadence is not None and predicted is not None:
-            for level, parts in _RISK_LEVELS:
-                if predicted >= level:
-                    return "risk" if since >= max(rules.min_gap, cadence // parts) else None
+            wait = risk_wait(predicted, cadence, rules.min_gap)
+            return "risk" if wait is not None and since >= wait else None
         return None
 
     def _steps_to_edge(self) -> float | None:

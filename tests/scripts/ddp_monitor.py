@@ -8,9 +8,10 @@ Scenarios (the third argument):
   so the ranks' clocks disagree; the run must finish with identical measured steps.
 - ``nan``: rank 1's loss turns NaN at one measurement; every rank must skip it and report
   rank 1's own cause.
-- ``warn``: the defaults, the learning rate raised ×40 at step 30 (a ratio of about 0.03 to 1.3) and a loss jump on rank 1
-  alone at step 41: both ranks must take the same triggered measurements, raise the same
-  alerts at the same steps, and record the spike, with no hang.
+- ``warn``: the defaults, the learning rate raised ×40 at step 30 (a stability ratio of
+  about 0.03 to 1.3) and a loss jump on rank 1 alone at step 41: both ranks must take the
+  same triggered measurements, raise the same alerts at the same steps, and record the
+  spike, with no hang.
 
 One launch runs every scenario in turn (starting ranks costs more than training them); every
 rank writes what it saw in scenario S to ``OUT.S.rank<r>`` as JSON.

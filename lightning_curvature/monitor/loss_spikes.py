@@ -1,0 +1,65 @@
+"""Loss spikes and what curvature said when they came: the record the early warning keeps
+for each, in words for TensorBoard's text tab and the end-of-fit line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LossSpike:
+    """A loss spike and what curvature said when it came."""
+
+    step: int
+    loss: float
+    recent_median: float
+    measured_ratio: float | None
+    measured_step: int | None
+    predicted_ratio: float | None
+    trend_per_step: float | None
+    first_alert: str | None
+    first_alert_step: int | None
+
+    @property
+    def lead_steps(self) -> int | None:
+        """Steps from the first alert to the spike (None: no alert came first)."""
+        return None if self.first_alert_step is None else self.step - self.first_alert_step
+
+    def explanation(self) -> str:
+        """What curvature said at this spike, in words."""
+        loss = f"{self.loss:.4g}" if math.isfinite(self.loss) else "not finite"
+        text = f"Loss spike at step {self.step}: loss {loss} against a recent median of "
+        text += f"{self.recent_median:.4g}."
+        if self.measured_ratio is None:
+            text += " No trusted stability ratio had been measured yet."
+        else:
+            text += f" The stability ratio was {self.measured_ratio:.3g} at step "
+            text += f"{self.measured_step} (1 is the edge)"
+            if self.predicted_ratio is not None:
+                text += f", {self.predicted_ratio:.3g} predicted with today's learning rate"
+            if self.trend_per_step is not None:
+                text += f", trend {self.trend_per_step * 100:+.3g} per 100 steps"
+            text += "."
+        if self.first_alert is None:
+            text += " No alert came before it."
+        else:
+            text += f" The first alert, {self.first_alert}, came {self.lead_steps} steps before."
+        return text
+
+
+def spike_summary(spikes: Sequence[LossSpike]) -> str:
+    """One line for the end of a run: the loss spikes and their lead times ("" for none)."""
+    if not spikes:
+        return ""
+    parts = []
+    for spike in spikes[:5]:
+        lead = (
+            "no alert before it"
+            if spike.first_alert is None
+            else f"{spike.first_alert} {spike.lead_steps} steps before"
+        )
+        parts.append(f"step {spike.step} ({lead})")
+    more = ", …" if len(spikes) > 5 else ""
+    return f"Loss spikes: {len(spikes)} ({'; '.join(parts)}{more})."
