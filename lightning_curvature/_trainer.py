@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_curvature._lightning import TensorBoardLogger, pl
+from lightning_curvature.monitor.failures import agree_on_failure
 
 # Strategies that shard parameters: a rank does not hold the whole model, so the flat
 # Hessian-vector product of one rank is not defined.
@@ -77,14 +78,9 @@ def scale_learning_rates(trainer: pl.Trainer, factor: float) -> None:
             group["lr"] = group["lr"] * factor
 
 
-def cannot_measure(
-    trainer: pl.Trainer,
-    module: pl.LightningModule,
-    curvature: str,
-    loss_fn: Callable[..., Any] | None,
-    output_fn: Callable[..., Any] | None,
-) -> str | None:
+def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: Any) -> str | None:
     """Why this run cannot be measured, in words with the fix; None when it can."""
+    curvature, loss_fn, output_fn = objective.curvature, objective.loss_fn, objective.output_fn
     strategy = sharded_strategy(trainer)
     if strategy is not None:
         return (
@@ -145,3 +141,28 @@ def owned_learning_rate(owner: tuple[Any, int] | None) -> float | None:
         return None
     optimizer, group = owner
     return float(optimizer.param_groups[group]["lr"])
+
+
+def max_over_ranks(trainer: pl.Trainer) -> Callable[[int], int] | None:
+    """``agree(code)``: the largest ``code`` over ranks (a collective); None on one process."""
+    if not distributed(trainer):
+        return None
+
+    def agree(code: int) -> int:
+        worst = torch.tensor(float(code), device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(worst, reduce_op="max"))
+
+    return agree
+
+
+def failure_agreement(
+    trainer: pl.Trainer,
+) -> Callable[[BaseException | None], BaseException | None] | None:
+    """This rank's failure (or None) → the one every rank raises; None on one process."""
+    if not distributed(trainer):
+        return None
+
+    def agree(error: BaseException | None) -> BaseException | None:
+        return agree_on_failure(error, trainer.strategy, trainer.world_size, trainer.global_rank)
+
+    return agree

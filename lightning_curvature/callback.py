@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 from lightning_curvature import _trainer as facts
 from lightning_curvature._checks import check_int, check_open_unit
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
-from lightning_curvature.measure.module import Context, Outcome
-from lightning_curvature.measure.objective import Mode, training_step_loss
+from lightning_curvature.measure.module import Objective, Outcome
+from lightning_curvature.measure.objective import Mode
 from lightning_curvature.measure.tags import TAG_PREFIX
 from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker, check_alert_rules
 from lightning_curvature.monitor.arguments import check_arguments, check_triggers, measure_settings
 from lightning_curvature.monitor.early_warning import EarlyWarning, Signals
-from lightning_curvature.monitor.failures import FailurePolicy, OnError, agree_on_failure
+from lightning_curvature.monitor.failures import FailurePolicy, OnError
 from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
 from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
@@ -210,8 +210,8 @@ class CurvatureMonitor(Callback):
             else check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
         )
         # What is measured, fixed for the run; the module and parameter names come at setup
-        # and the optimizers at each measurement (dataclasses.replace).
-        self._objective: dict[str, Any] = dict(
+        # and the optimizers at each measurement.
+        self.objective = Objective(
             loss_fn=loss_fn,
             mode=mode,
             dropout=bool(dropout),
@@ -239,21 +239,12 @@ class CurvatureMonitor(Callback):
         if stage != "fit":
             return
         self.disabled_reason = None  # a reused instance starts afresh (resume reloads it)
-        reason = facts.cannot_measure(
-            trainer,
-            pl_module,
-            self.curvature,
-            self._objective["loss_fn"],
-            self._objective["output_fn"],
-        )
+        reason = facts.cannot_measure(trainer, pl_module, self.objective)
         if reason is not None:
             self._disable(reason)
             return
-        context = Context(
-            module=pl_module,
-            param_names=select_parameters(pl_module, self.params),
-            **{**self._objective, "loss_fn": self._objective["loss_fn"] or training_step_loss},
-        )
+        names = select_parameters(pl_module, self.params)
+        context = self.objective.context(pl_module, names)
         self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,7 +277,7 @@ class CurvatureMonitor(Callback):
         if self.disabled_reason is not None or trainer.sanity_checking:
             return
         # A batch that training_step skipped (returned None) is no probe for it either.
-        self.probes.confirm(not self._measures_training_step or facts.returned_a_loss(outputs))
+        self.probes.confirm(not self.objective.is_training_step or facts.returned_a_loss(outputs))
         signals = self._early_signals(trainer, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
         decision = self.schedule.decide(
@@ -347,45 +338,25 @@ class CurvatureMonitor(Callback):
         ``schedule.timed``: the schedule's counters (which decide the next tier) then stay
         the same on every rank."""
         assert self._measurer is not None and decision.tier is not None
-        agree = None
-        if facts.distributed(trainer):
-
-            def agree(error: BaseException | None) -> BaseException | None:
-                rank, size = trainer.global_rank, trainer.world_size
-                return agree_on_failure(error, trainer.strategy, size, rank)
-
         return self._measurer.measure(
-            self.probes.batches(pl_module.device, indexed=self._measures_training_step),
+            self.probes.batches(pl_module.device, indexed=self.objective.is_training_step),
             trainer.global_step,
             decision.tier,
             optimizers=trainer.optimizers,
             lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
             distributed=facts.distributed(trainer),
-            agree_on_failure=agree,
+            agree_on_failure=facts.failure_agreement(trainer),
         )
-
-    @property
-    def _measures_training_step(self) -> bool:
-        """Whether the loss is ``training_step``'s, called with each probe's own batch_idx
-        (a ``loss_fn``, or the GGN's and Fisher's output-space loss, takes the batch alone)."""
-        return self._objective["loss_fn"] is None and self.curvature == "hessian"
 
     def _early_signals(self, trainer: pl.Trainer, outputs: Any) -> Signals:
         """The free signals of this step (η, the loss, the last sharpness): the predicted
         ratio, a trigger, early alerts (raised now) and a loss spike's record."""
-        agree_loss = None
-        if facts.distributed(trainer):
-
-            def agree_loss(code: int) -> int:
-                worst = torch.tensor(float(code), device=trainer.strategy.root_device)
-                return int(trainer.strategy.reduce(worst, reduce_op="max"))
-
         signals = self.early_warning.observe(
             trainer.global_step,
             facts.owned_learning_rate(self._owner),
             self._loss_reader.read(facts.step_loss(outputs)),
             self.schedule.cadence,
-            agree_loss,
+            facts.max_over_ranks(trainer),
         )
         step, predicted = trainer.global_step, signals.predicted_ratio
         notable = signals.alerts or signals.trigger or step % trainer.log_every_n_steps == 0

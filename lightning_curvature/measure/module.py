@@ -11,6 +11,7 @@ torch, not Lightning: the callback hands it the module, its optimizers and sched
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from lightning_curvature.measure.objective import (
     measurement_mode,
     muted_logging,
     preserved_python_state,
+    training_step_loss,
 )
 from lightning_curvature.measure.record import Measurement
 from lightning_curvature.measure.tiers import (
@@ -56,6 +58,32 @@ class Context:
     output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
     loss_from_output: Any = None
     per_layer: bool | Sequence[str] = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a monitor measures, fixed for its run: the loss (``loss_fn``, or None for the
+    module's own ``training_step``), its mode, and the curvature of it."""
+
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None
+    mode: Mode = "train"
+    dropout: bool = False
+    curvature: str = "hessian"
+    output_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+    loss_from_output: Any = None
+    per_layer: bool | Sequence[str] = False
+
+    @property
+    def is_training_step(self) -> bool:
+        """Whether the loss is ``training_step``'s, called with each probe's own batch_idx
+        (a ``loss_fn``, or the GGN's and Fisher's output-space loss, takes the batch alone)."""
+        return self.loss_fn is None and self.curvature == "hessian"
+
+    def context(self, module: nn.Module, param_names: Sequence[str]) -> Context:
+        """The measurement's context for ``module`` (optimizers come per measurement)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["loss_fn"] = self.loss_fn or training_step_loss
+        return Context(module=module, param_names=param_names, **fields)
 
 
 @dataclass
