@@ -71,13 +71,6 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
 
 
-def scale_learning_rates(trainer: pl.Trainer, factor: float) -> None:
-    """Multiply every optimizer's every learning rate by ``factor``."""
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-
-
 def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: Any) -> str | None:
     """Why this run cannot be measured, in words with the fix; None when it can."""
     curvature, loss_fn, output_fn = objective.curvature, objective.loss_fn, objective.output_fn

@@ -16,18 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_curvature import _trainer as facts
-from lightning_curvature._checks import check_int, check_open_unit
+from lightning_curvature._checks import check_int
 from lightning_curvature._lightning import Callback, pl, rank_zero_info, rank_zero_warn
 from lightning_curvature.measure.module import Objective, Outcome
 from lightning_curvature.measure.objective import Mode
 from lightning_curvature.measure.tags import TAG_PREFIX
-from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker, check_alert_rules
-from lightning_curvature.monitor.arguments import check_arguments, check_triggers, measure_settings
-from lightning_curvature.monitor.early_warning import EarlyWarning, Signals
+from lightning_curvature.monitor.alerts import Alert, AlertRules, AlertTracker
+from lightning_curvature.monitor.arguments import check_arguments, measure_settings
+from lightning_curvature.monitor.early_warning import Signals
 from lightning_curvature.monitor.failures import FailurePolicy, OnError
+from lightning_curvature.monitor.logbook import Logbook
 from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
-from lightning_curvature.monitor.publish import RATIO_TRUSTED, Publisher, run_summary
 from lightning_curvature.monitor.schedule import Decision, MeasurementSchedule
 from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import Curvature
@@ -42,7 +42,9 @@ class CurvatureMonitor(Callback):
     update and of each probe batch's gradient. Every ``full_every`` measurements a *full*
     one adds the top ``k``, the trace, and optionally λmin and the spectral density. Scalars
     go to every logger and ``trainer.callback_metrics``; TensorBoard also gets a dashboard.
-    Alerts fire when sharpness jumps or sits at the optimizer's edge of stability.
+    Alerts fire when sharpness jumps or sits at the optimizer's edge of stability, and,
+    between measurements, when the learning rate now puts the last measured sharpness past
+    the edge (the early warning reads η and the loss at every step, for free).
 
     Measuring never changes training: parameters, gradients, optimizer state, BatchNorm
     statistics, RNG streams, modes and the module's own Python state are exactly as they would
@@ -100,10 +102,12 @@ class CurvatureMonitor(Callback):
             dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
         dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
         warm_start: start each Lanczos run from the previous Ritz vectors.
-        alert_rules: the spike and edge-of-stability rules, an
-            :class:`~lightning_curvature.AlertRules` (default ``AlertRules()``: spike factor
-            2 over a window of 3, quiet below a stability ratio of 0.1; edge at a ratio of
-            0.9 for 3 measurements).
+        alert_rules: the alert rules, an :class:`~lightning_curvature.AlertRules` (default
+            ``AlertRules()``): sharpness spikes, the edge of stability, and the early
+            warning's predicted edge and trend.
+        triggers: when to measure between scheduled steps, a
+            :class:`~lightning_curvature.Triggers` (default ``Triggers()``): the predicted
+            ratio crossing the edge, η changing, the loss jumping, the trend, the risk.
         on_alert: called with each :class:`~lightning_curvature.monitor.alerts.Alert`.
         stop_on_alert: stop training at the first alert (changes training).
         lr_factor_on_alert: multiply every learning rate by this at each alert (changes
@@ -178,7 +182,6 @@ class CurvatureMonitor(Callback):
         )
         self.params = check_params(params)
         self.tag_prefix = tag_prefix
-        self.curvature = curvature
         self.settings = measure_settings(
             k=k,
             num_iters=num_iters,
@@ -195,20 +198,12 @@ class CurvatureMonitor(Callback):
             full_every=full_every,
             max_overhead=max_overhead,
         )
-        self.alerts = AlertTracker(check_alert_rules(alert_rules))
-        self.early_warning = EarlyWarning(check_triggers(triggers), self.alerts)
+        self.logbook = Logbook(tag_prefix, alert_rules, triggers, on_alert, lr_factor_on_alert)
         self._loss_reader = facts.LossReader()
         self._owner: tuple[Any, int] | None = None  # (optimizer, group) of the parameters
         self.probes = ProbeSet(probe, check_int("num_batches", num_batches, 1), probe_dataloader)
-        self.publisher = Publisher(tag_prefix)
         self.failures = FailurePolicy(on_error, max_failures, rank_zero_warn)
-        self.on_alert = on_alert
         self.stop_on_alert = bool(stop_on_alert)
-        self.lr_factor_on_alert = (
-            None
-            if lr_factor_on_alert is None
-            else check_open_unit("lr_factor_on_alert", lr_factor_on_alert)
-        )
         # What is measured, fixed for the run; the module and parameter names come at setup
         # and the optimizers at each measurement.
         self.objective = Objective(
@@ -221,17 +216,26 @@ class CurvatureMonitor(Callback):
             per_layer=per_layer if isinstance(per_layer, bool) else list(per_layer),
         )
         self.warm_start = bool(warm_start)
-        # State that survives checkpoint and resume.
-        self.history: list[dict[str, float]] = []
+        # State that survives checkpoint and resume (besides the parts').
         self.disabled_reason: str | None = None
         self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
         # Per-run scratch.
         self._measurer: Measurer | None = None
 
     @property
+    def history(self) -> list[dict[str, float]]:
+        """One row per measurement: the step and the scalars logged there."""
+        return self.logbook.history
+
+    @property
+    def alerts(self) -> AlertTracker:
+        """The run's alerts (``alerts.fired``), measured and early."""
+        return self.logbook.alerts
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            tag_prefix=self.tag_prefix, params=self.params, curvature=self.curvature
+            tag_prefix=self.tag_prefix, params=self.params, curvature=self.objective.curvature
         )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -258,7 +262,7 @@ class CurvatureMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # The parameters are about to move on: the last measurement no longer describes them.
-        self.publisher.withdraw(trainer.callback_metrics)
+        self.logbook.publisher.withdraw(trainer.callback_metrics)
         if self.disabled_reason is not None:
             return
         upcoming = self.schedule.upcoming(trainer.global_step + 1)
@@ -299,36 +303,32 @@ class CurvatureMonitor(Callback):
         self._after(trainer, outcome)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        summary = run_summary(self.history, self.tag_prefix, self.schedule, self.alerts)
-        summary = " ".join(filter(None, (summary, self.early_warning.summary())))
+        summary = self.logbook.summary(self.schedule)
         if self.disabled_reason is not None:
             summary += f" The monitor is off: {self.disabled_reason}."
         rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
 
     def state_dict(self) -> dict[str, Any]:
+        measurer = self._measurer
         return {
-            "history": self.history,
-            "alerts": self.alerts.state_dict(),
-            "early_warning": self.early_warning.state_dict(),
+            **self.logbook.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "probe_batches": self.probes.state_dict(),
             "failures_in_a_row": self.failures.failures_in_a_row,
             "disabled_reason": self.disabled_reason,
-            "hvp_method": self._hvp_method if self._measurer is None else self._measurer.hvp_method,
-            "probe_batches": self.probes.state_dict(),
+            "hvp_method": self._hvp_method if measurer is None else measurer.hvp_method,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # .get() defaults: checkpoints from older versions still load.
-        self.history = list(state_dict.get("history", []))
-        self.alerts.load_state_dict(state_dict.get("alerts", {}))
-        self.early_warning.load_state_dict(state_dict.get("early_warning", {}))
+        self.logbook.load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict.get("schedule", {}))
+        self.probes.load_state_dict(state_dict.get("probe_batches", []))
         self.failures.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
         self.disabled_reason = state_dict.get("disabled_reason")
         self._hvp_method = state_dict.get("hvp_method", "auto")
         if self._measurer is not None:  # setup ran first: a resumed fallback holds
             self._measurer.hvp_method = self._hvp_method
-        self.probes.load_state_dict(state_dict.get("probe_batches", []))
 
     # ------------------------------------------------------------------ measuring
     def _measure_on_every_rank(
@@ -351,67 +351,43 @@ class CurvatureMonitor(Callback):
     def _early_signals(self, trainer: pl.Trainer, outputs: Any) -> Signals:
         """The free signals of this step (η, the loss, the last sharpness): the predicted
         ratio, a trigger, early alerts (raised now) and a loss spike's record."""
-        signals = self.early_warning.observe(
-            trainer.global_step,
-            facts.owned_learning_rate(self._owner),
-            self._loss_reader.read(facts.step_loss(outputs)),
-            self.schedule.cadence,
-            facts.max_over_ranks(trainer),
-        )
-        step, predicted = trainer.global_step, signals.predicted_ratio
-        notable = signals.alerts or signals.trigger or step % trainer.log_every_n_steps == 0
-        if predicted is not None and notable:
-            self.publisher.log_scalar("predicted_stability_ratio", predicted, step, trainer.loggers)
-        if not (signals.alerts or signals.spike):
-            return signals
         writers = facts.tensorboard_writers(trainer)
-        self._raise_alerts(trainer, signals.alerts, writers, agreed=True)
-        if signals.spike is not None:
-            explanation = signals.spike.explanation()
-            self.publisher.explain_spike(step, explanation, writers, rank_zero_info)
+        signals = self.logbook.stepped(
+            trainer.global_step,
+            learning_rate=facts.owned_learning_rate(self._owner),
+            loss=self._loss_reader.read(facts.step_loss(outputs)),
+            cadence=self.schedule.cadence,
+            agree_loss=facts.max_over_ranks(trainer),
+            log_step=trainer.global_step % trainer.log_every_n_steps == 0,
+            loggers=trainer.loggers,
+            writers=writers,
+            say=rank_zero_info,
+        )
+        self._raise_alerts(trainer, signals.alerts, writers)
         return signals
 
     def _after(self, trainer: pl.Trainer, outcome: Outcome) -> None:
-        record = outcome.record
         self._owner = outcome.owner
         for key, text in outcome.messages():
             self.failures.warn_once(key, f"CurvatureMonitor: {text}")
         writers = facts.tensorboard_writers(trainer)
-        metrics = self.publisher.publish(
-            record,
+        alerts = self.logbook.measured(
+            outcome,
             trainer.global_step,
+            overhead=self.schedule.overhead,
             loggers=trainer.loggers,
             callback_metrics=trainer.callback_metrics,
             writers=writers,
-            extra={"overhead": self.schedule.overhead},
         )
-        self.history.append(
-            {"step": float(record.step), **metrics, RATIO_TRUSTED: float(outcome.ratio_trusted)}
-        )
-        ratio = record.stability_ratio if outcome.ratio_trusted else None
-        trusted = ratio if record.converged else None
-        self.early_warning.measured(record.step, trusted, record.learning_rate)
-        alerts = self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
         self._raise_alerts(trainer, alerts, writers)
 
-    def _raise_alerts(
-        self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any], agreed: bool = False
-    ) -> None:
-        """Announce ``alerts`` and act on them, at the step they were raised. ``agreed``:
-        every rank has the same alerts by construction, so no collective is needed."""
-        if agreed and not alerts:
-            return
-        # Every rank computed the same numbers; agreeing anyway keeps the ranks in step.
-        fired = (
-            bool(alerts)
-            if agreed
-            else trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
-        )
-        self.publisher.announce(alerts, writers, rank_zero_warn, self.on_alert)
-        if fired and self.stop_on_alert:
+    def _raise_alerts(self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any]) -> None:
+        """Announce ``alerts`` and act on them at the step they were raised. Every rank has
+        the same alerts: they come from agreed numbers (products averaged over ranks, η,
+        the loss agreed at its check steps), so no collective is needed."""
+        self.logbook.respond(alerts, writers, rank_zero_warn, trainer.optimizers)
+        if alerts and self.stop_on_alert:
             trainer.should_stop = True
-        if fired and self.lr_factor_on_alert is not None:
-            facts.scale_learning_rates(trainer, self.lr_factor_on_alert)
 
     # ------------------------------------------------------------------ failures
     def _failed(self, error: BaseException) -> None:

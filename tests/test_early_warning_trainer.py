@@ -92,7 +92,7 @@ def test_a_raised_learning_rate_is_warned_before_the_loss_blows_up(digits, tmp_p
     assert after and after[0]["curvature/stability_ratio"] == pytest.approx(3.0, rel=1e-3)
     assert after[0]["curvature/lambda_max"] == pytest.approx(top, rel=1e-3)
     # The spike was recorded with the alert that came first.
-    (recorded,) = monitor.early_warning.spikes
+    (recorded,) = monitor.logbook.early_warning.spikes
     assert recorded.first_alert == PREDICTED and recorded.lead_steps >= 0
 
 
@@ -100,7 +100,7 @@ def test_a_raised_learning_rate_is_warned_before_the_loss_blows_up(digits, tmp_p
 def test_the_same_run_without_the_raise_raises_nothing(digits, tmp_path):
     monitor, spike, _ = fit(digits, 1.0, tmp_path)
     assert spike is None
-    assert monitor.alerts.fired == [] and monitor.early_warning.spikes == []
+    assert monitor.alerts.fired == [] and monitor.logbook.early_warning.spikes == []
     ratios = [
         h["curvature/stability_ratio"] for h in monitor.history if "curvature/stability_ratio" in h
     ]

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
 from lightning_curvature.measure.tiers import MeasureSettings
-from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import CURVATURES, LOSS_NAMES
 
 
@@ -110,12 +109,3 @@ def check_arguments(
             "tag_prefix must be a non-empty string of letters, digits, '_', '-', '.' or "
             f"'/', got {tag_prefix!r}"
         )
-
-
-def check_triggers(triggers: object) -> Triggers:
-    """``triggers``, or the default triggers for None; a ValueError for anything else."""
-    if triggers is None:
-        return Triggers()
-    if not isinstance(triggers, Triggers):
-        raise ValueError(f"triggers must be a Triggers or None, got {type(triggers).__name__}")
-    return triggers

@@ -83,19 +83,29 @@ class Publisher:
             callback_metrics.pop(name, None)
         self._in_callback_metrics = []
 
-    def log_scalar(self, name: str, value: float, step: int, loggers: Sequence[Any]) -> None:
-        """One monitor scalar (a name of the tag table) to every logger, at ``step``."""
-        if math.isfinite(value):
-            for logger in loggers:
-                logger.log_metrics({tag(self.prefix, name): float(value)}, step=step)
-
-    def explain_spike(
-        self, step: int, explanation: str, writers: Sequence[Any], say: Callable[[str], Any]
+    def early_signals(
+        self,
+        signals: Any,
+        step: int,
+        log_step: bool,
+        loggers: Sequence[Any],
+        writers: Sequence[Any],
+        say: Callable[[str], Any],
     ) -> None:
-        """A loss spike's explanation as a message and a TensorBoard text entry."""
-        say(f"CurvatureMonitor: {explanation}")
-        for writer in writers:
-            write_loss_spike(writer, step, explanation, self.prefix)
+        """The early warning's step: the predicted ratio to every logger at logging steps
+        (``log_step``), triggers and alerts; a loss spike's explanation as a message and a
+        TensorBoard text entry. The alerts themselves go through :meth:`announce`."""
+        predicted = signals.predicted_ratio
+        notable = log_step or signals.alerts or signals.trigger
+        if predicted is not None and math.isfinite(predicted) and notable:
+            for logger in loggers:
+                metric = {tag(self.prefix, "predicted_stability_ratio"): float(predicted)}
+                logger.log_metrics(metric, step=step)
+        if signals.spike is not None:
+            explanation = signals.spike.explanation()
+            say(f"CurvatureMonitor: {explanation}")
+            for writer in writers:
+                write_loss_spike(writer, step, explanation, self.prefix)
 
     def announce(
         self,

@@ -62,6 +62,15 @@ class Triggers:
         set_field(self, "burst", check_int("burst", self.burst, 1))
 
 
+def check_triggers(triggers: object) -> Triggers:
+    """``triggers``, or the default triggers for None; a ValueError for anything else."""
+    if triggers is None:
+        return Triggers()
+    if not isinstance(triggers, Triggers):
+        raise ValueError(f"triggers must be a Triggers or None, got {type(triggers).__name__}")
+    return triggers
+
+
 def risk_wait(predicted_ratio: float, cadence: int, min_gap: int) -> int | None:
     """Steps to wait between looks at this predicted ratio (n/2 from 0.5, n/4 from 0.7,
     n/8 from 0.9, never under ``min_gap``); None far from the edge (no extra looks)."""

@@ -107,7 +107,7 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
         "warnings": [str(w.message) for w in caught],
         "global_step": trainer.global_step,
         "alerts": [[a.kind, a.step] for a in monitor.alerts.fired],
-        "spikes": [s.step for s in monitor.early_warning.spikes],
+        "spikes": [s.step for s in monitor.logbook.early_warning.spikes],
         "triggered": monitor.schedule.num_triggered,
         "ratios": [h.get("curvature/stability_ratio") for h in monitor.history],
     }
