@@ -161,7 +161,7 @@ def train(
         losses=recorder.losses,
         alerts={"threshold": kinds.count(EDGE), "spike": kinds.count(SPIKE)},
         seconds=seconds,
-        measure_seconds=monitor.schedule.measure_seconds,
+        measure_seconds=monitor.schedule.clock.measure_seconds,
         train_acc=accuracy(model, data.train_dataloader()),
         val_acc=accuracy(model, data.val_dataloader()),
     )

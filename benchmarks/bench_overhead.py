@@ -162,7 +162,7 @@ def overhead(steps: int, repeats: int) -> None:
     print(
         f"\nDefaults, the log-spaced part alone (steps {[int(r['step']) for r in log_rows]}): "
         f"{len(log_rows)} points, {log_seconds:.3f} s of measuring = "
-        f"{log_seconds / defaults.schedule.train_seconds:.3f} of its training time "
+        f"{log_seconds / defaults.schedule.clock.train_seconds:.3f} of its training time "
         f"(the monitor's clock), {log_seconds / baseline:.3f} of the median run without "
         "monitor; the cadence part: "
         f"{len(defaults.history) - len(log_rows)} points, "
