@@ -114,12 +114,13 @@ def train(
     make_model: Callable[[], pl.LightningModule],
     data: DigitsDataModule,
     max_steps: int,
-    monitor: CurvatureMonitor,
+    monitor: CurvatureMonitor | None,
     seed: int = 0,
     logdir: str | None = None,
     extra_callbacks: Sequence[Callback] = (),
 ) -> Run:
-    """Train ``make_model()`` on ``data`` for ``max_steps`` optimizer steps with ``monitor``.
+    """Train ``make_model()`` on ``data`` for ``max_steps`` optimizer steps with ``monitor``
+    (None: without one, for the wall time a monitor adds).
 
     The model is built after seeding, so every run of a script starts from the same
     initialisation. Validation is left out of the loop (it would only cost time); both
@@ -143,7 +144,7 @@ def train(
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[monitor, recorder, *extra_callbacks],
+        callbacks=[*([monitor] if monitor else []), recorder, *extra_callbacks],
     )
     started = time.perf_counter()
     with warnings.catch_warnings():
@@ -152,16 +153,16 @@ def train(
         warnings.filterwarnings("ignore", message=".*train_dataloader.*")
         trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - started
-    kinds = [alert.kind for alert in monitor.alerts.fired]
+    kinds = [] if monitor is None else [alert.kind for alert in monitor.alerts.fired]
     return Run(
         label=label,
         learning_rate=float(trainer.optimizers[0].param_groups[0]["lr"]),
-        history=list(monitor.history),
+        history=[] if monitor is None else list(monitor.history),
         loss_steps=recorder.steps,
         losses=recorder.losses,
         alerts={"threshold": kinds.count(EDGE), "spike": kinds.count(SPIKE)},
         seconds=seconds,
-        measure_seconds=monitor.schedule.clock.measure_seconds,
+        measure_seconds=0.0 if monitor is None else monitor.schedule.clock.measure_seconds,
         train_acc=accuracy(model, data.train_dataloader()),
         val_acc=accuracy(model, data.val_dataloader()),
     )
