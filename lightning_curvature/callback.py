@@ -28,7 +28,7 @@ from lightning_curvature.monitor.failures import FailurePolicy, OnError
 from lightning_curvature.monitor.logbook import Logbook
 from lightning_curvature.monitor.measurer import Measurer
 from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
-from lightning_curvature.monitor.schedule import Decision, MeasurementSchedule
+from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import Curvature
 
@@ -265,10 +265,11 @@ class CurvatureMonitor(Callback):
         self.logbook.publisher.withdraw(trainer.callback_metrics)
         if self.disabled_reason is not None:
             return
-        upcoming = self.schedule.upcoming(trainer.global_step + 1)
-        self.probes.offer(batch, pl_module.device, upcoming is not None, batch_idx)
-        if upcoming is not None and self._measurer is not None:
-            self._measurer.before_measured_step(trainer.global_step)
+        with self.schedule.clock.monitoring():  # all of the monitor's time is overhead
+            upcoming = self.schedule.upcoming(trainer.global_step + 1)
+            self.probes.offer(batch, pl_module.device, upcoming is not None, batch_idx)
+            if upcoming is not None and self._measurer is not None:
+                self._measurer.before_measured_step(trainer.global_step)
 
     def on_train_batch_end(
         self,
@@ -280,6 +281,10 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if self.disabled_reason is not None or trainer.sanity_checking:
             return
+        with self.schedule.clock.monitoring(ends_step=True):
+            self._step_end(trainer, pl_module, outputs)
+
+    def _step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         # A batch that training_step skipped (returned None) is no probe for it either.
         self.probes.confirm(not self.objective.is_training_step or facts.returned_a_loss(outputs))
         signals = self._early_signals(trainer, outputs)
@@ -287,15 +292,24 @@ class CurvatureMonitor(Callback):
         decision = self.schedule.decide(
             trainer.global_step, agree=facts.rank_zero_value(trainer), trigger=signals.trigger
         )
-        if decision.info:
-            rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {decision.info}")
-        if decision.warning:
-            rank_zero_warn(f"CurvatureMonitor[{self.tag_prefix}]: {decision.warning}")
-        if decision.tier is None or not self.probes.ready:
+        for said, say in ((decision.info, rank_zero_info), (decision.warning, rank_zero_warn)):
+            if said:
+                say(f"CurvatureMonitor[{self.tag_prefix}]: {said}")
+        if decision.tier is None or not self.probes.ready or self._measurer is None:
             return
         try:
+            # The failure every rank agrees on is raised inside timed(): the schedule's
+            # counters (which decide the next tier) then stay the same on every rank.
             with self.schedule.timed(decision):
-                outcome = self._measure_on_every_rank(trainer, pl_module, decision)
+                outcome = self._measurer.measure(
+                    self.probes.batches(pl_module.device, indexed=self.objective.is_training_step),
+                    trainer.global_step,
+                    decision.tier,
+                    optimizers=trainer.optimizers,
+                    lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
+                    distributed=facts.distributed(trainer),
+                    agree_on_failure=facts.failure_agreement(trainer),
+                )
         except Exception as error:
             self._failed(error)
             return
@@ -331,23 +345,6 @@ class CurvatureMonitor(Callback):
             self._measurer.hvp_method = self._hvp_method
 
     # ------------------------------------------------------------------ measuring
-    def _measure_on_every_rank(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision
-    ) -> Outcome:
-        """The measurement's outcome, or the failure every rank agrees on, raised inside
-        ``schedule.timed``: the schedule's counters (which decide the next tier) then stay
-        the same on every rank."""
-        assert self._measurer is not None and decision.tier is not None
-        return self._measurer.measure(
-            self.probes.batches(pl_module.device, indexed=self.objective.is_training_step),
-            trainer.global_step,
-            decision.tier,
-            optimizers=trainer.optimizers,
-            lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
-            distributed=facts.distributed(trainer),
-            agree_on_failure=facts.failure_agreement(trainer),
-        )
-
     def _early_signals(self, trainer: pl.Trainer, outputs: Any) -> Signals:
         """The free signals of this step (η, the loss, the last sharpness): the predicted
         ratio, a trigger, early alerts (raised now) and a loss spike's record."""

@@ -375,3 +375,57 @@ def test_other_bad_arguments_are_named():
         MeasurementSchedule().start(0, total_steps=0)
     with pytest.raises(ValueError, match="every_n_steps=5 was given explicitly"):
         MeasurementSchedule(every_n_steps=5).fix_cadence(8)
+
+
+def train_with_hooks(schedule, clock, steps, hook_seconds, costs):
+    """Like ``train``, with the callback's two monitoring blocks around each step: a
+    block before the optimizer step (``hook_seconds``) and one after it, holding the
+    decision, any measurement and ``hook_seconds`` more of bookkeeping."""
+    measured = []
+    schedule.start(0)
+    for step in range(1, steps + 1):
+        with schedule.clock.monitoring():
+            clock.advance(hook_seconds)
+        clock.advance(STEP_SECONDS)
+        with schedule.clock.monitoring(ends_step=True):
+            clock.advance(hook_seconds)
+            decision = schedule.decide(step)
+            if decision.measure:
+                with schedule.timed(decision):
+                    clock.advance(costs[decision.tier])
+                measured.append(step)
+    return measured
+
+
+def test_the_monitors_time_in_its_hooks_counts_as_overhead_not_training():
+    clock = FakeClock()
+    schedule = MeasurementSchedule(
+        every_n_steps=10, log_spaced=False, max_overhead=None, clock=clock
+    )
+    hook = 0.001
+    measured = train_with_hooks(schedule, clock, 100, hook, {TRACK: 0.004, FULL: 0.004})
+    assert measured == list(range(10, 101, 10))
+    # Training is exactly the optimizer steps; everything else is the monitor's.
+    assert schedule.clock.train_seconds == pytest.approx(100 * STEP_SECONDS)
+    monitor = 100 * 2 * hook + 10 * 0.004
+    assert schedule.clock.measure_seconds == pytest.approx(monitor)
+    assert schedule.overhead == pytest.approx(monitor / (100 * STEP_SECONDS))
+
+
+def test_calibration_counts_the_per_step_work_so_the_chosen_cadence_keeps_the_budget():
+    # Per step the monitor spends 2 × 0.1 ms (2% of a 10 ms step); a track step costs
+    # 4 ms more. Without the per-step work, every 16 steps would cost 4/160 = 2.5% (plus
+    # the full points); with it, every 16 costs 4.5+%: calibration must go sparser.
+    hook = 0.0001
+    clock = FakeClock()
+    schedule = MeasurementSchedule(max_overhead=0.05, log_spaced=True, clock=clock)
+    train_with_hooks(schedule, clock, 2000, hook, {TRACK: TRACK_SECONDS, FULL: FULL_SECONDS})
+    n = schedule.cadence
+    per_step = 2 * hook
+    track, full = TRACK_SECONDS + per_step, FULL_SECONDS + per_step
+    overhead = lambda n: ((7 * track + full) / 8 + (n - 1) * per_step) / (n * STEP_SECONDS)  # noqa: E731
+    densest = next(m for m in (2**j for j in range(17)) if overhead(m) <= 0.05)
+    assert n == densest
+    # And the run's own overhead is all of the monitor's time over the training time.
+    spent = 2000 * per_step + schedule.num_track * TRACK_SECONDS + schedule.num_full * FULL_SECONDS
+    assert schedule.overhead == pytest.approx(spent / (2000 * STEP_SECONDS), rel=1e-9)

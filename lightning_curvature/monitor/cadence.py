@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,23 +23,29 @@ from typing import Any
 MAX_CALIBRATED_EVERY_N_STEPS = 2**16
 # Samples kept for an estimate: bounded, so the state stays small.
 _MAX_SAMPLES = 64
-_KINDS = ("step", "track", "full")  # what the timing samples are of
+# What the timing samples are of: a training step, the monitor's time at a step with a
+# track or a full measurement (its hooks, the measurement, publishing), and at a step
+# without one ("hook": the per-step bookkeeping every step pays).
+_KINDS = ("step", "track", "full", "hook")
 
 
 @dataclass(frozen=True)
 class Costs:
-    """Seconds of a track measurement, a full one and a training step, and the overhead
-    they give a cadence: the measurement time of ``full_every`` cadence points (one of
-    them full) over the training time of the steps between them."""
+    """Seconds the monitor spends at a step with a track measurement, with a full one and
+    with none (``hook``), and a training step's; and the overhead they give a cadence n:
+    the monitor's time over the ``full_every`` cadence points (one of them full) and the
+    n − 1 steps between each, over the training time of those steps."""
 
     track: float
     full: float
     step: float
     full_every: int
+    hook: float = 0.0
 
     def overhead(self, every_n_steps: int) -> float:
         per_point = ((self.full_every - 1) * self.track + self.full) / self.full_every
-        return per_point / (every_n_steps * self.step) if self.step > 0 else math.inf
+        monitor = per_point + (every_n_steps - 1) * self.hook
+        return monitor / (every_n_steps * self.step) if self.step > 0 else math.inf
 
     def densest_cadence(self, max_overhead: float) -> int:
         """The smallest power of two whose overhead is within ``max_overhead``, at most
@@ -51,7 +58,8 @@ class Costs:
     def __str__(self) -> str:
         return (
             f"a track measurement takes {_ms(self.track)}, a full one {_ms(self.full)} (one "
-            f"point in {self.full_every}), a training step {_ms(self.step)}"
+            f"point in {self.full_every}), the monitor's work at other steps {_ms(self.hook)}, "
+            f"a training step {_ms(self.step)}"
         )
 
 
@@ -77,12 +85,18 @@ def overhead_warning(costs: Costs, every_n_steps: int, max_overhead: float) -> s
     overhead = costs.overhead(every_n_steps)
     if overhead <= max_overhead:
         return None
-    fits = math.ceil(overhead * every_n_steps / max_overhead * (1 - 1e-12))
+    floor = costs.hook / costs.step  # what every step pays, whatever the cadence
+    if floor < max_overhead:
+        # overhead(n) = floor + (per_point − hook) / (n · step): the smallest n that fits.
+        above = (costs.overhead(1) - floor) / (max_overhead - floor)
+        fits = f"every_n_steps={math.ceil(above * (1 - 1e-12))} would fit"
+    else:
+        fits = f"none fits: the monitor's work at every step alone costs {floor:.1%}"
     return (
         f"Measuring curvature every {every_n_steps} steps costs about {overhead:.1%} of "
         f"the training time ({costs}), above max_overhead={max_overhead:g}. Every "
         "scheduled step is still measured, as asked. To lower the cost: a larger "
-        f"every_n_steps (every_n_steps={fits} would fit), a smaller k, trace=False, fewer "
+        f"every_n_steps ({fits}), a smaller k, trace=False, fewer "
         "num_batches, a larger full_every; or max_overhead=None to silence this warning."
     )
 
@@ -95,10 +109,13 @@ class RunClock:
     """The run's time, split into training and measuring, and the samples a cadence is
     calibrated from: the seconds of training steps, track and full measurements.
 
-    Training time is the time between calls that is not measuring. The first interval
-    after :meth:`start` counts in the overhead but is no step sample (it holds one-time
-    costs: loader workers, lazy initialisation); time that covers no step (gradient
-    accumulation) waits for the step that ends it.
+    Training time is the time between calls that is not the monitor's. The monitor's time
+    is every :meth:`monitoring` block (the callback wraps each of its hooks in one, so the
+    copy of θ, probe handling, publishing and the per-step bookkeeping count, not only the
+    measurement itself), and, outside blocks, each :meth:`measured` interval. The first
+    interval after :meth:`start` counts in the overhead but is no step sample (it holds
+    one-time costs: loader workers, lazy initialisation); time that covers no step
+    (gradient accumulation) waits for the step that ends it.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -111,6 +128,10 @@ class RunClock:
         self._mark: float | None = None  # the clock at the last call; None: not started
         self._first_interval = False
         self._unassigned_seconds = 0.0
+        self._inside = False  # in a monitoring block: the clock is the monitor's
+        self._step_seconds = 0.0  # the monitor's time at this step so far
+        self._step_kind: str | None = None  # the measurement completed at this step
+        self._step_collect = False
 
     def start(self) -> None:
         self._mark = self.now()
@@ -119,9 +140,11 @@ class RunClock:
 
     def steps_passed(self, steps: int, collect: bool) -> None:
         """Count the time since the last call as training, spread over ``steps`` (none:
-        kept for the next call that has steps); ``collect``: keep step samples."""
-        now = self.now()
-        if self._mark is not None:
+        kept for the next call that has steps); ``collect``: keep step samples. Inside a
+        monitoring block the training time ended where the block began."""
+        now = self._mark if self._inside else self.now()
+        self._step_collect = collect
+        if self._mark is not None and now is not None:
             self._unassigned_seconds += now - self._mark
             if steps > 0:
                 self.train_seconds += self._unassigned_seconds
@@ -136,12 +159,39 @@ class RunClock:
 
     def measured(self, kind: str, started: float, completed: bool, collect: bool) -> None:
         """A measurement of ``kind`` ran from ``started`` until now: not training time;
-        a sample when it completed and ``collect``."""
+        a sample when it completed and ``collect`` (inside a monitoring block, the block's
+        whole time at this step is the sample, taken when the step's last block ends)."""
         ended = self.now()
+        if self._inside:
+            self._step_kind = kind if completed else self._step_kind
+            self._step_collect = collect
+            return
         self.measure_seconds += ended - started
         self._mark = ended
         if completed and collect:
             _append(self.samples[kind], ended - started)
+
+    @contextmanager
+    def monitoring(self, ends_step: bool = False) -> Iterator[None]:
+        """Count the time inside as the monitor's. ``ends_step``: the step's last block
+        (after the optimizer step): the step's monitor time becomes a sample, of the kind
+        of the measurement completed in it, or ``"hook"``."""
+        began = self.now()
+        if self._mark is not None:
+            self._unassigned_seconds += began - self._mark
+        self._mark, self._inside = began, True
+        try:
+            yield
+        finally:
+            ended = self.now()
+            self._inside = False
+            self.measure_seconds += ended - began
+            self._step_seconds += ended - began
+            self._mark = ended
+            if ends_step:
+                if self._step_collect:
+                    _append(self.samples[self._step_kind or "hook"], self._step_seconds)
+                self._step_seconds, self._step_kind, self._step_collect = 0.0, None, False
 
     def measured_any(self) -> bool:
         return bool(self.samples["track"] or self.samples["full"])
@@ -162,6 +212,7 @@ class RunClock:
             # The mean: the run pays for the slow steps too (the median would not).
             step=statistics.fmean(samples["step"]),
             full_every=full_every,
+            hook=statistics.fmean(samples["hook"]) if samples["hook"] else 0.0,
         )
 
     def state_dict(self) -> dict[str, Any]:
