@@ -250,3 +250,12 @@ def test_a_learning_rate_change_is_no_trend():
     )
     assert early.trend() == pytest.approx(0.0, abs=1e-12)
     assert TREND not in [a.kind for a in early.alerts.fired]
+
+
+def test_an_oscillating_blow_up_is_one_spike_and_a_later_one_is_another():
+    early = warning(Triggers(trend=False, risk=False, loss_window=32))
+    early.measured(0, 0.5, 0.1)
+    swinging = {40: 9.0, 42: 8.0, 44: 9.0, 46: 7.0}  # calm steps between the swings
+    later = {100: 9.0}  # after more than a loss window of calm
+    signals = run(early, range(1, 120), loss=lambda s: swinging.get(s, later.get(s, 1.0)))
+    assert [s for s, v in signals.items() if v.spike] == [40, 100]

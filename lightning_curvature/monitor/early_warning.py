@@ -100,9 +100,10 @@ class EarlyWarning:
         self.trend_points: list[tuple[int, float]] = []
         self.losses: list[float] = []
         self.pending_loss_event = _CALM
+        self.last_unsettled_step: int | None = None  # the last step with a loss event
         self.budget = TriggerBudget(self.triggers.burst)
         self.last_trigger_step = -(10**9)
-        self.active: dict[str, bool] = {kind: False for kind in (*EARLY_KINDS, "edge", "spike")}
+        self.active: dict[str, bool] = {kind: False for kind in (*EARLY_KINDS, "edge")}
         self.spikes: list[LossSpike] = []
 
     # ------------------------------------------------------------------ inputs
@@ -146,11 +147,13 @@ class EarlyWarning:
         signals.alerts += self._predicted_alert(step, signals.predicted_ratio, learning_rate)
         signals.alerts += self._trend_alert(step)
         self.alerts.fired += signals.alerts
-        if event == _CALM:
-            self.active["spike"] = False
-        elif not self.active["spike"]:
-            self.active["spike"] = True
-            signals.spike = self._spike(step, loss, signals.predicted_ratio)
+        if event != _CALM:
+            # A new spike only after a whole loss window of calm: an oscillating blow-up
+            # is one spike, not one per swing.
+            last = self.last_unsettled_step
+            if last is None or step - last > self.triggers.loss_window:
+                signals.spike = self._spike(step, loss, signals.predicted_ratio)
+            self.last_unsettled_step = step
         if event != _NOT_FINITE:
             new_jump = signals.spike is not None
             signals.trigger = self._trigger(
@@ -190,6 +193,7 @@ class EarlyWarning:
         "last_measured_lr",
         "losses",
         "last_trigger_step",
+        "last_unsettled_step",
         "active",
     )
 
@@ -235,7 +239,7 @@ class EarlyWarning:
             return event
         self.pending_loss_event = max(self.pending_loss_event, event)
         if step % rules.min_gap != 0:
-            return _CALM if not self.active["spike"] else _JUMP  # unchanged until agreed
+            return _CALM  # this rank's event waits for the agreement
         event, self.pending_loss_event = int(agree(self.pending_loss_event)), _CALM
         return event
 
