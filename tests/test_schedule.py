@@ -429,3 +429,23 @@ def test_calibration_counts_the_per_step_work_so_the_chosen_cadence_keeps_the_bu
     # And the run's own overhead is all of the monitor's time over the training time.
     spent = 2000 * per_step + schedule.num_track * TRACK_SECONDS + schedule.num_full * FULL_SECONDS
     assert schedule.overhead == pytest.approx(spent / (2000 * STEP_SECONDS), rel=1e-9)
+
+
+def test_a_known_run_length_charges_the_start_to_the_budget():
+    # 20,000 steps of 10 ms; a full measurement takes 2 s, a track one 10 ms. In the long
+    # run every 1,024 steps fits 5% ((7·0.01 + 2)/8 = 0.259 s a point: 2.5%; every 512:
+    # 5.1%), but the start (full at step 1 and at the 8th point, 256; track points below
+    # the cadence) and the full last step cost about 6 s of the run's 200: over the whole
+    # run every 1,024 costs just over 5%, and only a sparser cadence fits.
+    costs = {TRACK: 0.01, FULL: 2.0}
+    clock = FakeClock()
+    schedule = MeasurementSchedule(clock=clock)
+    _, infos, _ = train(schedule, clock, 20_000, costs=costs, total_steps=20_000)
+    assert schedule.cadence == 2048
+    assert "start included" in infos[0]
+    assert schedule.overhead <= 0.05
+    # Without the run's length the start is not charged: the long-run cadence.
+    clock = FakeClock()
+    open_ended = MeasurementSchedule(clock=clock)
+    train(open_ended, clock, 2_000, costs=costs)
+    assert open_ended.cadence == 1024

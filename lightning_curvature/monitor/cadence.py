@@ -30,6 +30,31 @@ _KINDS = ("step", "track", "full", "hook")
 
 
 @dataclass(frozen=True)
+class RunSoFar:
+    """What a run of known length has spent when its cadence is calibrated: the monitor's
+    seconds and the training seconds so far, the step, the run's last step, and whether
+    log-spaced points below the cadence are still to come."""
+
+    monitor_seconds: float
+    train_seconds: float
+    step: int
+    final_step: int
+    log_spaced: bool
+
+    def points_ahead(self, every_n_steps: int) -> int:
+        """Measurements still to come at cadence n: its multiples, the log-spaced points
+        below it, and the final step."""
+        multiples = self.final_step // every_n_steps - self.step // every_n_steps
+        log = 0
+        if self.log_spaced:
+            power = 1 << max(self.step, 1).bit_length()
+            while power < every_n_steps and power <= self.final_step:
+                log, power = log + 1, power * 2
+        final = int(self.final_step % every_n_steps != 0)
+        return multiples + log + final
+
+
+@dataclass(frozen=True)
 class Costs:
     """Seconds the monitor spends at a step with a track measurement, with a full one and
     with none (``hook``), and a training step's; and the overhead they give a cadence n:
@@ -42,16 +67,36 @@ class Costs:
     full_every: int
     hook: float = 0.0
 
-    def overhead(self, every_n_steps: int) -> float:
+    def overhead(self, every_n_steps: int, run: RunSoFar | None = None) -> float:
+        """The overhead of cadence n in the long run; with ``run``, of the whole run of
+        known length: what its start already spent (the log-spaced and calibration
+        points, the first full measurement) plus what the rest will cost."""
         per_point = ((self.full_every - 1) * self.track + self.full) / self.full_every
-        monitor = per_point + (every_n_steps - 1) * self.hook
-        return monitor / (every_n_steps * self.step) if self.step > 0 else math.inf
+        if self.step <= 0:
+            return math.inf
+        if run is None or run.final_step <= run.step:
+            monitor = per_point + (every_n_steps - 1) * self.hook
+            return monitor / (every_n_steps * self.step)
+        remaining = run.final_step - run.step
+        points = min(run.points_ahead(every_n_steps), remaining)
+        monitor = (
+            run.monitor_seconds
+            + points * per_point
+            + (self.full - per_point)  # the final step is a full one
+            + (remaining - points) * self.hook
+        )
+        return monitor / (run.train_seconds + remaining * self.step)
 
-    def densest_cadence(self, max_overhead: float) -> int:
+    def densest_cadence(self, max_overhead: float, run: RunSoFar | None = None) -> int:
         """The smallest power of two whose overhead is within ``max_overhead``, at most
-        :data:`MAX_CALIBRATED_EVERY_N_STEPS`."""
+        :data:`MAX_CALIBRATED_EVERY_N_STEPS`. With ``run``, over the whole run, start
+        included; when the start alone already spent the budget (a short run with an
+        expensive first measurement), over the rest of the run only: the start is spent,
+        and the rest should keep to the budget, not stop measuring."""
+        if run is not None and self.overhead(MAX_CALIBRATED_EVERY_N_STEPS, run) > max_overhead:
+            run = None
         cadence = 1
-        while cadence < MAX_CALIBRATED_EVERY_N_STEPS and self.overhead(cadence) > max_overhead:
+        while cadence < MAX_CALIBRATED_EVERY_N_STEPS and self.overhead(cadence, run) > max_overhead:
             cadence *= 2
         return cadence
 
@@ -63,17 +108,21 @@ class Costs:
         )
 
 
-def calibration_line(costs: Costs, chosen: int, proposed: int, max_overhead: float) -> str:
+def calibration_line(
+    costs: Costs, chosen: int, proposed: int, max_overhead: float, run: RunSoFar | None = None
+) -> str:
     """The one line that says which cadence calibration fixed, and why."""
-    overhead = costs.overhead(chosen)
+    overhead = costs.overhead(chosen, run)
+    whole = "" if run is None else ", start included, over the whole run"
     text = (
         f"Curvature schedule: measuring every {chosen} steps for the rest of the run: "
         f"{costs}, so every {chosen} steps costs {overhead:.1%} of the training "
-        f"time, {'within' if overhead <= max_overhead else 'above'} "
+        f"time{whole}, {'within' if overhead <= max_overhead else 'above'} "
         f"max_overhead={max_overhead:g}"
     )
     if proposed > 1:
-        text += f" (every {proposed // 2} would cost {costs.overhead(proposed // 2):.1%})"
+        denser = costs.overhead(proposed // 2, run)
+        text += f" (every {proposed // 2} would cost {denser:.1%})"
     if chosen != proposed:
         text += f"; this rank's timing alone suggested every {proposed}, rank 0's is used"
     return text + ". Pass every_n_steps to choose the cadence yourself."

@@ -76,7 +76,12 @@ from typing import Any
 
 from lightning_curvature._checks import check_bool, check_int, check_number
 from lightning_curvature.measure.tiers import Tier
-from lightning_curvature.monitor.cadence import RunClock, calibration_line, overhead_warning
+from lightning_curvature.monitor.cadence import (
+    RunClock,
+    RunSoFar,
+    calibration_line,
+    overhead_warning,
+)
 
 TRACK: Tier = "track"
 FULL: Tier = "full"
@@ -367,11 +372,20 @@ class MeasurementSchedule:
     def _calibrate(self, agree: Callable[[int], int] | None) -> str:
         assert self.max_overhead is not None  # a cadence is fixed at once otherwise
         costs = self.clock.costs(self.full_every)
-        proposed = costs.densest_cadence(self.max_overhead)
+        run = None
+        if self._final_step is not None:  # a known length: the start's cost counts too
+            run = RunSoFar(
+                monitor_seconds=self.clock.measure_seconds,
+                train_seconds=self.clock.train_seconds,
+                step=self.last_step,
+                final_step=self._final_step,
+                log_spaced=self.log_spaced,
+            )
+        proposed = costs.densest_cadence(self.max_overhead, run)
         chosen = proposed if agree is None else _check_cadence(agree(proposed))
         self.fix_cadence(chosen)
-        self.estimated_overhead = costs.overhead(chosen)
-        return calibration_line(costs, chosen, proposed, self.max_overhead)
+        self.estimated_overhead = costs.overhead(chosen, run)
+        return calibration_line(costs, chosen, proposed, self.max_overhead, run)
 
     def _overhead_warning(self) -> str | None:
         assert self.every_n_steps is not None and self.max_overhead is not None
