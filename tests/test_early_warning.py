@@ -99,11 +99,12 @@ def test_an_lr_change_triggers_within_the_budget():
 def test_a_loss_jump_triggers_once_per_spike_and_a_non_finite_loss_alerts_instead():
     early = warning(Triggers(trend=False, risk=False))
     early.measured(0, 0.5, 0.1)
-    losses = {s: 1.0 for s in range(1, 60)} | {40: 5.0, 41: 6.0, 42: 7.0}
+    # A noisy loss, one unlucky batch at 20 (no jump: one step is noise), then a blow-up.
+    losses = {s: 1.0 + 0.05 * (s % 3) for s in range(1, 60)} | {20: 5.0, 40: 5.0, 41: 6.0, 42: 7.0}
     signals = run(early, range(1, 60), loss=lambda s: losses[s])
-    assert [s for s, v in signals.items() if v.trigger] == [40]
-    assert [s for s, v in signals.items() if v.spike] == [40]
-    spike = signals[40].spike
+    assert [s for s, v in signals.items() if v.trigger] == [41]  # the second step above
+    assert [s for s, v in signals.items() if v.spike] == [41]
+    spike = signals[41].spike
     assert spike.first_alert is None and "No alert came before it" in spike.explanation()
     # Non-finite: an alert, no measurement.
     nan = early.observe(60, 0.1, math.nan, 64)
@@ -118,10 +119,10 @@ def test_a_spike_after_an_alert_reports_its_lead_time():
     lr = lambda s: 0.4 if s >= 1210 else 0.1  # noqa: E731
     loss = lambda s: 1.0 if s < 1230 else 10.0  # noqa: E731
     signals = run(early, range(1201, 1240), lr=lr, loss=loss)
-    spike = signals[1230].spike
-    assert spike.first_alert == PREDICTED and spike.lead_steps == 20
-    assert "20 steps before" in spike.explanation()
-    assert "predicted_edge 20 steps before" in early.summary()
+    spike = signals[1231].spike  # the second step far above the recent losses
+    assert spike.first_alert == PREDICTED and spike.lead_steps == 21
+    assert "21 steps before" in spike.explanation()
+    assert "predicted_edge 21 steps before" in early.summary()
 
 
 def test_the_trend_alert_gives_the_steps_to_the_edge_and_stays_quiet_when_slow():
@@ -255,7 +256,7 @@ def test_a_learning_rate_change_is_no_trend():
 def test_an_oscillating_blow_up_is_one_spike_and_a_later_one_is_another():
     early = warning(Triggers(trend=False, risk=False, loss_window=32))
     early.measured(0, 0.5, 0.1)
-    swinging = {40: 9.0, 42: 8.0, 44: 9.0, 46: 7.0}  # calm steps between the swings
-    later = {100: 9.0}  # after more than a loss window of calm
+    swinging = {40: 9.0, 41: 8.0, 43: 9.0, 44: 7.0}  # a calm step between the swings
+    later = {100: 9.0, 101: 9.0}  # after more than a loss window of calm
     signals = run(early, range(1, 120), loss=lambda s: swinging.get(s, later.get(s, 1.0)))
-    assert [s for s, v in signals.items() if v.spike] == [40, 100]
+    assert [s for s, v in signals.items() if v.spike] == [41, 101]

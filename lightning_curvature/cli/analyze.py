@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from lightning_curvature.cli._shared import (
     fraction,
     int_at_least,
     one_line,
-    quiet_lightning,
 )
 from lightning_curvature.operators.base import OperatorWrapper
 
@@ -128,83 +128,115 @@ def run(args: argparse.Namespace) -> int:
     device = loading.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    checkpoint = loading.read_checkpoint(args.checkpoint)
-    model_class = loading.import_class(args.model, "--model")
-    data_class = loading.import_class(DEMO_DATA if args.demo_data else args.data, "--data")
-    if not hasattr(model_class, "load_from_checkpoint"):
-        raise CliError(f"--model {args.model} is not a LightningModule class")
-    if not hasattr(data_class, "train_dataloader"):
-        raise CliError(f"--data {data_class.__name__} has no train_dataloader()")
-    out = args.out or _unused_dir(Path("runs/analyze") / args.checkpoint.stem)
-    # Imported after the cheap checks: bad paths are reported before Lightning loads.
+    loaded = loading.load(args, device)
+    matrix = curvature_choice.describe(args)
+    try:
+        measured = _measure(args, loaded)
+    except Exception as error:  # the model's own code ran: report it, not a traceback
+        print(
+            f"{PROG}: error: measuring the {matrix} failed: {type(error).__name__}: "
+            f"{one_line(error)}",
+            file=sys.stderr,
+        )
+        return FAILED
+    record = measured.record
+    summary = _summary(args, loaded, measured, matrix, device)
+    _write_outputs(loaded.out, record, summary, loaded.step)
+    printed = [table(record, summary)]
+    if args.per_layer:
+        printed.append(per_layer.table(measured.extras["per_layer"]))
+    if args.solve:
+        torch.save(measured.newton_x.cpu(), loaded.out / "newton_step.pt")
+        printed.append(newton.table(measured.extras["newton_step"], matrix))
+    print("\n\n".join(printed))
+    print()
+    saved = ", newton_step.pt" if args.solve else ""
+    out = loaded.out
+    print(f"Wrote {out / 'summary.json'}, {out / 'spectrum.png'}{saved} and a TensorBoard run:")
+    print(f"  tensorboard --logdir {shlex.quote(str(out))}")
+    return 0
+
+
+@dataclass
+class _Measured:
+    """What the measurement gave: the record, the extras (per-layer, Newton step) and the
+    facts the summary states."""
+
+    record: Any
+    extras: dict[str, Any]
+    num_parameters: int
+    stability_note: str
+    newton_x: Any = None
+
+
+def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
+    """Measure as the monitor does by default: the training objective (normalization
+    layers on batch statistics, their running statistics untouched; dropout off)."""
     from lightning_curvature.measure.objective import measurement_mode, muted_logging
     from lightning_curvature.measure.tiers import MeasureSettings, measure
 
-    step = int(checkpoint.get("global_step", 0))
-    with quiet_lightning():
-        model = loading.restore_model(model_class, args.model, checkpoint, args.checkpoint, device)
-        datamodule, data_description = loading.build_data(data_class, checkpoint, args.batch_size)
-        batches = loading.sample_batches(datamodule, data_description, args.num_batches, args.seed)
-    psd = curvature_choice.is_positive_semidefinite(args)
+    model, batches = loaded.model, loaded.batches
     settings = MeasureSettings(
         k=args.k,
         tol=args.tol,
         num_probes=args.num_probes,
         density=True,
-        lambda_min=not psd,
+        lambda_min=not curvature_choice.is_positive_semidefinite(args),
         seed=args.seed,
     )
-    matrix = curvature_choice.describe(args)
-    extras: dict[str, Any] = {}
-    # As the monitor measures by default: the training objective (normalization layers on
-    # batch statistics, their running statistics untouched; dropout off).
     model.train()
     with measurement_mode(model, "train"), muted_logging(model):
         curvature_choice.check_outputs(args, model, batches)
     with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
-        try:
-            op = curvature_choice.build_operator(args, model, batches)
-            with op:  # releases the kept graph however the measurement ends
-                rule, preconditioner, stability_note = _stability(model, checkpoint, op.params)
-                blocks = per_layer.layer_blocks(op) if args.per_layer else None
-                record, _ = measure(
-                    counted(op),
-                    step,
-                    settings,
-                    rule=rule,
-                    preconditioner=preconditioner,
-                    curvature=args.curvature,
-                    blocks=blocks,
-                )
-                if blocks:
-                    extras["per_layer"] = per_layer.layer_report(record, blocks, args.num_probes)
-                if args.solve:
-                    gradient = curvature_choice.mean_gradient(op, model, batches)
-                    extras["newton_step"], newton_x = newton.newton_step(
-                        counted(op),
-                        gradient,
-                        damping=args.damping,
-                        tol=args.solve_tol,
-                        max_iters=args.solve_max_iters,
-                    )
-        except Exception as error:  # the model's own code ran: report it, not a traceback
-            print(
-                f"{PROG}: error: measuring the {matrix} failed: {type(error).__name__}: "
-                f"{one_line(error)}",
-                file=sys.stderr,
+        op = curvature_choice.build_operator(args, model, batches)
+        with op:  # releases the kept graph however the measurement ends
+            rule, preconditioner, note = _stability(model, loaded.checkpoint, op.params)
+            blocks = per_layer.layer_blocks(op) if args.per_layer else None
+            record, _ = measure(
+                counted(op),
+                loaded.step,
+                settings,
+                rule=rule,
+                preconditioner=preconditioner,
+                curvature=args.curvature,
+                blocks=blocks,
             )
-            return FAILED
+            measured = _Measured(record, {}, op.dim, note)
+            if blocks:
+                measured.extras["per_layer"] = per_layer.layer_report(
+                    record, blocks, args.num_probes
+                )
+            if args.solve:
+                gradient = curvature_choice.mean_gradient(op, model, batches)
+                measured.extras["newton_step"], measured.newton_x = newton.newton_step(
+                    counted(op),
+                    gradient,
+                    damping=args.damping,
+                    tol=args.solve_tol,
+                    max_iters=args.solve_max_iters,
+                )
+    return measured
 
+
+def _summary(
+    args: argparse.Namespace,
+    loaded: loading.Loaded,
+    measured: _Measured,
+    matrix: str,
+    device: torch.device,
+) -> dict[str, Any]:
+    """summary.json: what was measured, how, and the record."""
+    record = measured.record
     summary = {
         "checkpoint": str(args.checkpoint),
         "model": args.model,
-        "data": data_description,
+        "data": loaded.data_description,
         "curvature": args.curvature,
         "matrix": matrix,
-        "num_batches": len(batches),
-        "num_parameters": op.dim,
-        "global_step": step,
-        "stability": stability_note,
+        "num_batches": len(loaded.batches),
+        "num_parameters": measured.num_parameters,
+        "global_step": loaded.step,
+        "stability": measured.stability_note,
         "settings": {
             "k": args.k,
             "tol": args.tol,
@@ -215,39 +247,17 @@ def run(args: argparse.Namespace) -> int:
             "fisher_kind": (args.fisher_kind or "true") if args.curvature == "fisher" else None,
         },
         "measurement": record.to_json(),
-        **extras,
+        **measured.extras,
     }
-    if psd:
+    if curvature_choice.is_positive_semidefinite(args):
         summary["lambda_min_skipped"] = _psd_note(matrix)
         if record.sharpness_x_lr is not None:  # the rule is stated for the Hessian
             summary["stability"] += f" (applied to the {matrix}'s λmax, not the Hessian's)"
-    _write_outputs(out, record, summary, step)
-    printed = [table(record, summary)]
-    if args.per_layer:
-        printed.append(per_layer.table(extras["per_layer"]))
-    if args.solve:
-        torch.save(newton_x.cpu(), out / "newton_step.pt")
-        printed.append(newton.table(extras["newton_step"], matrix))
-    print("\n\n".join(printed))
-    print()
-    saved = ", newton_step.pt" if args.solve else ""
-    print(f"Wrote {out / 'summary.json'}, {out / 'spectrum.png'}{saved} and a TensorBoard run:")
-    print(f"  tensorboard --logdir {shlex.quote(str(out))}")
-    return 0
+    return summary
 
 
 def _psd_note(matrix: str) -> str:
     return f"the {matrix} is positive semi-definite (λmin ≥ 0): λmin not measured"
-
-
-def _unused_dir(path: Path) -> Path:
-    """``path``, or ``path_2``, ``path_3``, ... if it is taken: one analysis per directory,
-    so TensorBoard never mixes two of them in one run."""
-    candidate, number = path, 1
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.name}_{number}")
-    return candidate
 
 
 def _stability(

@@ -4,14 +4,16 @@ line, the model restored from the checkpoint, and the training batches. Each fai
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_curvature.cli._shared import CliError, one_line
+from lightning_curvature.cli._shared import DEMO_DATA, CliError, one_line, quiet_lightning
 
 
 def device(name: str) -> torch.device:
@@ -138,3 +140,44 @@ def sample_batches(datamodule: Any, description: str, num_batches: int, seed: in
     if len(batches) < num_batches:
         print(f"note: the training data has only {len(batches)} batches; using all of them")
     return batches
+
+
+@dataclass
+class Loaded:
+    """The checkpoint, its model and probe batches, and where the outputs go."""
+
+    checkpoint: dict[str, Any]
+    model: Any
+    batches: list[Any]
+    data_description: str
+    step: int
+    out: Path
+
+
+def load(args: argparse.Namespace, device: torch.device) -> Loaded:
+    """Read the checkpoint, restore its model and draw the probe batches (the cheap checks
+    first: bad paths are reported before Lightning loads)."""
+    checkpoint = read_checkpoint(args.checkpoint)
+    model_class = import_class(args.model, "--model")
+    data_class = import_class(DEMO_DATA if args.demo_data else args.data, "--data")
+    if not hasattr(model_class, "load_from_checkpoint"):
+        raise CliError(f"--model {args.model} is not a LightningModule class")
+    if not hasattr(data_class, "train_dataloader"):
+        raise CliError(f"--data {data_class.__name__} has no train_dataloader()")
+    out = args.out or unused_dir(Path("runs/analyze") / args.checkpoint.stem)
+    with quiet_lightning():
+        model = restore_model(model_class, args.model, checkpoint, args.checkpoint, device)
+        datamodule, description = build_data(data_class, checkpoint, args.batch_size)
+        batches = sample_batches(datamodule, description, args.num_batches, args.seed)
+    step = int(checkpoint.get("global_step", 0))
+    return Loaded(checkpoint, model, batches, description, step, out)
+
+
+def unused_dir(path: Path) -> Path:
+    """``path``, or ``path_2``, ``path_3``, ... if it is taken: one analysis per directory,
+    so TensorBoard never mixes two of them in one run."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}_{number}")
+    return candidate

@@ -15,8 +15,9 @@ next measurement corrects both. :class:`EarlyWarning` turns these into
 
 - ``edge``: :math:`\hat r_s` crosses ``AlertRules.edge_ratio`` from below;
 - ``lr_change``: η changed by more than that fraction since the last measurement;
-- ``loss_jump``: the loss is more than that factor above the median of its last
-  ``loss_window`` values (a non-finite loss cannot be measured: it raises an alert instead);
+- ``loss_jump``: two losses in a row more than that factor above the median of the last
+  ``loss_window`` and more than 10 robust deviations above it (one unlucky minibatch is
+  noise; a divergence grows); a non-finite loss cannot be measured: it raises an alert;
 - ``trend``: the measured trend (least squares over the last three trusted ratios)
   reaches the edge before the next scheduled measurement: measure at the crossing;
 - ``risk``: near the edge, look more often: with :math:`\hat r_s \ge 0.5`, when more than
@@ -26,8 +27,8 @@ next measurement corrects both. :class:`EarlyWarning` turns these into
 Triggered measurements are *added* to the schedule (an explicit ``every_n_steps`` stays a
 promise), at least ``min_gap`` steps apart, and paid from a budget: a bucket that refills
 at one measurement per cadence n and holds at most ``burst`` (it starts full). So they
-at most double the measurement rate, and only near the edge or at events; the
-``edge`` trigger and the non-finite loss bypass the bucket (one each per crossing). Every
+at most double the measurement rate, and only near the edge or at events; only the
+``edge`` trigger bypasses the bucket (once per crossing). Every
 rule depends on steps, η, the agreed measurements and the loss; under data parallelism the
 loss is each rank's own, so its jump is agreed (any rank) at steps that are multiples of
 ``min_gap``, one collective there and none elsewhere.
@@ -42,8 +43,8 @@ loss is each rank's own, so its jump is agreed (any rank) at steps that are mult
 
 Each fires once and re-arms when its condition stops holding.
 
-**Loss spikes explained.** A loss above ``loss_jump`` × its recent median (or non-finite)
-starts a spike; :meth:`EarlyWarning.spikes` records what curvature said then: the last
+**Loss spikes explained.** A loss jump (as above) or a non-finite loss starts a spike (a
+new one only after a whole ``loss_window`` of calm); :meth:`EarlyWarning.spikes` records what curvature said then: the last
 measured ratio, the predicted one, the trend, and which alert came first and how many steps
 before.
 """
@@ -67,8 +68,10 @@ EARLY_KINDS = (PREDICTED, TREND, LOSS_NOT_FINITE)
 _TREND_POINTS = 3
 # Loss events, ordered so that the worst over ranks is the maximum.
 _CALM, _JUMP, _NOT_FINITE = 0, 1, 2
-# Triggers that do not draw on the budget: each fires once per event.
-_UNBUDGETED = ("edge", "loss_jump")
+# The trigger that does not draw on the budget: it fires once per crossing.
+_UNBUDGETED = ("edge",)
+# How far above the recent losses' spread a loss jump must be, in robust deviations.
+_ROBUST_Z = 10.0
 # A loss spike's lead time counts from alerts at most this many steps before it.
 _LEAD_WINDOW = 1000
 _TREND_FLOOR = 0.5  # no trend alert from further below the edge than this ratio
@@ -100,6 +103,7 @@ class EarlyWarning:
         self.trend_points: list[tuple[int, float]] = []
         self.losses: list[float] = []
         self.pending_loss_event = _CALM
+        self.above_recent = False  # the last loss was far above the recent ones
         self.last_unsettled_step: int | None = None  # the last step with a loss event
         self.budget = TriggerBudget(self.triggers.burst)
         self.last_trigger_step = -(10**9)
@@ -194,6 +198,7 @@ class EarlyWarning:
         "losses",
         "last_trigger_step",
         "last_unsettled_step",
+        "above_recent",
         "active",
     )
 
@@ -231,9 +236,10 @@ class EarlyWarning:
         if loss is not None and not math.isfinite(loss):
             event = _NOT_FINITE
         elif loss is not None:
-            if rules.loss_jump is not None and len(self.losses) >= rules.loss_window // 2:
-                if loss > rules.loss_jump * statistics.median(self.losses):
-                    event = _JUMP
+            above = self._far_above_recent(float(loss))
+            if above and self.above_recent:
+                event = _JUMP
+            self.above_recent = above
             self.losses = [*self.losses, float(loss)][-rules.loss_window :]
         if agree is None:
             return event
@@ -242,6 +248,19 @@ class EarlyWarning:
             return _CALM  # this rank's event waits for the agreement
         event, self.pending_loss_event = int(agree(self.pending_loss_event)), _CALM
         return event
+
+    def _far_above_recent(self, loss: float) -> bool:
+        """Whether ``loss`` is far above the recent losses: ``loss_jump`` × their median,
+        and more than ``_ROBUST_Z`` robust standard deviations (1.4826 × the median absolute
+        deviation) above it. A jump counts when two steps in a row are far above: one
+        unlucky minibatch is noise, a divergence grows (on a 2,000-step minibatch run the
+        ratio alone flagged 20 batches, two in a row with the spread none)."""
+        rules = self.triggers
+        if rules.loss_jump is None or len(self.losses) < rules.loss_window // 2:
+            return False
+        median = statistics.median(self.losses)
+        spread = 1.4826 * statistics.median(abs(x - median) for x in self.losses)
+        return loss > rules.loss_jump * median and loss > median + _ROBUST_Z * spread
 
     def _trigger(
         self, step: int, predicted: float | None, lr: float | None, jump: bool, cadence: int | None
@@ -253,10 +272,10 @@ class EarlyWarning:
         if rules.edge and crossed and not self.active["edge"]:
             self.active["edge"] = True  # once per crossing; a measurement re-arms it
             return "edge"
-        if jump:
-            return "loss_jump"  # once per spike: the start of it
         if not self.budget.affords_one():
             return None
+        if jump:
+            return "loss_jump"  # once per spike: the start of it
         if rules.lr_change is not None and lr is not None and self.last_measured_lr:
             if abs(lr - self.last_measured_lr) > rules.lr_change * self.last_measured_lr:
                 return "lr_change"
