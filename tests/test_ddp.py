@@ -96,5 +96,6 @@ def test_ddp_early_warning_agrees_across_ranks_without_a_hang(scenarios):
     kinds = {kind: step for kind, step in ranks[0]["alerts"]}
     assert kinds.get("predicted_edge") == 31  # the raised step, before a measurement
     assert ranks[0]["triggered"] >= 1
-    # Rank 1's own loss jump at 41-42 (two steps far above: a jump), agreed at the next multiple of min_gap (8): step 48.
+    # Rank 1's own loss jump at 41-42 (two steps far above: a jump), agreed at the next
+    # multiple of min_gap (8): step 48.
     assert ranks[0]["spikes"] == [48]

@@ -44,9 +44,9 @@ loss is each rank's own, so its jump is agreed (any rank) at steps that are mult
 Each fires once and re-arms when its condition stops holding.
 
 **Loss spikes explained.** A loss jump (as above) or a non-finite loss starts a spike (a
-new one only after a whole ``loss_window`` of calm); :meth:`EarlyWarning.spikes` records what curvature said then: the last
-measured ratio, the predicted one, the trend, and which alert came first and how many steps
-before.
+new one only after a whole ``loss_window`` of calm); :attr:`EarlyWarning.spikes` records
+what curvature said then: the last measured ratio, the predicted one, the trend, and which
+alert came first and how many steps before.
 """
 
 from __future__ import annotations
