@@ -262,14 +262,16 @@ class CurvatureMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # The parameters are about to move on: the last measurement no longer describes them.
-        self.logbook.publisher.withdraw(trainer.callback_metrics)
+        if self.logbook.publisher.holds_metrics:
+            self.logbook.publisher.withdraw(trainer.callback_metrics)
         if self.disabled_reason is not None:
             return
         with self.schedule.clock.monitoring():  # all of the monitor's time is overhead
-            upcoming = self.schedule.upcoming(trainer.global_step + 1)
+            step = trainer.global_step  # a Lightning property that costs: read once
+            upcoming = self.schedule.upcoming(step + 1)
             self.probes.offer(batch, pl_module.device, upcoming is not None, batch_idx)
             if upcoming is not None and self._measurer is not None:
-                self._measurer.before_measured_step(trainer.global_step)
+                self._measurer.before_measured_step(step)
 
     def on_train_batch_end(
         self,
@@ -287,10 +289,11 @@ class CurvatureMonitor(Callback):
     def _step_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> None:
         # A batch that training_step skipped (returned None) is no probe for it either.
         self.probes.confirm(not self.objective.is_training_step or facts.returned_a_loss(outputs))
-        signals = self._early_signals(trainer, outputs)
+        step = trainer.global_step  # a Lightning property that costs: read once
+        signals = self._early_signals(trainer, step, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
         decision = self.schedule.decide(
-            trainer.global_step, agree=facts.rank_zero_value(trainer), trigger=signals.trigger
+            step, agree=facts.rank_zero_value(trainer), trigger=signals.trigger
         )
         for said, say in ((decision.info, rank_zero_info), (decision.warning, rank_zero_warn)):
             if said:
@@ -303,7 +306,7 @@ class CurvatureMonitor(Callback):
             with self.schedule.timed(decision):
                 outcome = self._measurer.measure(
                     self.probes.batches(pl_module.device, indexed=self.objective.is_training_step),
-                    trainer.global_step,
+                    step,
                     decision.tier,
                     optimizers=trainer.optimizers,
                     lr_schedulers=[config.scheduler for config in trainer.lr_scheduler_configs],
@@ -345,17 +348,17 @@ class CurvatureMonitor(Callback):
             self._measurer.hvp_method = self._hvp_method
 
     # ------------------------------------------------------------------ measuring
-    def _early_signals(self, trainer: pl.Trainer, outputs: Any) -> Signals:
+    def _early_signals(self, trainer: pl.Trainer, step: int, outputs: Any) -> Signals:
         """The free signals of this step (η, the loss, the last sharpness): the predicted
         ratio, a trigger, early alerts (raised now) and a loss spike's record."""
         writers = facts.tensorboard_writers(trainer)
         signals = self.logbook.stepped(
-            trainer.global_step,
+            step,
             learning_rate=facts.owned_learning_rate(self._owner),
             loss=self._loss_reader.read(facts.step_loss(outputs)),
             cadence=self.schedule.cadence,
             agree_loss=facts.max_over_ranks(trainer),
-            log_step=trainer.global_step % trainer.log_every_n_steps == 0,
+            log_step=step % trainer.log_every_n_steps == 0,
             loggers=trainer.loggers,
             writers=writers,
             say=rank_zero_info,

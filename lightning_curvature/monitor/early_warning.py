@@ -259,8 +259,10 @@ class EarlyWarning:
         if rules.loss_jump is None or len(self.losses) < rules.loss_window // 2:
             return False
         median = statistics.median(self.losses)
+        if loss <= rules.loss_jump * median:
+            return False  # the usual case, decided without the spread
         spread = 1.4826 * statistics.median(abs(x - median) for x in self.losses)
-        return loss > rules.loss_jump * median and loss > median + _ROBUST_Z * spread
+        return loss > median + _ROBUST_Z * spread
 
     def _trigger(
         self, step: int, predicted: float | None, lr: float | None, jump: bool, cadence: int | None

@@ -75,6 +75,11 @@ class Publisher:
             write_measurement(writer, record, step, self.prefix)
         return metrics
 
+    @property
+    def holds_metrics(self) -> bool:
+        """Whether this monitor has values in ``callback_metrics`` to withdraw."""
+        return bool(self._in_callback_metrics)
+
     def withdraw(self, callback_metrics: MutableMapping[str, Any]) -> None:
         """Take this monitor's values out of ``callback_metrics``: call it before the
         parameters move on (at every batch start), so none outlives the weights it was
