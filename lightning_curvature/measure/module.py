@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +132,6 @@ def measure_module(
 ) -> Outcome:
     """Measure ``context.module`` on ``batches`` and leave it exactly as it was."""
     module = context.module
-    notes: list[str] = []
     target = _float_copy(module)
     if target is not module:
         device = next(target.parameters()).device
@@ -142,13 +141,7 @@ def measure_module(
     originals = dict(module.named_parameters())
     view = optimizer_view(context.optimizers, [originals[n] for n in params])
     rule, preconditioner = view.rule, view.preconditioner
-    if rule is not None and not rule.known:
-        notes.append(rule.note)
-    if preconditioner is not None and bool(torch.isinf(preconditioner).any()):
-        notes.append(
-            "some measured parameters have no optimizer state yet (unused, frozen or "
-            "new): they are left out of the preconditioned sharpness"
-        )
+    notes = _optimizer_notes(view)
     with (
         preserved_python_state(module, context.optimizers, context.lr_schedulers),
         measurement_mode(target, context.mode, context.dropout),
@@ -156,23 +149,7 @@ def measure_module(
         warnings.catch_warnings(record=True) as caught,
     ):
         warnings.simplefilter("always")
-        local: Any = curvature_operator(
-            context.curvature,
-            target,
-            batches,
-            params,
-            loss_fn=_on_fresh_copies(context.loss_fn),
-            output_fn=context.output_fn,
-            loss_from_output=context.loss_from_output,
-            hvp_method=hvp_method,
-            verify=verify,
-        )
-        op: Any = AllReduceOperator(local) if context.distributed else local
-        blocks = (
-            parameter_blocks(local.param_names, local.params, context.per_layer)
-            if context.per_layer
-            else None
-        )
+        local, op, blocks = _operators(context, target, batches, params, hvp_method, verify)
         hessian = context.curvature == "hessian"
         try:
             record, next_warm = measure(
@@ -206,6 +183,49 @@ def measure_module(
         notes=notes,
         owner=None if view.optimizer is None else (view.optimizer, view.param_group),
     )
+
+
+def _optimizer_notes(view: Any) -> list[str]:
+    """What the user should know about the optimizer's view of the measured parameters."""
+    notes = []
+    if view.rule is not None and not view.rule.known:
+        notes.append(view.rule.note)
+    if view.preconditioner is not None and bool(torch.isinf(view.preconditioner).any()):
+        notes.append(
+            "some measured parameters have no optimizer state yet (unused, frozen or "
+            "new): they are left out of the preconditioned sharpness"
+        )
+    return notes
+
+
+def _operators(
+    context: Context,
+    target: nn.Module,
+    batches: list[Any],
+    params: Mapping[str, nn.Parameter],
+    hvp_method: str,
+    verify: bool,
+) -> tuple[Any, Any, Any]:
+    """This rank's curvature operator, the one measured (averaged over ranks under data
+    parallelism), and the per-layer blocks when asked."""
+    local: Any = curvature_operator(
+        context.curvature,
+        target,
+        batches,
+        params,
+        loss_fn=_on_fresh_copies(context.loss_fn),
+        output_fn=context.output_fn,
+        loss_from_output=context.loss_from_output,
+        hvp_method=hvp_method,
+        verify=verify,
+    )
+    op: Any = AllReduceOperator(local) if context.distributed else local
+    blocks = (
+        parameter_blocks(local.param_names, local.params, context.per_layer)
+        if context.per_layer
+        else None
+    )
+    return local, op, blocks
 
 
 class RankFailure(RuntimeError):
