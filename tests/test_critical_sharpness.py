@@ -146,7 +146,7 @@ def test_tanh_mlp_lies_between_the_dense_hessians_extreme_eigenvalues(noise, rel
 
     def flat_loss(flat: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(flat, [math.prod(s) for s in shapes])
-        values = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
+        values = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         out = torch.func.functional_call(model, values, (x,))
         return ((out - y) ** 2).mean()
 
@@ -167,7 +167,7 @@ def test_tanh_mlp_lies_between_the_dense_hessians_extreme_eigenvalues(noise, rel
 
 
 def test_an_ascent_direction_is_reported_not_bracketed():
-    a, theta, g, loss = _quadratic()
+    _, theta, g, loss = _quadratic()
     result = critical_sharpness(_line(loss, theta, g), 0.1, max_evals=6, loss_dtype=DOUBLE)
     assert not result.bracketed
     assert math.isnan(result.value)
@@ -202,7 +202,7 @@ def test_the_rise_must_clear_a_relative_margin():
 @pytest.mark.parametrize("max_evals", [2, 3, 4, 6, 9])
 @pytest.mark.parametrize("given_zero", [False, True])
 def test_max_evals_is_respected(max_evals, given_zero):
-    a, theta, g, loss = _quadratic()
+    _, theta, g, loss = _quadratic()
     for direction, lr in ((-g, 1e-4), (-g, 1e3), (-g, 0.2), (g, 0.2)):
         calls: list[float] = []
         result = critical_sharpness(
@@ -252,3 +252,34 @@ def test_loss_along_bad_arguments_name_the_argument():
         loss_along(model, {}, torch.zeros(0), loss_fn, None)
     with pytest.raises(ValueError, match="loss_fn"):
         loss_along(model, params, torch.zeros(8), None, None)
+
+
+@pytest.mark.parametrize(
+    ("rise", "t_c"),
+    [
+        (lambda t: -t + t**4, 1.0),
+        (lambda t: -math.sin(t) if t < 2 else t - 2 - math.sin(2), 2 + math.sin(2)),
+        (lambda t: t * (t - 1) * (t + 5), 1.0),
+        (lambda t: math.expm1(t) - 2 * t, 1.2564312086261697),
+        (lambda t: -t if t < 0.7 else 1.0, 0.7),  # a cliff, where the quadratic model misleads
+    ],
+)
+@pytest.mark.parametrize("lr", [0.01, 0.6, 40.0])
+def test_lines_that_are_not_quadratic_converge_to_their_crossing(rise, t_c, lr):
+    result = critical_sharpness(
+        lambda t: 2.0 + rise(t), lr, max_evals=80, rel_tol=1e-9, loss_dtype=DOUBLE
+    )
+    assert result.bracketed, result.reason
+    assert result.t_lo <= t_c <= result.t_hi
+    assert result.relative_width <= 1e-9
+
+
+def test_a_wavy_line_gives_a_crossing_not_necessarily_the_first():
+    # L rises past L(θ) at every odd multiple of π; from lr = 40 the grid meets 21π first.
+    result = critical_sharpness(
+        lambda t: 2.0 - math.sin(t), 40.0, max_evals=80, rel_tol=1e-9, loss_dtype=DOUBLE
+    )
+    crossing = round(result.t_lo / math.pi) * math.pi
+    assert round(result.t_lo / math.pi) % 2 == 1
+    assert result.t_lo <= crossing <= result.t_hi
+    assert result.t_lo > math.pi

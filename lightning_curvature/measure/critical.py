@@ -102,11 +102,13 @@ def critical_sharpness(
     ``loss_at(t)`` returns L(θ + t·d) as a Python float; the caller owns the direction and
     the perturbing (:func:`loss_along` does it for a module). The search evaluates L(θ)
     (unless ``loss_at_zero`` gives it), brackets t_c on the grid t = lr·2^k, going up from
-    t = lr while the loss does not rise and down while it does, then narrows the bracket:
-    each probe sits just past the crossing of the quadratic through L(θ) and the bracket's
-    two ends, on the side of the end farther from it, so on a quadratic two probes shrink the bracket to
-    about ``rel_tol``/2; a probe whose side was mispredicted makes the next one bisect. It
-    stops when ``relative_width`` ≤ ``rel_tol`` or the evaluations are spent.
+    t = lr while the loss does not rise and down while it does, then narrows the bracket.
+    Each narrowing probe sits just past the crossing of the quadratic through L(θ) and the
+    bracket's two ends, on the side of the end farther from it; a probe on the wrong side
+    makes the next one bisect. It stops when ``relative_width`` ≤ ``rel_tol`` or the
+    evaluations are spent. On a quadratic with t_c within a factor 2 of ``lr`` that is 4-5
+    evaluations in all for ``rel_tol`` = 1e-2 (bisection alone would take 10); each factor 2
+    farther costs one more.
 
     The loss "rises" at t when L(θ + t·d) > L(θ) + ``margin``·|L(θ)|, so float rounding of
     the loss is not taken for a rise; ``margin`` defaults to 16·eps of ``loss_dtype`` (the
@@ -170,7 +172,8 @@ def _narrow(search: _Search, rel_tol: float) -> None:
 
 def _model_crossing(search: _Search) -> float | None:
     """Where f(t) = a·t + b·t², through f(0) = 0 and the bracket's two ends, reaches
-    ``search.rise``; None when that model has no crossing inside the bracket (exact on a quadratic)."""
+    ``search.rise`` (exact on a quadratic); None when that model has no crossing inside the
+    bracket."""
     t1, f1, t2, f2 = search.t_lo, search.f_lo, search.t_hi, search.f_hi
     if not (math.isfinite(f1) and math.isfinite(f2)):
         return None
@@ -190,7 +193,10 @@ def _result(search: _Search, first: int) -> CriticalSharpness:
     upper = math.inf if t_lo == 0 else 2 / t_lo
     reason = ""
     if t_lo == 0:
-        reason = f"the loss rose at every step tried, down to t={t_hi:g}: not a descent direction at this scale"
+        reason = (
+            f"the loss rose at every step tried, down to t={t_hi:g}: not a descent direction "
+            "at this scale"
+        )
     elif math.isinf(t_hi):
         reason = f"the loss did not rise at any step tried, up to t={t_lo:g}"
     bracketed = not reason
@@ -233,11 +239,11 @@ def loss_along(
         with torch.no_grad():
             saved = [p.detach().clone() for p in tensors]
             try:
-                for p, step in zip(tensors, steps):
+                for p, step in zip(tensors, steps, strict=True):
                     p.add_(step, alpha=t)
                 return float(scalar_loss(loss_fn(module, batch)))
             finally:
-                for p, original in zip(tensors, saved):
+                for p, original in zip(tensors, saved, strict=True):
                     p.copy_(original)
 
     return loss_at
@@ -258,7 +264,10 @@ def _direction_per_parameter(
     else:
         parts = [d.detach() for d in direction]
         if len(parts) != len(tensors) or any(
-            d.numel() != p.numel() for d, p in zip(parts, tensors)
+            d.numel() != p.numel() for d, p in zip(parts, tensors, strict=False)
         ):
             raise ValueError("direction must hold one tensor per parameter, of its size")
-    return [d.reshape(p.shape).to(device=p.device, dtype=p.dtype) for d, p in zip(parts, tensors)]
+    return [
+        d.reshape(p.shape).to(device=p.device, dtype=p.dtype)
+        for d, p in zip(parts, tensors, strict=True)
+    ]
