@@ -130,6 +130,23 @@ def test_loss_along_restores_when_the_loss_raises_and_takes_per_parameter_direct
     assert all(torch.equal(p, before[name]) for name, p in params.items())
 
 
+def test_loss_along_leaves_normalization_statistics_as_they_were():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    model(x)  # running statistics away from their initial values
+    state = {name: v.clone() for name, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    direction = torch.randn(sum(p.numel() for p in params.values()))
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        return ((m(batch[0]) - batch[1]) ** 2).mean()
+
+    result = critical_sharpness(loss_along(model, params, direction, loss_fn, (x, y)), 0.1)
+    assert result.num_evals >= 2
+    assert all(torch.equal(v, state[name]) for name, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize(("noise", "rel"), [(1.0, None), (0.01, 1e-2)])
 def test_tanh_mlp_lies_between_the_dense_hessians_extreme_eigenvalues(noise, rel):
     # Targets are the model's own outputs plus noise, so |g| scales with the noise while the

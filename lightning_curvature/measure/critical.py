@@ -224,9 +224,13 @@ def loss_along(
     ``direction`` is one flat tensor over ``params`` in their order (as the operators' flat
     vectors are), or one tensor per parameter. Each call runs under ``torch.no_grad()`` and
     restores every parameter BIT-EXACTLY by copying back a saved copy (θ + t·d − t·d is not
-    θ in floating point), also when ``loss_fn`` raises, so training is untouched. The module
-    is evaluated in whatever mode it is in: dropout left on makes the loss, and the
-    crossing, random. ``loss_fn`` returns a scalar tensor or a mapping with a ``"loss"``.
+    θ in floating point), and the module's buffers likewise (normalization layers' running
+    statistics), also when ``loss_fn`` raises, so training is untouched. The in-place
+    writes do bump the tensors' version counters: call it between optimizer steps, not
+    between a forward pass and its backward. The module is evaluated in whatever mode it is
+    in (:func:`~lightning_curvature.measure.objective.measurement_mode` sets one): dropout
+    left on makes the loss, and the crossing, random, and draws from the RNG. ``loss_fn``
+    returns a scalar tensor or a mapping with a ``"loss"`` entry.
     """
     tensors = list(params.values()) if isinstance(params, Mapping) else list(params)
     if not tensors or not all(isinstance(p, torch.Tensor) for p in tensors):
@@ -237,14 +241,15 @@ def loss_along(
 
     def loss_at(t: float) -> float:
         with torch.no_grad():
-            saved = [p.detach().clone() for p in tensors]
+            touched = tensors + list(module.buffers())
+            saved = [x.detach().clone() for x in touched]
             try:
                 for p, step in zip(tensors, steps, strict=True):
                     p.add_(step, alpha=t)
                 return float(scalar_loss(loss_fn(module, batch)))
             finally:
-                for p, original in zip(tensors, saved, strict=True):
-                    p.copy_(original)
+                for x, original in zip(touched, saved, strict=True):
+                    x.copy_(original)
 
     return loss_at
 
