@@ -97,6 +97,8 @@ class CurvatureMonitor(Callback):
         num_probes: Hutchinson probes per trace estimate.
         spectral_density: full measurements also estimate the spectral density (SLQ).
         lambda_min: full measurements also estimate the most negative eigenvalue.
+        critical_sharpness: every measurement also logs 2/t_c, t_c the smallest step along
+            the last update (per unit η) that raises the probe loss, by ~6 forward passes.
         mode: ``"train"`` (default) measures the objective the optimizer descends:
             normalization layers use batch statistics (running statistics untouched) and
             dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
@@ -154,6 +156,7 @@ class CurvatureMonitor(Callback):
         num_probes: int = 10,
         spectral_density: bool = False,
         lambda_min: bool = False,
+        critical_sharpness: bool = False,
         mode: Mode = "train",
         dropout: bool = False,
         warm_start: bool = True,
@@ -191,6 +194,7 @@ class CurvatureMonitor(Callback):
             spectral_density=spectral_density,
             lambda_min=lambda_min,
             seed=seed,
+            critical_sharpness=critical_sharpness,
         )
         self.schedule = MeasurementSchedule(
             every_n_steps=every_n_steps,
@@ -314,7 +318,9 @@ class CurvatureMonitor(Callback):
                     agree_on_failure=facts.failure_agreement(trainer),
                 )
         except Exception as error:
-            self._failed(error)
+            reason = self.failures.failed(error)  # warns, or re-raises with on_error="raise"
+            if reason is not None:
+                self._disable(reason)
             return
         self.failures.succeeded()
         self._after(trainer, outcome)
@@ -388,12 +394,6 @@ class CurvatureMonitor(Callback):
         self.logbook.respond(alerts, writers, rank_zero_warn, trainer.optimizers)
         if alerts and self.stop_on_alert:
             trainer.should_stop = True
-
-    # ------------------------------------------------------------------ failures
-    def _failed(self, error: BaseException) -> None:
-        reason = self.failures.failed(error)
-        if reason is not None:
-            self._disable(reason)
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason

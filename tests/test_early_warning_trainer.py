@@ -105,3 +105,36 @@ def test_the_same_run_without_the_raise_raises_nothing(digits, tmp_path):
         h["curvature/stability_ratio"] for h in monitor.history if "curvature/stability_ratio" in h
     ]
     assert ratios and max(ratios) == pytest.approx(0.75, rel=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_critical_sharpness_through_the_monitor_is_the_closed_forms(digits, tmp_path):
+    # Gradient descent on least squares (H constant): the update per unit η is d = −g, g the
+    # gradient at θ_{s−1}, and at θ_s = θ_{s−1} − ηg the gradient is g − ηHg. The loss along
+    # d first rises again at t_c = 2(g − ηHg)ᵀg / gᵀHg = 2(1 − ηq)/q, q = gᵀHg/gᵀg the
+    # update's Rayleigh quotient (the monitor's directional sharpness): critical sharpness
+    # 2/t_c = q/(1 − ηq).
+    dataset, top = digits
+    torch.manual_seed(0)
+    module = LeastSquares(lr=1.5 / top, factor=1.0)
+    monitor = CurvatureMonitor(
+        every_n_steps=10, log_spaced=False, trace=False, critical_sharpness=True
+    )
+    trainer = pl.Trainer(
+        max_steps=30,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(dataset, batch_size=NUM_SAMPLES))
+    rows = [h for h in monitor.history if "curvature/critical_sharpness" in h]
+    assert [int(h["step"]) for h in rows] == [10, 20, 30]
+    for row in rows:
+        q, lr = row["curvature/directional_sharpness"], row["curvature/learning_rate"]
+        # The search stops at a bracket of relative width 1e-2 and reports its midpoint.
+        assert row["curvature/critical_sharpness"] == pytest.approx(q / (1 - lr * q), rel=5e-3)
+        assert row["curvature/critical_sharpness_x_lr"] == pytest.approx(
+            row["curvature/critical_sharpness"] * row["curvature/learning_rate"]
+        )

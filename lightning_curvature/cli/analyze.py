@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     loaded = loading.load(args, device)
     matrix = curvature_choice.describe(args)
+    _check_outputs(args, loaded)  # bad input: a CliError (exit 2), not a failed measurement
     try:
         measured = _measure(args, loaded)
     except Exception as error:  # the model's own code ran: report it, not a traceback
@@ -169,6 +170,15 @@ class _Measured:
     newton_x: Any = None
 
 
+def _check_outputs(args: argparse.Namespace, loaded: loading.Loaded) -> None:
+    """The model's outputs fit the loss asked for (a GGN's or Fisher's), in train mode."""
+    from lightning_curvature.measure.objective import measurement_mode, muted_logging
+
+    loaded.model.train()
+    with measurement_mode(loaded.model, "train"), muted_logging(loaded.model):
+        curvature_choice.check_outputs(args, loaded.model, loaded.batches)
+
+
 def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
     """Measure as the monitor does by default: the training objective (normalization
     layers on batch statistics, their running statistics untouched; dropout off)."""
@@ -184,9 +194,6 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
         lambda_min=not curvature_choice.is_positive_semidefinite(args),
         seed=args.seed,
     )
-    model.train()
-    with measurement_mode(model, "train"), muted_logging(model):
-        curvature_choice.check_outputs(args, model, batches)
     with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
         op = curvature_choice.build_operator(args, model, batches)
         with op:  # releases the kept graph however the measurement ends

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_curvature.batches import detached_copy, move_batch
+from lightning_curvature.measure.critical import critical_sharpness, loss_along
 from lightning_curvature.measure.objective import (
     Mode,
     measurement_mode,
@@ -40,6 +41,9 @@ from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.choice import curvature_operator
 from lightning_curvature.optim.preconditioners import first_moment_settled, optimizer_view
 from lightning_curvature.optim.stability import StabilityRule
+
+# Forward passes a critical-sharpness search may take (at most; 4-6 from a good start).
+CRITICAL_EVALS = 8
 
 
 @dataclass
@@ -166,6 +170,8 @@ def measure_module(
                 blocks=blocks,
                 curvature=context.curvature,
             )
+            if settings.critical_sharpness and not context.distributed:
+                record = _with_critical_sharpness(record, target, params, context, batches, update)
         except Exception as error:
             _raise_own_failure(op, error)
             raise
@@ -182,6 +188,37 @@ def measure_module(
         fallback_reason=getattr(local, "fallback_reason", None),
         notes=notes,
         owner=None if view.optimizer is None else (view.optimizer, view.param_group),
+    )
+
+
+def _with_critical_sharpness(
+    record: Measurement,
+    target: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    context: Context,
+    batches: list[Any],
+    update: torch.Tensor | None,
+) -> Measurement:
+    """``record`` with the critical sharpness along the last update per unit η (forward
+    passes on the probe batches only, the parameters restored bit for bit), when bracketed.
+    The search starts at 2/(directional sharpness), where a quadratic along the update
+    would cross (the update's Rayleigh quotient sits far below λmax, tens of learning
+    rates away, so a search from η spends its passes getting there), or at η."""
+    lr = record.learning_rate
+    if update is None or not lr or not bool(update.any()):
+        return record
+    direction = (update / lr).to(next(iter(params.values())).dtype)
+    loss_fn = _on_fresh_copies(context.loss_fn)
+    along = [loss_along(target, params, direction, loss_fn, batch) for batch in batches]
+    quotient = record.directional_sharpness
+    start = 2.0 / quotient if quotient is not None and quotient > 0 else lr
+    found = critical_sharpness(
+        lambda t: sum(f(t) for f in along) / len(along), start, max_evals=CRITICAL_EVALS
+    )
+    if not found.bracketed:
+        return record
+    return dataclasses.replace(
+        record, critical_sharpness=found.value, critical_sharpness_x_lr=found.value * lr
     )
 
 

@@ -46,6 +46,8 @@ class Measurement:
     directional_sharpness_x_lr: float | None = None
     batch_sharpness: float | None = None
     batch_sharpness_x_lr: float | None = None
+    critical_sharpness: float | None = None
+    critical_sharpness_x_lr: float | None = None
     hvp_method: str | None = None
     curvature: str = "hessian"
     # Per-layer diagonal blocks (``per_layer``): name -> (trace, its stderr) and name ->
@@ -72,6 +74,8 @@ class Measurement:
             "directional_sharpness_x_lr": self.directional_sharpness_x_lr,
             "batch_sharpness": self.batch_sharpness,
             "batch_sharpness_x_lr": self.batch_sharpness_x_lr,
+            "critical_sharpness": self.critical_sharpness,
+            "critical_sharpness_x_lr": self.critical_sharpness_x_lr,
         }
         if self.lambda_max_converged:
             values.update(

@@ -27,6 +27,11 @@ SCALAR_TAGS: dict[str, tuple[str, str]] = {
     "directional_sharpness_x_lr": ("track", "directional sharpness·η"),
     "batch_sharpness": ("track", "mean over probe batches of gᵀHg/gᵀg"),
     "batch_sharpness_x_lr": ("track", "batch sharpness·η"),
+    "critical_sharpness": (
+        "track",
+        "2/t_c, t_c the smallest step along the last update per unit η that raises the loss",
+    ),
+    "critical_sharpness_x_lr": ("track", "critical sharpness·η"),
     "eigenvalue_{i}": ("full", "the i-th largest eigenvalue (1 is λmax)"),
     "trace": ("full", "the trace: exact on the top Ritz space, Hutchinson on the rest"),
     "trace_stderr": ("full", "the trace's standard error"),

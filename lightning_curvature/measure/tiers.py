@@ -54,6 +54,7 @@ class MeasureSettings:
     density_iters: int = 40
     lambda_min: bool = False
     seed: int = 0
+    critical_sharpness: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,6 +26,7 @@ def measure_settings(
     spectral_density: Any,
     lambda_min: Any,
     seed: Any,
+    critical_sharpness: Any = False,
 ) -> MeasureSettings:
     """The estimators' settings from the monitor's arguments, each checked under its own
     name (``spectral_density`` is the settings' ``density``)."""
@@ -39,6 +40,7 @@ def measure_settings(
         density=check_bool("spectral_density", spectral_density),
         lambda_min=check_bool("lambda_min", lambda_min),
         seed=check_int("seed", seed, 0),
+        critical_sharpness=check_bool("critical_sharpness", critical_sharpness),
     )
 
 
