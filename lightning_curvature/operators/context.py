@@ -103,3 +103,9 @@ def eager_submodules(model: nn.Module) -> Iterator[None]:
     finally:
         for parent, name, child in swapped:
             parent._modules[name] = child
+
+
+def empty_cache(device: torch.device) -> None:
+    """Give cached accelerator memory back (after an out-of-memory error)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -30,36 +30,32 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lightning_curvature.operators.base import CurvatureOperator
+from lightning_curvature.operators.batch_evaluation import BatchEvaluation, Gradients
 from lightning_curvature.operators.checks import (
     FINITE_DIFFERENCE_TOLERANCE,
     PASSED,
     HvpCheck,
     UnreliableProductError,
     check_key,
-    custom_functions,
     explain_failure,
     judge_products,
 )
-from lightning_curvature.operators.context import eager, holds_rnn, isolated_evaluation
+from lightning_curvature.operators.context import eager, empty_cache, holds_rnn
 from lightning_curvature.operators.gradient_graph import GradientGraphOperator
 from lightning_curvature.operators.loss import (
     LossFn,
     LossModule,
     operator_inputs,
-    scalar_loss,
 )
 from lightning_curvature.operators.products import (
     batch_columns_by_default,
     finite_difference_products,
-    flatten,
-    forward_over_reverse_products,
     gradients_along,
     products_from_graph,
 )
@@ -68,11 +64,10 @@ HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse", 
 # The seed of the check's random probe (see HessianOperator._checked_products).
 CHECK_SEED = 2**31 - 1
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference")
-Gradients = list[torch.Tensor | None]
 __all__ = ["GradientGraphOperator", "HessianOperator"]
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(BatchEvaluation, CurvatureOperator):
     r"""The Hessian of the mean loss over probe batches, as a matrix-free operator.
 
     Args:
@@ -334,12 +329,6 @@ class HessianOperator(CurvatureOperator):
         self._give_up(result.cause)
         return None
 
-    def _held_gradient(self) -> torch.Tensor | None:
-        """The flat gradient at θ from the kept graph, when there is one."""
-        if self._method != "reuse_graph" or self._gradients is None:
-            return None
-        return flatten([None if g is None else g.detach() for g in self._gradients], self.params)
-
     def _give_up(self, reason: str, error: BaseException | None = None) -> None:
         """The method in use is unreliable: raise when it was asked for, else switch
         ``"auto"`` to finite differences with one warning."""
@@ -384,38 +373,6 @@ class HessianOperator(CurvatureOperator):
         return product
 
     # ------------------------------------------------------------------ internals
-    def _isolated(self, batch_index: int) -> AbstractContextManager[None]:
-        return isolated_evaluation(
-            self.model, self.device, batch_index, disable_cudnn=self._disable_cudnn
-        )
-
-    def _batch_loss(self, index: int) -> torch.Tensor:
-        return scalar_loss(self.loss_fn(self.model, self.batches[index]))
-
-    def _batch_gradient(self, index: int) -> Gradients:
-        """One batch's gradient (``None`` for unused parameters), with the graph needed to
-        differentiate it again."""
-        with self._isolated(index):
-            loss = self._batch_loss(index)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        self._record_loss(index, loss)
-        return list(grads)
-
-    def _record_loss(self, index: int, loss: torch.Tensor) -> None:
-        if self._loss is not None:
-            return
-        if index == 0:
-            self._loss_total = torch.zeros((), device=self.device, dtype=self.dtype)
-        self._loss_total = self._loss_total + loss.detach()
-        if index == len(self.batches) - 1:
-            mean = float(self._loss_total) / len(self.batches)  # one host sync per operator
-            if mean != mean or mean in (float("inf"), float("-inf")):
-                raise FloatingPointError(
-                    f"the loss on the probe batches is {mean}: curvature is undefined there "
-                    "(lower the learning rate, or measure on other batches)"
-                )
-            self._loss = mean
-
     def _ensure_ready(self) -> None:
         if self._method == "reuse_graph" and self._gradients is None:
             try:
@@ -424,7 +381,7 @@ class HessianOperator(CurvatureOperator):
                 if self._requested == "reuse_graph":
                     raise
                 self._gradients = None
-                _empty_cache(self.device)
+                empty_cache(self.device)
                 self._method = "recompute"
                 self._fallback_reason = (
                     "keeping the first-order graphs of all probe batches ran out of memory; "
@@ -438,63 +395,3 @@ class HessianOperator(CurvatureOperator):
                 for index in range(len(self.batches)):
                     with self._isolated(index), torch.no_grad():
                         self._record_loss(index, self._batch_loss(index))
-
-    def _mean_gradient(self) -> Gradients:
-        total = self._batch_gradient(0)
-        for index in range(1, len(self.batches)):
-            total = [
-                a if b is None else b if a is None else a + b
-                for a, b in zip(total, self._batch_gradient(index), strict=True)
-            ]
-        return [None if g is None else g / len(self.batches) for g in total]
-
-    def _gradient_at(self, values: Sequence[torch.Tensor]) -> Gradients:
-        """The mean gradient with the covered parameters set to ``values``, first-order only
-        (a plain backward pass, so reentrant checkpoints work)."""
-        total: Gradients = [None] * len(values)
-        for index, batch in enumerate(self.batches):
-            leaves = [value.detach().requires_grad_() for value in values]
-            with self._isolated(index):
-                self._loss_module.at(self.params, leaves, batch, backward=True)
-            total = [
-                t if leaf.grad is None else leaf.grad if t is None else t + leaf.grad
-                for t, leaf in zip(total, leaves, strict=True)
-            ]
-        return [None if t is None else t / len(self.batches) for t in total]
-
-    def _forward_over_reverse(self, block: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(block)
-        for index, batch in enumerate(self.batches):
-
-            def loss_at(*values: torch.Tensor, batch: Any = batch) -> torch.Tensor:
-                return self._loss_module.at(self.params, values, batch)
-
-            try:
-                for j in range(block.shape[1]):
-                    with self._isolated(index):  # the same dropout mask for every column
-                        column = block[:, j : j + 1]
-                        total[:, j : j + 1] += forward_over_reverse_products(
-                            loss_at, self.params, column
-                        )
-            except RuntimeError as error:
-                if "mutate a captured Tensor" not in str(error):
-                    raise
-                raise UnreliableProductError(
-                    "hvp_method='forward_over_reverse' cannot run a model whose forward "
-                    "mutates its buffers (BatchNorm in train mode); use "
-                    "hvp_method='reuse_graph', or put the model in eval mode"
-                ) from error
-        return total / len(self.batches)
-
-    def _custom_functions(self) -> list[str]:
-        """The custom autograd Functions on the first batch's loss graph (for messages)."""
-        try:
-            with self._isolated(0):
-                return custom_functions(self._batch_loss(0))
-        except Exception:  # only a hint for a message: never let it hide the real failure
-            return []
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
