@@ -85,7 +85,7 @@ kinks' Dirac masses are not part of it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,27 +95,15 @@ from torch import nn
 from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.operators.hessian import HessianOperator
 from lightning_curvature.solvers.chain_model import (
-    Layer,
-    activation_curvature,
-    apply_blocks,
     backward,
-    block_diagonal,
-    congruence,
     forward,
     head,
-    mixed_term,
-    parameter_tangent_map,
     parse_batch,
     parse_chain,
     parse_loss,
     parse_rhs,
-    state_map,
-    transpose_apply_blocks,
 )
-
-# A pivot with more than this many times as many parameters as B has rows is handled in
-# B's row space (see _factor_pivot).
-LOW_RANK_RATIO = 2
+from lightning_curvature.solvers.chain_riccati import factorize, substitute
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,14 +205,7 @@ def mlp_chain_solve(
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     refine = check_int("refine", refine, 0)
-    params = list(model.parameters())
-    device = params[0].device
-    dtype = params[0].dtype if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    inputs, targets = parse_batch(batch, linears[0].in_features, device, dtype)
-    dim = sum(p.numel() for p in params)
-    rhs = parse_rhs(b, dim, device, dtype)
+    dtype, inputs, targets, rhs = _inputs(model, linears[0].in_features, batch, b, dtype)
 
     layers, top = forward(linears, activations, inputs, dtype)
     adjoint, output_hessian = head(activations[-1], loss_module, top, targets)
@@ -232,8 +213,8 @@ def mlp_chain_solve(
     offsets = [0]
     for layer in layers:
         offsets.append(offsets[-1] + layer.num_params)
-    stages, spectra = _factorize(layers, output_hessian, damping, diagnostics)
-    x = _substitute(stages, rhs, offsets)
+    stages, spectra = factorize(layers, output_hessian, damping, diagnostics)
+    x = substitute(stages, rhs, offsets)
 
     conditions: tuple[float, ...] = ()
     negatives = None
@@ -259,128 +240,19 @@ def mlp_chain_solve(
     )
 
 
-@dataclass
-class _Stage:
-    """One layer's share of the factorisation: its pivot's solve, ``B_l``, ``A_l``, ``N_l``
-    and the gain ``R_l⁻¹N_lᵀ`` (the last three absent for layer 1)."""
-
-    solve_pivot: Callable[[torch.Tensor], torch.Tensor]
-    tangent_map: torch.Tensor
-    transition: torch.Tensor | None = None  # A_l
-    coupling: torch.Tensor | None = None
-    gain: torch.Tensor | None = None
-
-
-def _factorize(
-    layers: list[Layer], output_hessian: torch.Tensor, damping: float, diagnostics: bool
-) -> tuple[list[_Stage], list[torch.Tensor]]:
-    """The backward Riccati sweep: every pivot factorised, layer 1 first in the result."""
-    riccati = block_diagonal(output_hessian)  # P_L = T, (n·w_L, n·w_L)
-    stages, spectra, failures = [], [], []
-    for index in range(len(layers) - 1, -1, -1):
-        layer = layers[index]
-        tangent_map = parameter_tangent_map(layer)  # B_l, (a_l, p_l)
-        pb = riccati @ tangent_map
-        solve_pivot, spectrum, info = _factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
-        if spectrum is not None:
-            spectra.append(spectrum)
-        failures.append(info)  # checked once at the end: no host sync per layer
-        if index == 0:
-            stages.append(_Stage(solve_pivot, tangent_map))
-            break
-        transition = state_map(layer)  # A_l per sample, (n, w_l, w_{l-1})
-        coupling = mixed_term(layer) + transpose_apply_blocks(transition, pb)  # N_l, (a_{l-1}, p_l)
-        gain = solve_pivot(coupling.mT)  # R⁻¹Nᵀ
-        stages.append(_Stage(solve_pivot, tangent_map, transition, coupling, gain))
-        riccati = congruence(transition, riccati) - coupling @ gain
-        riccati = 0.5 * (riccati + riccati.mT)
-        riccati.diagonal().add_(activation_curvature(layer).reshape(-1))  # + Q_l
-    stages.reverse()
-    spectra.reverse()
-    singular = torch.stack(failures).flip(0).nonzero()
-    if singular.numel():
-        layer_number = int(singular[0, 0]) + 1
-        raise torch.linalg.LinAlgError(
-            f"the pivot of layer {layer_number} (of {len(layers)}) is singular: the Schur "
-            "complement of H + εI on the layers from there to the output has a zero "
-            "eigenvalue; raise the damping"
-        )
-    return stages, spectra
-
-
-def _substitute(stages: list[_Stage], rhs: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """Solve with the factorisation: backwards for ``q_l`` and ``R_l⁻¹g_l``, then forwards
-    for the tangents δu_l and the steps δθ_l. O(L·a·p) per right-hand side."""
-    linear = rhs.new_zeros(stages[-1].tangent_map.shape[0], rhs.shape[1])  # q_L = 0
-    feedforwards = []
-    for index in range(len(stages) - 1, -1, -1):
-        stage = stages[index]
-        local = rhs[offsets[index] : offsets[index + 1]] + stage.tangent_map.mT @ linear
-        feedforward = stage.solve_pivot(local)
-        feedforwards.append(feedforward)
-        if stage.transition is not None:
-            assert stage.coupling is not None  # set with the transition
-            linear = transpose_apply_blocks(stage.transition, linear) - stage.coupling @ feedforward
-    feedforwards.reverse()
-    pieces, state = [], None
-    for stage, feedforward in zip(stages, feedforwards, strict=True):
-        if state is None:
-            step = feedforward
-            pieces.append(step)
-            state = stage.tangent_map @ step
-            continue
-        assert stage.gain is not None and stage.transition is not None  # all but layer 1
-        step = feedforward - stage.gain @ state
-        pieces.append(step)
-        state = apply_blocks(stage.transition, state) + stage.tangent_map @ step
-    return torch.cat(pieces)
-
-
-def _factor_pivot(
-    riccati: torch.Tensor,
-    tangent_map: torch.Tensor,
-    pb: torch.Tensor,
-    damping: float,
-    diagnostics: bool,
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None, torch.Tensor]:
-    """Factor the pivot ``R = εI + BᵀPB`` (p × p); returns its solve, its eigenvalues (with
-    ``diagnostics``) and a nonzero tensor when it is singular.
-
-    ``BᵀPB`` has rank at most ``a`` (the rows of B). When ``p > 2a`` and ε > 0 the pivot is
-    handled in B's row space: with the thin QR ``Bᵀ = QT`` (Q p × a orthonormal),
-    ``R = Q(εI + TPTᵀ)Qᵀ + ε(I − QQᵀ)``, so
-    ``R⁻¹X = Q(εI + TPTᵀ)⁻¹QᵀX + ε⁻¹(X − QQᵀX)`` in O(pa² + a³) instead of O(p³), and R's
-    eigenvalues are those of the a × a matrix ``εI + TPTᵀ`` and ε (p − a times). Both
-    pieces are orthogonal projections: no cancellation, unlike Woodbury's identity.
-    """
-    rows, size = tangent_map.shape
-    if damping > 0 and size > LOW_RANK_RATIO * rows:
-        basis, triangle = torch.linalg.qr(tangent_map.mT)  # Bᵀ = QT
-        inner = triangle @ riccati @ triangle.mT
-        inner = 0.5 * (inner + inner.mT)
-        inner.diagonal().add_(damping)
-        values, vectors = torch.linalg.eigh(inner)
-
-        def solve(block: torch.Tensor) -> torch.Tensor:
-            coordinates = basis.mT @ block
-            inside = vectors @ ((vectors.mT @ coordinates) / values[:, None])
-            return basis @ inside + (block - basis @ coordinates) / damping
-
-        spectrum = None
-        if diagnostics:
-            spectrum = torch.cat([values, values.new_full((size - rows,), damping)])
-        return solve, spectrum, (values == 0).sum()
-
-    pivot = tangent_map.mT @ pb
-    pivot = 0.5 * (pivot + pivot.mT)
-    pivot.diagonal().add_(damping)
-    factors = torch.linalg.lu_factor_ex(pivot)
-    spectrum = torch.linalg.eigvalsh(pivot) if diagnostics else None
-    return (
-        lambda block: torch.linalg.lu_solve(factors.LU, factors.pivots, block),
-        spectrum,
-        factors.info,
-    )
+def _inputs(
+    model: nn.Module, in_features: int, batch: Any, b: Any, dtype: torch.dtype | None
+) -> tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The factorisation's dtype, the batch and the right-hand side (as columns), checked,
+    on the model's device."""
+    params = list(model.parameters())
+    device = params[0].device
+    dtype = params[0].dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    inputs, targets = parse_batch(batch, in_features, device, dtype)
+    rhs = parse_rhs(b, sum(p.numel() for p in params), device, dtype)
+    return dtype, inputs, targets, rhs
 
 
 def _refine(stages, offsets, model, loss, batch, x, rhs, damping, steps):
@@ -401,7 +273,7 @@ def _refine(stages, offsets, model, loss, batch, x, rhs, damping, steps):
         residual = residual_of(x)
         worst = float((torch.linalg.vector_norm(residual, dim=0) / norms).max())
         for _ in range(steps):
-            candidate = x + _substitute(stages, residual, offsets)
+            candidate = x + substitute(stages, residual, offsets)
             candidate_residual = residual_of(candidate)
             relative = torch.linalg.vector_norm(candidate_residual, dim=0) / norms
             if float(relative.max()) >= 0.5 * worst:
