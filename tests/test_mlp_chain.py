@@ -256,7 +256,7 @@ def test_small_batches_use_the_low_rank_pivots_and_stay_exact(damping, loss):
 
 
 def test_low_rank_and_dense_pivot_factorisations_agree():
-    from lightning_curvature.solvers.chain import _factor_pivot
+    from lightning_curvature.solvers.chain_riccati import factor_pivot
 
     generator = torch.Generator().manual_seed(0)
     tangent_map = torch.randn(4, 20, generator=generator, dtype=torch.float64)
@@ -265,7 +265,7 @@ def test_low_rank_and_dense_pivot_factorisations_agree():
     pb = riccati @ tangent_map
     block = torch.randn(20, 3, generator=generator, dtype=torch.float64)
     pivot = tangent_map.T @ riccati @ tangent_map + 0.3 * torch.eye(20, dtype=torch.float64)
-    solve, spectrum, info = _factor_pivot(riccati, tangent_map, pb, 0.3, True)
+    solve, spectrum, info = factor_pivot(riccati, tangent_map, pb, 0.3, True)
     assert int(info) == 0
     torch.testing.assert_close(solve(block), torch.linalg.solve(pivot, block))
     torch.testing.assert_close(spectrum.sort().values, torch.linalg.eigvalsh(pivot))

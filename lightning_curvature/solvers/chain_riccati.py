@@ -26,7 +26,7 @@ from lightning_curvature.solvers.chain_model import (
 )
 
 # A pivot with more than this many times as many parameters as B has rows is handled in
-# B's row space (see _factor_pivot).
+# B's row space (see factor_pivot).
 LOW_RANK_RATIO = 2
 
 
@@ -52,7 +52,7 @@ def factorize(
         layer = layers[index]
         tangent_map = parameter_tangent_map(layer)  # B_l, (a_l, p_l)
         pb = riccati @ tangent_map
-        solve_pivot, spectrum, info = _factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
+        solve_pivot, spectrum, info = factor_pivot(riccati, tangent_map, pb, damping, diagnostics)
         if spectrum is not None:
             spectra.append(spectrum)
         failures.append(info)  # checked once at the end: no host sync per layer
@@ -107,7 +107,7 @@ def substitute(stages: list[Stage], rhs: torch.Tensor, offsets: list[int]) -> to
     return torch.cat(pieces)
 
 
-def _factor_pivot(
+def factor_pivot(
     riccati: torch.Tensor,
     tangent_map: torch.Tensor,
     pb: torch.Tensor,
