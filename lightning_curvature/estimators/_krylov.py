@@ -15,7 +15,7 @@ every residual norm is exact and free of further products.
 Residual norms certify an eigenvalue only down to the rounding of the products: in float32
 a Ritz value can be off by 1e-7 of the spectral scale (far more for a network near a
 minimum) while its residual reads 1e-20. Every bound therefore carries a rounding floor
-measured from the run itself (see :func:`rounding_floor`).
+measured from the run itself (see :func:`~lightning_curvature.estimators._projection.rounding_floor`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
 
 from lightning_curvature.estimators._common import (
     LinearOperator,
@@ -34,91 +33,11 @@ from lightning_curvature.estimators._common import (
     raise_if_not_finite,
     random_unit_vectors,
 )
+from lightning_curvature.estimators._projection import Projection
 
 # Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
 # removed more than this share of the vector's norm (cancellation magnifies rounding).
 DGKS_RATIO = 2**-0.5
-
-# The rounding floor's margin over the products' measured asymmetry. The symmetric part of
-# their error is invisible to any product: against float64 truth, float32 eigenvalue errors
-# reached up to 6.6 times the measured asymmetry on networks and logistic regressions near
-# a minimum (the loss's second derivatives come out of cancellations there), and stayed
-# below 0.5 times on dense matrices.
-ROUNDING_MARGIN = 10.0
-
-
-def rounding_floor(products: np.ndarray, scale: float, eps: float) -> float:
-    r"""What the products' rounding can hide below a residual norm.
-
-    ``products`` is :math:`G = Q^\top \tilde A Q` as the run computed it, :math:`\tilde A`
-    the products in finite precision. For a symmetric :math:`A`, :math:`G` is symmetric in
-    exact arithmetic, so :math:`\|G - G^\top\|_2` measures the products' error in the
-    run's own units: the HVP's rounding, a finite-difference product's truncation, a
-    float32 model's cancellations. The floor is ``ROUNDING_MARGIN · (‖G − Gᵀ‖₂ +
-    eps·scale)``, the second term for the representation of ``A`` itself, ``scale`` the
-    largest Ritz magnitude. It is a measured estimate with a margin, not a certificate: no
-    product reveals an error that is exactly symmetric. It does not grow with the
-    dimension, as the products' error on an eigenvalue does not either (float32 dense
-    matrices up to 3000 × 3000 stay within 0.6·eps·scale; an a-priori ``eps·√dim`` would
-    exceed ``tol=1e-4`` past 7e5 parameters, yet miss a network near a minimum whose
-    float32 error is 1e-4 at 700). A run converges when its bound is within ``tol`` or its
-    residual is below the floor (more steps cannot help), so float32 runs of any size
-    converge, and where the products are less accurate than ``tol`` the bound says so.
-    """
-    asymmetry = float(np.linalg.norm(products - products.T, 2)) if products.size > 1 else 0.0
-    return ROUNDING_MARGIN * (asymmetry + eps * scale)
-
-
-@dataclass(frozen=True)
-class Projection:
-    """Rayleigh–Ritz data on the host.
-
-    Attributes:
-        matrix: (m, m) float64 symmetric ``QᵀAQ``.
-        outside_gram: Gram matrix of ``E``, the columns carrying ``AQ``'s part outside the
-            basis: the ``num_seeds`` seed residuals, then ``β_m q_{m+1}`` when ``m > num_seeds``.
-        num_seeds: how many leading basis vectors came from a warm start.
-        products: ``QᵀÃQ`` as computed, before it was made symmetric (for the floor).
-        eps: the machine epsilon of the products' dtype.
-        breakdowns: ``(column, β)`` for each coupling a breakdown cut: ``A q_column`` had
-            a part ``β`` outside the basis then, which a later restart covers only in part.
-    """
-
-    matrix: np.ndarray
-    outside_gram: np.ndarray
-    num_seeds: int
-    products: np.ndarray | None = None
-    eps: float = 0.0
-    breakdowns: tuple[tuple[int, float], ...] = ()
-
-    @property
-    def size(self) -> int:
-        return int(self.matrix.shape[0])
-
-    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ritz values (ascending), their coefficient vectors, and exact residual norms."""
-        if self.num_seeds == 0 and self.size > 1:
-            theta, vectors = eigh_tridiagonal(
-                np.diag(self.matrix).copy(), np.diag(self.matrix, 1).copy()
-            )
-        else:
-            theta, vectors = np.linalg.eigh(self.matrix)
-        rows = vectors[: self.num_seeds]
-        if self.size > self.num_seeds:
-            rows = np.vstack([rows, vectors[-1:]])
-        squared = np.einsum("ij,ij->j", rows, self.outside_gram @ rows)
-        return theta, vectors, np.sqrt(np.clip(squared, 0.0, None))
-
-    def rounding_floor(self, theta: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-        """The floor under the error bound of each Ritz pair (see :func:`rounding_floor`),
-        plus what a breakdown's cut coupling ``β`` adds to its residual: at most
-        ``β·|s_column|``, ``s`` its coefficient vector."""
-        products = self.matrix if self.products is None else self.products
-        scale = float(np.max(np.abs(theta), initial=0.0))
-        floor = np.full(theta.size, rounding_floor(products, scale, self.eps))
-        for column, beta in self.breakdowns:
-            floor += beta * np.abs(vectors[column])
-        return floor
 
 
 class _Basis:
@@ -218,155 +137,220 @@ def krylov_projection(
     belongs to its start vector). Convergence is checked every step on the CPU and every
     few on accelerators; steps after an unnoticed breakdown are discarded at the check.
     """
-    dim, device, dtype = op.dim, op.device, op.dtype
-    max_iters = min(max_iters, dim)
-    period = check_every(device)
-    adaptive = period == 1  # a host sync per step is free only where checks are
-    basis = _Basis(dim, device, dtype, capacity=max_iters)
-    # QᵀÃQ as computed: column j's coefficients above the diagonal; below it, the seeds'
-    # rows (a seed's product is known on every later basis vector). The projection mirrors
-    # the upper triangle; the rest measures the products' asymmetry.
-    upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
-    betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
-    eps = torch.finfo(dtype).eps
-    tiny_relative = 1e3 * eps  # a breakdown: a coupling this small against the scale
-    num_matvecs = 0
-    breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
-
-    outside: torch.Tensor | None = None  # (dim, r) seed residuals, kept orthogonal to Q
-    seed_rayleigh: np.ndarray | None = None
+    process = _Process(op, max_iters, generator, restart_on_breakdown)
     if seeds is not None:
-        seeds = seeds.to(device=device, dtype=dtype)
-        for candidate in seeds.unbind(dim=1)[:max_iters]:
+        process.seed(seeds)
+    process.next_vector = start / torch.linalg.vector_norm(start)
+    if process.num_seeds:
+        done = process.seeded(seed_weights, is_converged, min_steps)
+        if done is not None:
+            return done
+    process.iterate(is_converged, min_steps)
+    return process.result()
+
+
+class _Process:
+    """The state of one :func:`krylov_projection` run, and its phases: seeding the basis,
+    the seed block's product, Lanczos steps, and the periodic check (breakdowns,
+    convergence)."""
+
+    def __init__(
+        self,
+        op: LinearOperator,
+        max_iters: int,
+        generator: torch.Generator,
+        restart_on_breakdown: bool,
+    ) -> None:
+        self.op, self.generator = op, generator
+        self.restart_on_breakdown = restart_on_breakdown
+        dim, device, dtype = op.dim, op.device, op.dtype
+        self.max_iters = max_iters = min(max_iters, dim)
+        self.period = check_every(device)
+        self.adaptive = self.period == 1  # a host sync per step is free only where checks are
+        self.basis = _Basis(dim, device, dtype, capacity=max_iters)
+        # QᵀÃQ as computed: column j's coefficients above the diagonal; below it, the
+        # seeds' rows (a seed's product is known on every later basis vector). The
+        # projection mirrors the upper triangle; the rest measures the products' asymmetry.
+        self.upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
+        self.betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
+        self.eps = torch.finfo(dtype).eps
+        self.tiny_relative = 1e3 * self.eps  # a breakdown: a coupling this small vs the scale
+        self.num_matvecs = 0
+        self.breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
+        self.outside: torch.Tensor | None = None  # (dim, r) seed residuals, orthogonal to Q
+        self.seed_rayleigh: np.ndarray | None = None
+        self.seeds: torch.Tensor | None = None  # as given, on the device and in the dtype
+        self.num_seeds = 0
+        self.next_vector: torch.Tensor = torch.empty(0)
+        self.residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
+        self.known_product: torch.Tensor | None = None  # A·next_vector when already known
+        self.checked = self.next_check = 0
+
+    def seed(self, seeds: torch.Tensor) -> None:
+        """Orthonormalise the seed columns into the basis, dropping dependent ones."""
+        basis = self.basis
+        seeds = self.seeds = seeds.to(device=self.op.device, dtype=self.op.dtype)
+        for candidate in seeds.unbind(dim=1)[: self.max_iters]:
             norm = torch.linalg.vector_norm(candidate)
             if basis.size:
                 candidate, _ = basis.project_out(candidate, adaptive=False)
             if float(torch.linalg.vector_norm(candidate)) > 1e-3 * float(norm):
                 basis.append(candidate / torch.linalg.vector_norm(candidate))
-    num_seeds = basis.size
-    next_vector = start / torch.linalg.vector_norm(start)
-    residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
-    known_product: torch.Tensor | None = None  # A·next_vector when a warm start knows it
+        self.num_seeds = basis.size
 
-    def projection(size: int, host: np.ndarray | None = None) -> Projection:
-        """The projection after ``size`` steps; ``host`` is the check's one transfer."""
-        if host is None:
-            host = _to_host(upper, betas, size)
-        computed = host[: size * size].reshape(size, size).copy()
-        matrix = np.triu(computed) + np.triu(computed, 1).T
-        lanczos_columns = np.arange(num_seeds, size - 1)
-        computed[lanczos_columns + 1, lanczos_columns] = host[size * size + lanczos_columns]
-        for column, _ in breakdowns:
-            # A restart's vectors pick up the cut coupling: q_jᵀAq_column is no longer 0,
-            # and only its mirror was computed, so it measures nothing.
-            computed[column + 1 :, column] = computed[column, column + 1 :]
-        if num_seeds == 0:
-            gram = np.array([[host[-1] ** 2]])
-        else:
-            assert outside is not None
-            block = outside
-            if size > num_seeds and residual is not None:
-                block = torch.cat([outside, residual[:, None]], dim=1)
-            gram = (block.mT @ block).double().cpu().numpy()
-        raise_if_not_finite(torch.from_numpy(matrix), "Lanczos")
-        return Projection(
-            matrix=matrix,
-            outside_gram=gram,
-            num_seeds=num_seeds,
-            products=computed,
-            eps=eps,
-            breakdowns=tuple(breakdowns),
-        )
-
-    if num_seeds:
-        products = apply_block(op, basis.active.mT.contiguous())
-        num_matvecs += num_seeds
+    def seeded(
+        self,
+        seed_weights: Callable[[np.ndarray], np.ndarray] | None,
+        is_converged: Callable[[Projection], bool] | None,
+        min_steps: int,
+    ) -> KrylovRun | None:
+        """One block product on the seeds and Rayleigh–Ritz on them: the run when that
+        already converges (or fills the basis); else set up the Lanczos continuation."""
+        basis, num_seeds = self.basis, self.num_seeds
+        products = apply_block(self.op, basis.active.mT.contiguous())
+        self.num_matvecs += num_seeds
         rows = basis.active
         coefficients = rows @ products
         outside = products - rows.mT @ coefficients
         second = rows @ outside
-        outside = outside - rows.mT @ second
-        block = (coefficients + second).double()
-        upper[:num_seeds, :num_seeds] = block
-        assert seeds is not None  # num_seeds > 0 only from seeds
-        seed_rayleigh = _seed_rayleigh(rows, products, seeds)
-        seeded = projection(num_seeds)
+        self.outside = outside - rows.mT @ second
+        self.upper[:num_seeds, :num_seeds] = (coefficients + second).double()
+        assert self.seeds is not None
+        self.seed_rayleigh = _seed_rayleigh(rows, products, self.seeds)
+        seeded = self.projection(num_seeds)
         if (
             is_converged is not None and num_seeds >= min_steps and is_converged(seeded)
-        ) or num_seeds == max_iters:
-            return KrylovRun(basis, seeded, num_matvecs, seed_rayleigh)
+        ) or num_seeds == self.max_iters:
+            return KrylovRun(basis, seeded, self.num_matvecs, self.seed_rayleigh)
         weights = np.ones(num_seeds) if seed_weights is None else seed_weights(seeded.matrix)
-        weights_t = torch.from_numpy(weights).to(device=device, dtype=dtype)
+        weights_t = torch.from_numpy(weights).to(device=self.op.device, dtype=self.op.dtype)
         if num_seeds == 1:
             # Lanczos from the seed: continue from its residual, keeping its product. The
             # residual becomes the next basis vector whole, so nothing stays outside.
-            direction = outside[:, 0]
-            if float(torch.linalg.vector_norm(direction)) <= tiny_relative * float(
-                upper[0, 0].abs()
+            direction = self.outside[:, 0]
+            if float(torch.linalg.vector_norm(direction)) <= self.tiny_relative * float(
+                self.upper[0, 0].abs()
             ):
-                direction = next_vector  # the seed is an eigenvector: go on anywhere
+                direction = self.next_vector  # the seed is an eigenvector: go on anywhere
             direction, _ = basis.project_out(direction, adaptive=False)
-            next_vector = direction / torch.linalg.vector_norm(direction)
+            self.next_vector = direction / torch.linalg.vector_norm(direction)
         else:
             # One continuation cannot absorb r independent seed residuals (they would stay
             # outside the basis and the residual norms would stall): restart Lanczos from
             # the wanted Ritz vectors of the block, whose product is already known.
             norm = torch.linalg.vector_norm(basis.combine(weights_t))
-            next_vector = basis.combine(weights_t) / norm
-            known_product = products @ weights_t / norm
-            basis.size, outside, num_seeds = 0, None, 0
-            upper.zero_()
+            self.next_vector = basis.combine(weights_t) / norm
+            self.known_product = products @ weights_t / norm
+            basis.size, self.outside, self.num_seeds = 0, None, 0
+            self.upper.zero_()
+        return None
 
-    checked = num_seeds
-    next_check = max(min_steps, num_seeds + 1)
-    # ``max_iters`` bounds the products too: a block restart must not spend them twice.
-    while basis.size < max_iters and (num_matvecs < max_iters or known_product is not None):
-        column = basis.size
-        basis.append(next_vector)
-        if outside is not None:
-            seed_rows = next_vector @ outside  # this vector's row of the seeds' products
-            upper[column, :num_seeds] = seed_rows
-            outside = torch.addr(outside, next_vector, seed_rows, alpha=-1)
-        if known_product is None:
-            w = op.matvec(next_vector)
-            num_matvecs += 1
-        else:
-            w, known_product = known_product, None
-        w, coefficients = _lanczos_orthogonalise(basis, w, adaptive)
-        upper[: column + 1, column] = coefficients
-        beta = torch.linalg.vector_norm(w)
-        betas[column] = beta
-        residual, next_vector = w, w / beta.clamp_min(torch.finfo(dtype).tiny)
-        size = basis.size
-        last = size >= max_iters or (num_matvecs >= max_iters and known_product is None)
-        if size < next_check and not last:
-            continue
-
-        # One host transfer: the projected matrix and the couplings, for breakdowns.
-        next_check = size + period
-        host = _to_host(upper, betas, size)
-        recent = host[size * size + checked :]
-        scale = float(np.nanmax(np.abs(host), initial=0.0))
-        broken = np.flatnonzero(~(recent > tiny_relative * scale))
-        if broken.size:
-            cut = checked + int(broken[0]) + 1
-            if not np.isfinite(recent[: int(broken[0]) + 1]).all():
-                raise_if_not_finite(torch.from_numpy(recent), "Lanczos")
-            breakdowns.append((cut - 1, float(recent[int(broken[0])])))
-            basis.size = size = cut
-            betas[cut - 1] = 0.0
-            residual = torch.zeros_like(w)
-            if not restart_on_breakdown or size >= max_iters:
+    def iterate(self, is_converged: Callable[[Projection], bool] | None, min_steps: int) -> None:
+        """Lanczos steps until the basis is full, the products are spent, a breakdown
+        stops it, or ``is_converged`` says so at a check."""
+        self.checked = self.num_seeds
+        self.next_check = max(min_steps, self.num_seeds + 1)
+        # ``max_iters`` bounds the products too: a block restart must not spend them twice.
+        while self.basis.size < self.max_iters and (
+            self.num_matvecs < self.max_iters or self.known_product is not None
+        ):
+            size, last = self.step()
+            if size < self.next_check and not last:
+                continue
+            if self.check(size, is_converged, min_steps):
                 break
-            fresh = random_unit_vectors(op, 1, generator)[:, 0]
-            fresh, _ = basis.project_out(fresh, adaptive=False)
-            next_vector = fresh / torch.linalg.vector_norm(fresh)
-            checked, next_check = size, size + period
-            continue
-        checked = size
-        if is_converged is not None and size >= min_steps and is_converged(projection(size, host)):
-            break
-    return KrylovRun(basis, projection(basis.size), num_matvecs, seed_rayleigh)
+
+    def step(self) -> tuple[int, bool]:
+        """One product and its orthogonalisation; the basis size, and whether this was the
+        last step allowed."""
+        basis, column = self.basis, self.basis.size
+        basis.append(self.next_vector)
+        if self.outside is not None:
+            seed_rows = self.next_vector @ self.outside  # this vector's row of seed products
+            self.upper[column, : self.num_seeds] = seed_rows
+            self.outside = torch.addr(self.outside, self.next_vector, seed_rows, alpha=-1)
+        if self.known_product is None:
+            w = self.op.matvec(self.next_vector)
+            self.num_matvecs += 1
+        else:
+            w, self.known_product = self.known_product, None
+        w, coefficients = _lanczos_orthogonalise(basis, w, self.adaptive)
+        self.upper[: column + 1, column] = coefficients
+        beta = torch.linalg.vector_norm(w)
+        self.betas[column] = beta
+        self.residual, self.next_vector = w, w / beta.clamp_min(torch.finfo(w.dtype).tiny)
+        size = basis.size
+        spent = self.num_matvecs >= self.max_iters and self.known_product is None
+        return size, size >= self.max_iters or spent
+
+    def check(
+        self, size: int, is_converged: Callable[[Projection], bool] | None, min_steps: int
+    ) -> bool:
+        """The periodic check, with one host transfer: cut at a breakdown (and restart or
+        stop), else ask ``is_converged``. Returns whether to stop."""
+        self.next_check = size + self.period
+        host = _to_host(self.upper, self.betas, size)
+        recent = host[size * size + self.checked :]
+        scale = float(np.nanmax(np.abs(host), initial=0.0))
+        broken = np.flatnonzero(~(recent > self.tiny_relative * scale))
+        if not broken.size:
+            self.checked = size
+            return (
+                is_converged is not None
+                and size >= min_steps
+                and is_converged(self.projection(size, host))
+            )
+        first = int(broken[0])
+        cut = self.checked + first + 1
+        if not np.isfinite(recent[: first + 1]).all():
+            raise_if_not_finite(torch.from_numpy(recent), "Lanczos")
+        self.breakdowns.append((cut - 1, float(recent[first])))
+        self.basis.size = size = cut
+        self.betas[cut - 1] = 0.0
+        assert self.residual is not None
+        self.residual = torch.zeros_like(self.residual)
+        if not self.restart_on_breakdown or size >= self.max_iters:
+            return True
+        fresh = random_unit_vectors(self.op, 1, self.generator)[:, 0]
+        fresh, _ = self.basis.project_out(fresh, adaptive=False)
+        self.next_vector = fresh / torch.linalg.vector_norm(fresh)
+        self.checked, self.next_check = size, size + self.period
+        return False
+
+    def projection(self, size: int, host: np.ndarray | None = None) -> Projection:
+        """The projection after ``size`` steps; ``host`` is the check's one transfer."""
+        if host is None:
+            host = _to_host(self.upper, self.betas, size)
+        computed = host[: size * size].reshape(size, size).copy()
+        matrix = np.triu(computed) + np.triu(computed, 1).T
+        lanczos_columns = np.arange(self.num_seeds, size - 1)
+        computed[lanczos_columns + 1, lanczos_columns] = host[size * size + lanczos_columns]
+        for column, _ in self.breakdowns:
+            # A restart's vectors pick up the cut coupling: q_jᵀAq_column is no longer 0,
+            # and only its mirror was computed, so it measures nothing.
+            computed[column + 1 :, column] = computed[column, column + 1 :]
+        if self.num_seeds == 0:
+            gram = np.array([[host[-1] ** 2]])
+        else:
+            assert self.outside is not None
+            block = self.outside
+            if size > self.num_seeds and self.residual is not None:
+                block = torch.cat([self.outside, self.residual[:, None]], dim=1)
+            gram = (block.mT @ block).double().cpu().numpy()
+        raise_if_not_finite(torch.from_numpy(matrix), "Lanczos")
+        return Projection(
+            matrix=matrix,
+            outside_gram=gram,
+            num_seeds=self.num_seeds,
+            products=computed,
+            eps=self.eps,
+            breakdowns=tuple(self.breakdowns),
+        )
+
+    def result(self) -> KrylovRun:
+        return KrylovRun(
+            self.basis, self.projection(self.basis.size), self.num_matvecs, self.seed_rayleigh
+        )
 
 
 def _seed_rayleigh(rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor) -> np.ndarray:

@@ -32,7 +32,7 @@ from lightning_curvature.estimators._common import (
     rademacher,
     raise_if_not_finite,
 )
-from lightning_curvature.estimators._krylov import rounding_floor
+from lightning_curvature.estimators._projection import rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 from lightning_curvature.linear_operator import Block, block_products, check_blocks

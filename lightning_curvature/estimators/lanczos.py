@@ -28,7 +28,8 @@ from lightning_curvature.estimators._common import (
     make_generator,
     random_unit_vectors,
 )
-from lightning_curvature.estimators._krylov import Projection, krylov_projection
+from lightning_curvature.estimators._krylov import krylov_projection
+from lightning_curvature.estimators._projection import Projection
 
 Which = Literal["largest", "smallest"]
 
