@@ -15,7 +15,8 @@ every residual norm is exact and free of further products.
 Residual norms certify an eigenvalue only down to the rounding of the products: in float32
 a Ritz value can be off by 1e-7 of the spectral scale (far more for a network near a
 minimum) while its residual reads 1e-20. Every bound therefore carries a rounding floor
-measured from the run itself (see :func:`~lightning_curvature.estimators._projection.rounding_floor`).
+measured from the run itself (see
+:func:`~lightning_curvature.estimators._projection.rounding_floor`).
 """
 
 from __future__ import annotations
