@@ -41,11 +41,17 @@ def add_parser(commands: Any) -> None:
         "2 and hovers there (Cohen et al., ICLR 2021)",
     )
     demo.add_argument(
+        "--transformer",
+        action="store_true",
+        help="a small byte-level transformer language model on the Python standard "
+        "library's own source, with AdamW, instead (about 2 minutes on 2 CPU cores)",
+    )
+    demo.add_argument(
         "--max-steps",
         type=int_at_least(1),
         default=None,
         help="stop after this many steps (default: the recipe's 10,000, or 3,000 with "
-        "--edge-of-stability)",
+        "--edge-of-stability, or 1,500 with --transformer)",
     )
     demo.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -64,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
             f"the demo needs {error.name or 'an optional package'}: "
             "pip install 'lightning_curvature[demo]'"
         ) from None
-    recipe = demo_recipe(args.edge_of_stability)
+    if args.edge_of_stability and args.transformer:
+        raise CliError("--edge-of-stability and --transformer are two demos: choose one")
+    recipe = demo_recipe(args.edge_of_stability, args.transformer)
     print(f"Training the '{recipe.name}' demo: {recipe.summary}", flush=True)
     with quiet_lightning():
         log_dir = run_demo(
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
             seed=args.seed,
             progress=not args.no_progress,
+            transformer=args.transformer,
         )
     checkpoint = log_dir / CHECKPOINT_NAME
     print()
@@ -83,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
     print("Open it in TensorBoard (the Scalars and Custom Scalars tabs):")
     print(f"  tensorboard --logdir {shlex.quote(str(args.out))}")
     print("Measure the trained model offline:")
-    print(f"  {PROG} analyze {shlex.quote(str(checkpoint))} --model {DEMO_MODEL} --demo-data")
+    if args.transformer:
+        model = "lightning_curvature.demo.CharTransformer"
+        data = "--data lightning_curvature.demo.StdlibTextDataModule"
+        print(f"  {PROG} analyze {shlex.quote(str(checkpoint))} --model {model} {data}")
+    else:
+        print(f"  {PROG} analyze {shlex.quote(str(checkpoint))} --model {DEMO_MODEL} --demo-data")
     return 0
 
 
@@ -95,12 +109,15 @@ def curve_summary(log_dir: Path, prefix: str = "curvature") -> str:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     lines = []
-    for tag, label in ((f"{prefix}/lambda_max", "λmax"), (f"{prefix}/lambda_max_x_lr", "λmax·η")):
+    curves = [(f"{prefix}/lambda_max", "λmax"), (f"{prefix}/lambda_max_x_lr", "λmax·η")]
+    if f"{prefix}/preconditioned_lambda_max" in tags:  # Adam: the threshold is P⁻¹H's
+        curves.append((f"{prefix}/sharpness_x_lr", "λmax(P⁻¹H)·η"))
+    for tag, label in curves:
         if tag in tags:
             points = events.Scalars(tag)
             first, last = points[0], points[-1]
             lines.append(
-                f"{label + ':':11} {first.value:.4g} at step {first.step} → "
+                f"{label + ':':13} {first.value:.4g} at step {first.step} → "
                 f"{last.value:.4g} at step {last.step} ({len(points)} measurements)"
             )
     threshold = f"{prefix}/stability_threshold"
