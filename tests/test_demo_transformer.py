@@ -14,6 +14,7 @@ from lightning_curvature.cli import build_parser
 from lightning_curvature.demo import CharTransformer, StdlibTextDataModule
 from lightning_curvature.demo.text import VOCAB_SIZE, stdlib_text
 from tests.test_configs import monitor_of, run_config
+from tests.truth import finite_difference_hvp
 
 
 def test_the_corpus_is_the_standard_librarys_source_and_always_the_same():
@@ -53,24 +54,8 @@ def test_curvature_products_through_attention_match_finite_differences():
     product = op.matvec(v)
     assert op.method_used == "reuse_graph" and op.last_check is not None
     assert op.last_check.passed
-    params = [p for p in model.parameters() if p.requires_grad]
     step = torch.finfo(torch.float64).eps ** (1 / 3) / float(v.norm())
-
-    def gradient(shift: float) -> torch.Tensor:
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.add_(shift * v[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-        grads = torch.autograd.grad(model._loss(batch), params)
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.sub_(shift * v[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-        return torch.cat([g.reshape(-1) for g in grads])
-
-    difference = (gradient(step) - gradient(-step)) / (2 * step)
+    difference = finite_difference_hvp(model, lambda m, b: m._loss(b), [batch], v, eps=step)
     # Central differences err by O(h²)·‖∇³L‖ and O(eps/h)·‖∇L‖: about eps^(2/3) relative.
     tolerance = 1e3 * torch.finfo(torch.float64).eps ** (2 / 3)
     assert float((product - difference).norm() / product.norm()) < tolerance

@@ -15,7 +15,7 @@ matrix and Gram matrix, at each convergence check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -206,20 +206,7 @@ def lanczos(
         ...       <= result.error_bounds).all())
         True
     """
-    check_operator(op)
-    check_positive_int("k", k)
-    if k > op.dim:
-        raise ValueError(f"k must be at most op.dim={op.dim}, got {k}")
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    if num_iters is None:
-        num_iters = default_num_iters(int(k), which)
-    check_positive_int("num_iters", num_iters)
-    if num_iters < k:
-        raise ValueError(f"num_iters must be at least k={k}, got {num_iters}")
-    if not is_real(tol) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    k, num_iters, tol = int(k), int(num_iters), float(tol)
+    k, num_iters, tol = _checked_arguments(op, k, num_iters, tol, which)
     seeds = _warm_start_block(op, init) if init is not None else None
 
     generator = make_generator(op, seed)
@@ -227,34 +214,8 @@ def lanczos(
     # A warm start comes from a run that had its guards; a block converging on its
     # Rayleigh-Ritz step has no room for more.
     guards = 0 if seeds is not None else min(k + guard_ritz_values(k), op.dim) - k
-    # Guards need only be located, not resolved: a looser bound keeps the cost low when
-    # they sit in a continuous bulk.
-    guard_tol = max(tol, tol**0.5)
-
     first_step = k if seeds is not None and which == "largest" else min_steps(k, which)
-
-    def evidence(projection: Projection, count: int) -> tuple[np.ndarray, ...]:
-        theta, vectors, residuals = projection.ritz()
-        indices = wanted_indices(theta.size, count, which)
-        floor = projection.rounding_floor(theta, vectors)[indices]
-        bounds = error_bounds(theta, residuals, indices, floor)
-        return theta, vectors, residuals, indices, bounds, floor
-
-    def is_converged(projection: Projection) -> bool:
-        if projection.size < min(k + guards, op.dim):
-            return False
-        theta, _, residuals, indices, bounds, floor = evidence(projection, k + guards)
-        limit = np.where(np.arange(bounds.size) < k, tol, guard_tol) * _spectral_scale(theta)
-        # A residual under the rounding floor is as resolved as the products allow (unless
-        # tol=0 asks for every step).
-        resolved = (bounds <= limit) | ((residuals[indices] <= floor) & (tol > 0))
-        # The i-th Ritz value estimates the i-th eigenvalue only if the wanted ones stand
-        # for distinct eigenvalues: their residual intervals must not overlap (rounding
-        # moves copies of a repeated eigenvalue together, so the floor is left out here).
-        order = np.argsort(theta[indices[:k]])
-        ends, radii = theta[indices[:k]][order], residuals[indices[:k]][order]
-        distinct = np.all(np.diff(ends) > radii[1:] + radii[:-1])
-        return bool(np.all(resolved) and distinct)
+    is_converged = _Convergence(k, guards, tol, which, op.dim)
 
     def seed_weights(matrix: np.ndarray) -> np.ndarray:
         _, vectors = np.linalg.eigh(matrix)
@@ -273,7 +234,7 @@ def lanczos(
         min_steps=min(first_step, num_iters, op.dim),
     )
     projection = run.projection
-    theta, vectors, residuals, wanted, bounds, _ = evidence(projection, k)
+    theta, vectors, residuals, wanted, bounds, _ = _evidence(projection, k, which)
     exhausted = projection.size == op.dim
     converged = exhausted or (
         projection.size >= min(first_step, op.dim) and is_converged(projection)
@@ -299,6 +260,66 @@ def lanczos(
         else None,
         init_rayleigh=None if run.seed_rayleigh is None else torch.from_numpy(run.seed_rayleigh),
     )
+
+
+def _checked_arguments(
+    op: LinearOperator, k: Any, num_iters: Any, tol: Any, which: Any
+) -> tuple[int, int, float]:
+    """``k``, ``num_iters`` (its default filled in) and ``tol``, or a ValueError naming the
+    first that is outside its allowed values."""
+    check_operator(op)
+    check_positive_int("k", k)
+    if k > op.dim:
+        raise ValueError(f"k must be at most op.dim={op.dim}, got {k}")
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if num_iters is None:
+        num_iters = default_num_iters(int(k), which)
+    check_positive_int("num_iters", num_iters)
+    if num_iters < k:
+        raise ValueError(f"num_iters must be at least k={k}, got {num_iters}")
+    if not is_real(tol) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    return int(k), int(num_iters), float(tol)
+
+
+def _evidence(projection: Projection, count: int, which: Which) -> tuple[np.ndarray, ...]:
+    """Ritz values, vectors and residuals; the ``count`` wanted positions, their error
+    bounds and rounding floors."""
+    theta, vectors, residuals = projection.ritz()
+    indices = wanted_indices(theta.size, count, which)
+    floor = projection.rounding_floor(theta, vectors)[indices]
+    bounds = error_bounds(theta, residuals, indices, floor)
+    return theta, vectors, residuals, indices, bounds, floor
+
+
+class _Convergence:
+    """Whether a projection has the ``k`` wanted eigenvalues to ``tol`` (of the spectral
+    scale), with ``guards`` more located, not resolved: a looser bound keeps the cost low
+    when they sit in a continuous bulk."""
+
+    def __init__(self, k: int, guards: int, tol: float, which: Which, dim: int) -> None:
+        self.k, self.guards, self.tol, self.which, self.dim = k, guards, tol, which, dim
+        self.guard_tol = max(tol, tol**0.5)
+
+    def __call__(self, projection: Projection) -> bool:
+        k, tol = self.k, self.tol
+        if projection.size < min(k + self.guards, self.dim):
+            return False
+        theta, _, residuals, indices, bounds, floor = _evidence(
+            projection, k + self.guards, self.which
+        )
+        limit = np.where(np.arange(bounds.size) < k, tol, self.guard_tol) * _spectral_scale(theta)
+        # A residual under the rounding floor is as resolved as the products allow (unless
+        # tol=0 asks for every step).
+        resolved = (bounds <= limit) | ((residuals[indices] <= floor) & (tol > 0))
+        # The i-th Ritz value estimates the i-th eigenvalue only if the wanted ones stand
+        # for distinct eigenvalues: their residual intervals must not overlap (rounding
+        # moves copies of a repeated eigenvalue together, so the floor is left out here).
+        order = np.argsort(theta[indices[:k]])
+        ends, radii = theta[indices[:k]][order], residuals[indices[:k]][order]
+        distinct = np.all(np.diff(ends) > radii[1:] + radii[:-1])
+        return bool(np.all(resolved) and distinct)
 
 
 def _warm_start_block(op: LinearOperator, init: object) -> torch.Tensor:

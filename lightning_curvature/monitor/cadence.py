@@ -283,3 +283,18 @@ class RunClock:
 def _append(samples: list[float], value: float) -> None:
     samples.append(value)
     del samples[:-_MAX_SAMPLES]
+
+
+def crosses_power_of_two(last: int, step: int, below: float) -> bool:
+    """Whether a power of two p with last < p <= step and p < below exists."""
+    first = 1 if last < 1 else 1 << last.bit_length()  # the smallest power of two > last
+    return first <= step and first < below
+
+
+def ordinal(number: int) -> str:
+    """The wording of "every ``full_every``-th measurement": one, 2nd, 3rd, 8th, 11th."""
+    if number == 1:
+        return "one"
+    suffixes = {1: "st", 2: "nd", 3: "rd"}
+    last = number % 10 if number % 100 not in (11, 12, 13) else 0
+    return f"{number}{suffixes.get(last, 'th')}"

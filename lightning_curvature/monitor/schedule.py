@@ -80,6 +80,8 @@ from lightning_curvature.monitor.cadence import (
     RunClock,
     RunSoFar,
     calibration_line,
+    crosses_power_of_two,
+    ordinal,
     overhead_warning,
 )
 
@@ -94,14 +96,8 @@ CALIBRATION_SPAN = 32
 # Timed training steps before the overhead of an explicit cadence is judged.
 _WARNING_SPAN = 8
 # The state that survives resume, besides the calibrated cadence and the clock's.
-_COUNTS = (
-    "calibration_start",
-    "last_step",
-    "num_track",
-    "num_full",
-    "num_failed",
-    "num_triggered",
-)
+_COUNTS = ("calibration_start", "last_step", "num_track", "num_full", "num_failed")
+_COUNTS += ("num_triggered",)
 
 
 @dataclass(frozen=True)
@@ -292,7 +288,7 @@ class MeasurementSchedule:
             final = " and at the last step" if self._final_step is not None else ""
             text += (
                 f", every {self.cadence} steps ({how}){log_spaced}{final}; the first "
-                f"measurement and every {_ordinal(self.full_every)} after it full"
+                f"measurement and every {ordinal(self.full_every)} after it full"
             )
         if math.isfinite(self.overhead):
             budget = "" if self.max_overhead is None else f" (max_overhead {self.max_overhead:g})"
@@ -337,10 +333,10 @@ class MeasurementSchedule:
             scheduled = True
         elif n is None:  # calibrating: s0 + 1, 2, 4, ..., 32
             start = self.calibration_start
-            scheduled = _crosses_power_of_two(last - start, step - start, below=math.inf)
+            scheduled = crosses_power_of_two(last - start, step - start, below=math.inf)
         else:
             scheduled = step // n > last // n or (
-                self.log_spaced and _crosses_power_of_two(last, step, below=n)
+                self.log_spaced and crosses_power_of_two(last, step, below=n)
             )
         if not (scheduled or final):
             return None
@@ -397,18 +393,3 @@ class MeasurementSchedule:
 
 def _check_cadence(value: object) -> int:
     return check_int("every_n_steps", value, 1)
-
-
-def _crosses_power_of_two(last: int, step: int, below: float) -> bool:
-    """Whether a power of two p with last < p <= step and p < below exists."""
-    first = 1 if last < 1 else 1 << last.bit_length()  # the smallest power of two > last
-    return first <= step and first < below
-
-
-def _ordinal(number: int) -> str:
-    """The wording of "every ``full_every``-th measurement": one, 2nd, 3rd, 8th, 11th."""
-    if number == 1:
-        return "one"
-    suffixes = {1: "st", 2: "nd", 3: "rd"}
-    last = number % 10 if number % 100 not in (11, 12, 13) else 0
-    return f"{number}{suffixes.get(last, 'th')}"
