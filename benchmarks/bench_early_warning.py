@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from _phenomena import configure_torch, markdown_table, run_header, train
+from _phenomena import LossRecorder, configure_torch, markdown_table, run_header, train
 
 from lightning_curvature._lightning import Callback, pl
 from lightning_curvature.callback import CurvatureMonitor
@@ -219,10 +219,70 @@ def table(results: list[tuple[Scenario, list[Outcome], float]]) -> str:
     return markdown_table(headers, rows)
 
 
+def language_model(steps: int) -> str:
+    """The byte-level transformer demo (AdamW, no warm-up) at a high and at a moderate
+    learning rate, one seed each: first alert, first loss spike, the peak stability ratio
+    (λmax(P⁻¹H)·η / 38) and the wall time with the monitor."""
+    from lightning_curvature.demo import CharTransformer, StdlibTextDataModule
+
+    rows = []
+    for lr, label in ((3e-2, "AdamW η 3e-2, no warm-up"), (3e-3, "AdamW η 3e-3, no warm-up")):
+        monitor = CurvatureMonitor()
+        recorder = LossRecorder()
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[monitor, recorder],
+        )
+        started = time.perf_counter()
+        trainer.fit(CharTransformer(lr=lr), StdlibTextDataModule(batch_size=16))
+        seconds = time.perf_counter() - started
+        spike = first_spike(recorder.losses, recorder.steps)
+        fired = monitor.alerts.fired
+        ratios = [
+            h["curvature/stability_ratio"]
+            for h in monitor.history
+            if "curvature/stability_ratio" in h
+        ]
+        rows.append(
+            [
+                label,
+                "—" if not fired else f"{fired[0].kind} @ {fired[0].step}",
+                ", ".join(f"{a.kind} @ {a.step}" for a in fired[1:4]) or "—",
+                "—" if spike is None else str(spike),
+                f"{max(ratios):.3g}" if ratios else "—",
+                f"{min(recorder.losses):.3f} / {recorder.losses[-1]:.3f}",
+                len(monitor.history),
+                f"{seconds:.0f}",
+            ]
+        )
+    headers = [
+        "run",
+        "first alert",
+        "next alerts",
+        "first loss spike",
+        "peak ratio",
+        "lowest / last loss",
+        "measurements",
+        "s",
+    ]
+    return markdown_table(headers, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, shorter runs")
+    parser.add_argument("--lm", action="store_true", help="the transformer scenario only")
     args = parser.parse_args()
+    if args.lm:
+        configure_torch()
+        print(language_model(400 if args.quick else 800))
+        return
     configure_torch()
     started = time.perf_counter()
     seeds = (0,) if args.quick else (0, 1, 2)
