@@ -296,9 +296,10 @@ class CurvatureMonitor(Callback):
         step = trainer.global_step  # a Lightning property that costs: read once
         signals = self._early_signals(trainer, step, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-        decision = self.schedule.decide(
-            step, agree=facts.rank_zero_value(trainer), trigger=signals.trigger
-        )
+        agree = facts.rank_zero_value(trainer)
+        decision = self.schedule.decide(step, agree, signals.trigger, signals.sparse)
+        if decision.skipped:  # far from the edge: its cost pays for triggered ones
+            self.logbook.early_warning.saved_one()
         for said, say in ((decision.info, rank_zero_info), (decision.warning, rank_zero_warn)):
             if said:
                 say(f"CurvatureMonitor[{self.tag_prefix}]: {said}")
@@ -326,9 +327,7 @@ class CurvatureMonitor(Callback):
         self._after(trainer, outcome)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        summary = self.logbook.summary(self.schedule)
-        if self.disabled_reason is not None:
-            summary += f" The monitor is off: {self.disabled_reason}."
+        summary = self.logbook.summary(self.schedule, self.disabled_reason)
         rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
 
     def state_dict(self) -> dict[str, Any]:

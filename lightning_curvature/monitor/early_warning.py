@@ -22,7 +22,9 @@ next measurement corrects both. :class:`EarlyWarning` turns these into
   reaches the edge before the next scheduled measurement: measure at the crossing;
 - ``risk``: near the edge, look more often: with :math:`\hat r_s \ge 0.5`, when more than
   n/2 steps passed since the last measurement (n/4 from 0.7, n/8 from ``edge_ratio``; n
-  the cadence).
+  the cadence). Far from it (:math:`\hat r_s < 0.25`, no trend reaching the edge within
+  4n steps), a calibrated cadence skips every other track point, and each skipped point
+  goes into the budget.
 
 Triggered measurements are *added* to the schedule (an explicit ``every_n_steps`` stays a
 promise), at least ``min_gap`` steps apart, and paid from a budget: a bucket that refills
@@ -58,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_curvature.monitor.alerts import Alert, AlertTracker
-from lightning_curvature.monitor.loss_spikes import LossSpike, spike_summary
+from lightning_curvature.monitor.loss_spikes import LossSpike, not_finite_message, spike_summary
 from lightning_curvature.monitor.triggers import TriggerBudget, Triggers, risk_wait
 
 PREDICTED = "predicted_edge"
@@ -66,14 +68,13 @@ TREND = "sharpness_trend"
 LOSS_NOT_FINITE = "loss_not_finite"
 EARLY_KINDS = (PREDICTED, TREND, LOSS_NOT_FINITE)
 _TREND_POINTS = 3
+_FAR = 0.25  # a predicted ratio under this is far from the edge
 # Loss events, ordered so that the worst over ranks is the maximum.
 _CALM, _JUMP, _NOT_FINITE = 0, 1, 2
 # The trigger that does not draw on the budget: it fires once per crossing.
 _UNBUDGETED = ("edge",)
 # How far above the recent losses' spread a loss jump must be, in robust deviations.
 _ROBUST_Z = 10.0
-# A loss spike's lead time counts from alerts at most this many steps before it.
-_LEAD_WINDOW = 1000
 _TREND_FLOOR = 0.5  # no trend alert from further below the edge than this ratio
 
 
@@ -83,6 +84,7 @@ class Signals:
 
     predicted_ratio: float | None = None
     trigger: str | None = None
+    sparse: bool = False  # far from the edge: the schedule may skip a track point
     alerts: list[Alert] = field(default_factory=list)
     spike: LossSpike | None = None
 
@@ -146,7 +148,7 @@ class EarlyWarning:
         signals = Signals(predicted_ratio=self.predicted_ratio(learning_rate))
         event = self._loss_event(step, loss, agree_loss)
         if event == _NOT_FINITE:
-            message = self._loss_message(step)
+            message = not_finite_message(step, self.reference)
             signals.alerts += self._fire(LOSS_NOT_FINITE, True, step, math.inf, 0.0, message)
         signals.alerts += self._predicted_alert(step, signals.predicted_ratio, learning_rate)
         signals.alerts += self._trend_alert(step)
@@ -156,18 +158,35 @@ class EarlyWarning:
             # is one spike, not one per swing.
             last = self.last_unsettled_step
             if last is None or step - last > self.triggers.loss_window:
-                signals.spike = self._spike(step, loss, signals.predicted_ratio)
+                signals.spike = LossSpike.record(
+                    step, loss, signals.predicted_ratio, self, self.alerts.fired
+                )
+                self.spikes.append(signals.spike)
             self.last_unsettled_step = step
         if event != _NOT_FINITE:
             new_jump = signals.spike is not None
             signals.trigger = self._trigger(
                 step, signals.predicted_ratio, learning_rate, new_jump, cadence
             )
+        signals.sparse = self.far_from_edge(signals.predicted_ratio, cadence)
         if signals.trigger is not None:
             self.last_trigger_step = step
             if signals.trigger not in _UNBUDGETED:
                 self.budget.spend()
         return signals
+
+    def far_from_edge(self, predicted: float | None, cadence: int | None) -> bool:
+        """Whether the run is far from the edge: a predicted ratio under 0.25 and no trend
+        that reaches the edge within four cadences (the schedule may then measure sparser,
+        and what it saves pays for triggered measurements: :meth:`saved_one`)."""
+        if not self.triggers.risk or predicted is None or cadence is None:
+            return False
+        steps = self._steps_to_edge()
+        return predicted < _FAR and (steps is None or steps > 4 * cadence)
+
+    def saved_one(self) -> None:
+        """A scheduled measurement was skipped far from the edge: its cost is in the budget."""
+        self.budget.save()
 
     def predicted_ratio(self, learning_rate: float | None) -> float | None:
         """The last trusted ratio rescaled to η now; None without either."""
@@ -361,34 +380,3 @@ class EarlyWarning:
             return []
         self.active[kind] = True
         return [Alert(kind=kind, step=step, value=value, reference=reference, message=message)]
-
-    def _loss_message(self, step: int) -> str:
-        said = "no trusted stability ratio was measured before it"
-        if self.reference is not None:
-            measured_step, ratio, _ = self.reference
-            said = f"the last stability ratio was {ratio:.3g}, at step {measured_step}"
-        return (
-            f"The training loss is not finite at step {step}, so curvature cannot be measured "
-            f"there; {said}. Training has diverged: lower the learning rate, or resume from an "
-            "earlier checkpoint."
-        )
-
-    def _spike(self, step: int, loss: float | None, predicted: float | None) -> LossSpike:
-        after = self.spikes[-1].step if self.spikes else -math.inf
-        recent = (
-            a for a in self.alerts.fired if after < a.step <= step and step - a.step <= _LEAD_WINDOW
-        )
-        first = next(recent, None)
-        spike = LossSpike(
-            step=step,
-            loss=math.nan if loss is None else float(loss),
-            recent_median=statistics.median(self.losses) if self.losses else math.nan,
-            measured_ratio=None if self.reference is None else self.reference[1],
-            measured_step=None if self.reference is None else self.reference[0],
-            predicted_ratio=predicted,
-            trend_per_step=self.trend(),
-            first_alert=None if first is None else first.kind,
-            first_alert_step=None if first is None else first.step,
-        )
-        self.spikes.append(spike)
-        return spike

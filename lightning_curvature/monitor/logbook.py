@@ -114,10 +114,12 @@ class Logbook:
                 for group in optimizer.param_groups:
                     group["lr"] = group["lr"] * self.lr_factor_on_alert
 
-    def summary(self, schedule: Any) -> str:
-        """The end-of-run line: points, cadence, overhead, the peak ratio, alerts, spikes."""
+    def summary(self, schedule: Any, disabled_reason: str | None = None) -> str:
+        """The end-of-run line: points, cadence, overhead, the peak ratio, alerts, spikes,
+        and why the monitor is off, when it is."""
         summary = run_summary(self.history, self.publisher.prefix, schedule, self.alerts)
-        return " ".join(filter(None, (summary, self.early_warning.summary())))
+        off = None if disabled_reason is None else f"The monitor is off: {disabled_reason}."
+        return " ".join(filter(None, (summary, self.early_warning.summary(), off)))
 
     def state_dict(self) -> dict[str, Any]:
         return {

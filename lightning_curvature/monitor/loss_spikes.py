@@ -4,8 +4,13 @@ for each, in words for TensorBoard's text tab and the end-of-fit line."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+# A loss spike's lead time counts from alerts at most this many steps before it.
+LEAD_WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,34 @@ class LossSpike:
     trend_per_step: float | None
     first_alert: str | None
     first_alert_step: int | None
+
+    @classmethod
+    def record(
+        cls,
+        step: int,
+        loss: float | None,
+        predicted: float | None,
+        early: Any,
+        fired: Sequence[Any],
+    ) -> LossSpike:
+        """What curvature said at a spike at ``step``: the early warning's reference, its
+        prediction and trend, and the first alert since the previous spike (at most
+        :data:`LEAD_WINDOW` steps before)."""
+        after = early.spikes[-1].step if early.spikes else -math.inf
+        recent = (a for a in fired if after < a.step <= step and step - a.step <= LEAD_WINDOW)
+        first = next(recent, None)
+        reference = early.reference
+        return cls(
+            step=step,
+            loss=math.nan if loss is None else float(loss),
+            recent_median=statistics.median(early.losses) if early.losses else math.nan,
+            measured_ratio=None if reference is None else reference[1],
+            measured_step=None if reference is None else reference[0],
+            predicted_ratio=predicted,
+            trend_per_step=early.trend(),
+            first_alert=None if first is None else first.kind,
+            first_alert_step=None if first is None else first.step,
+        )
 
     @property
     def lead_steps(self) -> int | None:
@@ -63,3 +96,15 @@ def spike_summary(spikes: Sequence[LossSpike]) -> str:
         parts.append(f"step {spike.step} ({lead})")
     more = ", …" if len(spikes) > 5 else ""
     return f"Loss spikes: {len(spikes)} ({'; '.join(parts)}{more})."
+
+
+def not_finite_message(step: int, reference: tuple[int, float, float] | None) -> str:
+    """The alert for a non-finite training loss, with what curvature said last."""
+    said = "no trusted stability ratio was measured before it"
+    if reference is not None:
+        said = f"the last stability ratio was {reference[1]:.3g}, at step {reference[0]}"
+    return (
+        f"The training loss is not finite at step {step}, so curvature cannot be measured "
+        f"there; {said}. Training has diverged: lower the learning rate, or resume from an "
+        "earlier checkpoint."
+    )

@@ -6,45 +6,32 @@ and, with ``log_spaced``, at steps 1, 2, 4, 8, ... below :math:`n`, where curvat
 changes fastest; **full** (top-k, trace, density, ...) at the first measurement of the
 run and at every ``full_every``-th measurement after it, log-spaced ones included. The
 default schedule (``every_n_steps=None``) also measures the last step of a run whose length
-is known, full, so even a short run ends with a spectrum of the weights it produced. A
-scheduled step is measured when
-``global_step`` *crosses* it, so a step that advances by two per batch (two optimizers
-under manual optimization) misses none; no step is measured twice.
+is known, full. A scheduled step is measured when ``global_step`` *crosses* it, so a step
+that advances by two per batch (two optimizers, manual optimization) misses none.
 
 The cadence is the user's ``every_n_steps``, honoured exactly (never skipped; one warning
 if it costs more than ``max_overhead``), or, with ``every_n_steps=None``, calibrated once
 and then fixed, so curves are comparable and reruns reproducible. Calibration measures at
 steps :math:`s_0 + 1, 2, 4, \dots, 32` (:math:`s_0` the step training started from: on a
 fresh run, the log-spaced steps), times a full measurement :math:`t_f` (the first: cold,
-so the estimate errs towards sparse), a track one :math:`t_t` (the median) and a training
-step :math:`t_s` (the mean over steps 2 to 32: the run pays for its slow steps too; the first
-step's one-time costs count in the overhead, not here), and
-picks the densest power of two :math:`n` within ``max_overhead``
-(:mod:`~lightning_curvature.monitor.cadence` has the formula). With ``max_overhead=None``
-the cadence is :data:`DEFAULT_EVERY_N_STEPS`.
+so the estimate errs towards sparse), a track one :math:`t_t` (the median), the monitor's
+per-step work and a training step :math:`t_s` (the means: the run pays for its slow steps
+too), and picks the densest power of two :math:`n` within ``max_overhead``, over the whole
+run when its length is known (:mod:`~lightning_curvature.monitor.cadence` has the formula).
+With ``max_overhead=None`` the cadence is :data:`DEFAULT_EVERY_N_STEPS`. The early warning
+adds triggered measurements and, far from the edge, skips odd multiples' track points.
 
 **Ranks.** Decisions depend on steps and counters, never on a clock, except the one
 calibrated number: it goes through ``agree`` (e.g. a broadcast of rank 0's value) in the
 one :meth:`~MeasurementSchedule.decide` call that calibrates, which comes at the same step
 on every rank, so a collective there is safe.
 
-**Calling protocol** (what :class:`~lightning_curvature.CurvatureMonitor` does)::
-
-    schedule = MeasurementSchedule(every_n_steps=None, max_overhead=0.05)
-    schedule.start(trainer.global_step, total_steps)          # on_train_start
-    # on_train_batch_end, on every rank, every batch (also while waiting for probe
-    # batches: the calls time the training steps):
-    decision = schedule.decide(trainer.global_step, agree=broadcast_from_rank_zero)
-    if decision.info: rank_zero_info(decision.info)           # the calibration line
-    if decision.warning: rank_zero_warn(decision.warning)     # over budget, once
-    if decision.tier is not None:                             # "track" or "full"
-        try:
-            with schedule.timed(decision):                    # counted unless it raises
-                record = measure(..., full=decision.full)
-        except Exception: ...                                 # counted as failed
-    schedule.summary()                                        # on_train_end
-    schedule.state_dict() / schedule.load_state_dict(state)   # checkpoints
-
+**Calling protocol** (:class:`~lightning_curvature.CurvatureMonitor`'s): ``start`` at train
+start; at every batch end on every rank (also while waiting for probe batches: the calls
+time the training steps) ``decision = decide(step, agree, trigger, sparse)``, showing
+``decision.info`` (the calibration line) and ``decision.warning`` (over budget, once), and,
+when ``decision.tier`` is set, measuring inside ``with timed(decision):`` (counted unless
+it raises); ``summary()`` at the end; ``state_dict``/``load_state_dict`` for checkpoints.
 A decision that is not timed (skipped, say for want of probe batches) is not counted;
 the first full measurement is retried at each scheduled step until one completes.
 
@@ -96,8 +83,8 @@ CALIBRATION_SPAN = 32
 # Timed training steps before the overhead of an explicit cadence is judged.
 _WARNING_SPAN = 8
 # The state that survives resume, besides the calibrated cadence and the clock's.
-_COUNTS = ("calibration_start", "last_step", "num_track", "num_full", "num_failed")
-_COUNTS += ("num_triggered",)
+_COUNTS: tuple[str, ...] = ("calibration_start", "last_step", "num_track", "num_full")
+_COUNTS += ("num_failed", "num_triggered", "num_skipped")
 
 
 @dataclass(frozen=True)
@@ -114,14 +101,10 @@ class Decision:
     info: str | None = None
     warning: str | None = None
     trigger: str | None = None  # why a step off the schedule is measured
+    skipped: bool = False  # a scheduled track point left out far from the edge
 
-    @property
-    def measure(self) -> bool:
-        return self.tier is not None
-
-    @property
-    def full(self) -> bool:
-        return self.tier == FULL
+    measure = property(lambda self: self.tier is not None)
+    full = property(lambda self: self.tier == FULL)
 
 
 class MeasurementSchedule:
@@ -157,12 +140,9 @@ class MeasurementSchedule:
             every_n_steps = _check_cadence(every_n_steps)
         log_spaced = check_bool("log_spaced", log_spaced)
         if max_overhead is not None:
+            allowed = "a number in (0, 1] or None"
             max_overhead = check_number(
-                "max_overhead",
-                max_overhead,
-                above=0.0,
-                at_most=1.0,
-                allowed="a number in (0, 1] or None",
+                "max_overhead", max_overhead, above=0.0, at_most=1.0, allowed=allowed
             )
         self.every_n_steps = every_n_steps
         self.log_spaced = log_spaced
@@ -176,6 +156,7 @@ class MeasurementSchedule:
             self.cadence = DEFAULT_EVERY_N_STEPS
         self.calibration_start = self.last_step = 0
         self.num_track = self.num_full = self.num_failed = self.num_triggered = 0
+        self.num_skipped = 0  # track points left out far from the edge
         # The projected overhead of the cadence, from the calibration samples.
         self.estimated_overhead: float | None = None
         self._final_step: int | None = None  # the run's last step, measured full by default
@@ -196,7 +177,11 @@ class MeasurementSchedule:
         self.clock.start()
 
     def decide(
-        self, step: int, agree: Callable[[int], int] | None = None, trigger: str | None = None
+        self,
+        step: int,
+        agree: Callable[[int], int] | None = None,
+        trigger: str | None = None,
+        sparse: bool = False,
     ) -> Decision:
         """Call after every optimizer step (every batch) with the global step; returns
         whether and how to measure at it.
@@ -209,6 +194,9 @@ class MeasurementSchedule:
             trigger: why to measure this step even if it is not scheduled (the early
                 warning's reason, the same on every rank); a triggered measurement is a
                 track one, and does not shift the schedule's full ones.
+            sparse: far from the edge (the early warning says so, the same on every rank):
+                a calibrated cadence skips its odd multiples' track points, so the budget
+                they would have spent pays for triggered ones near the edge.
         """
         step = check_int("step", step, 0)
         if step > self.last_step:
@@ -221,11 +209,24 @@ class MeasurementSchedule:
         elif self._overhead_check_due():
             warning = self._overhead_warning()
         tier = self._tier(self.last_step, step)
+        skipped = tier == TRACK and sparse and self._skippable(self.last_step, step)
+        if skipped:
+            tier = None
+            self.num_skipped += 1
         if tier is not None or step <= self.last_step:
             trigger = None
         self.last_step = max(self.last_step, step)
         tier = TRACK if trigger is not None else tier
-        return Decision(step=step, tier=tier, info=info, warning=warning, trigger=trigger)
+        return Decision(step, tier, info, warning, trigger, skipped)
+
+    def _skippable(self, last: int, step: int) -> bool:
+        """Whether the track point in (last, step] is an odd multiple of a calibrated
+        cadence: not log-spaced, not the last step, not an explicit cadence's promise."""
+        n = self.cadence
+        if self.every_n_steps is not None or n is None or step < n:
+            return False
+        final = self._final_step is not None and last < self._final_step <= step
+        return not final and step // n > last // n and (step // n) % 2 == 1
 
     def upcoming(self, step: int) -> Tier | None:
         """The tier :meth:`decide` would give at ``step`` now, without deciding or timing
@@ -274,6 +275,7 @@ class MeasurementSchedule:
         """A few sentences for the end of a run: points logged, cadence, overhead."""
         failed = f", {self.num_failed} failed" if self.num_failed else ""
         triggered = f", {self.num_triggered} triggered" if self.num_triggered else ""
+        triggered += f", {self.num_skipped} skipped far from the edge" if self.num_skipped else ""
         total = self.num_track + self.num_full + self.num_triggered
         text = (
             f"Curvature measurements: {total} ({self.num_track} track, {self.num_full} "
