@@ -34,7 +34,7 @@ from lightning_curvature.estimators._common import (
     raise_if_not_finite,
     random_unit_vectors,
 )
-from lightning_curvature.estimators._projection import Projection
+from lightning_curvature.estimators._projection import BREAKDOWN_EPS, Projection
 
 # Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
 # removed more than this share of the vector's norm (cancellation magnifies rounding).
@@ -175,7 +175,7 @@ class _Process:
         self.upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
         self.betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
         self.eps = torch.finfo(dtype).eps
-        self.tiny_relative = 1e3 * self.eps  # a breakdown: a coupling this small vs the scale
+        self.tiny_relative = BREAKDOWN_EPS * self.eps  # a coupling this small vs the scale
         self.num_matvecs = 0
         self.breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
         self.outside: torch.Tensor | None = None  # (dim, r) seed residuals, orthogonal to Q

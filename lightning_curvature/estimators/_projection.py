@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh_tridiagonal
 
+# A breakdown: a Lanczos coupling below this many eps of the spectral scale (the Krylov
+# space is invariant to rounding); the single and the blockwise process use it alike.
+BREAKDOWN_EPS = 1e3
+
 # The rounding floor's margin over the products' measured asymmetry. The symmetric part of
 # their error is invisible to any product: against float64 truth, float32 eigenvalue errors
 # reached up to 6.6 times the measured asymmetry on networks and logistic regressions near

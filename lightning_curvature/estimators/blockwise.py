@@ -32,7 +32,7 @@ from lightning_curvature.estimators._common import (
     rademacher,
     raise_if_not_finite,
 )
-from lightning_curvature.estimators._projection import rounding_floor
+from lightning_curvature.estimators._projection import BREAKDOWN_EPS, rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
 from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
 from lightning_curvature.linear_operator import Block, block_products, check_blocks
@@ -232,7 +232,7 @@ def blockwise_lambda_max(
     # in exact arithmetic) measures the products' rounding.
     shape = (steps_cap + 1, steps_cap, len(blocks))
     products = torch.zeros(shape, device=op.device, dtype=op.dtype)
-    breakdown = 1e3 * torch.finfo(op.dtype).eps  # a coupling this small against the scale
+    breakdown = BREAKDOWN_EPS * torch.finfo(op.dtype).eps  # a coupling this small vs the scale
 
     generator = make_generator(op, seed)
     start = torch.randn(op.dim, generator=generator, device=op.device, dtype=op.dtype)
