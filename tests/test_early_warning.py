@@ -260,30 +260,3 @@ def test_an_oscillating_blow_up_is_one_spike_and_a_later_one_is_another():
     later = {100: 9.0, 101: 9.0}  # after more than a loss window of calm
     signals = run(early, range(1, 120), loss=lambda s: swinging.get(s, later.get(s, 1.0)))
     assert [s for s, v in signals.items() if v.spike] == [41, 101]
-
-
-def test_far_from_the_edge_a_calibrated_cadence_skips_odd_multiples_and_banks_them():
-    schedule = MeasurementSchedule(max_overhead=None, log_spaced=False)
-    schedule.cadence = 10  # as calibration would fix it (every_n_steps stays None)
-    measured, skipped = [], []
-    for step in range(1, 61):
-        decision = schedule.decide(step, sparse=True)
-        skipped += [step] if decision.skipped else []
-        if decision.measure:
-            with schedule.timed(decision):
-                measured.append((step, decision.tier))
-    # The first (full) point is kept; track points at odd multiples are left out.
-    assert measured == [(10, "full"), (20, "track"), (40, "track"), (60, "track")]
-    assert skipped == [30, 50] and schedule.num_skipped == 2
-    assert "2 skipped far from the edge" in schedule.summary()
-    # An explicit cadence is a promise: nothing is skipped.
-    promised = MeasurementSchedule(every_n_steps=10, max_overhead=None, log_spaced=False)
-    assert not any(promised.decide(s, sparse=True).skipped for s in range(1, 61))
-    # The early warning says "far" only well below the edge, and banks a skipped point.
-    early = warning(Triggers())
-    early.measured(0, 0.1, 0.1)
-    assert early.far_from_edge(early.predicted_ratio(0.1), 10)
-    assert not early.far_from_edge(early.predicted_ratio(0.3), 10)  # 0.3: not far
-    early.budget.credit = 0.0
-    early.saved_one()
-    assert early.budget.affords_one()
