@@ -320,3 +320,15 @@ def test_numpy_numbers_are_accepted():
     )
     assert (rules.spike_factor, rules.spike_window, rules.edge_patience) == (3.0, 4, 2)
     assert type(rules.spike_window) is int
+
+
+def test_steady_sharpening_seen_sparsely_is_no_spike_but_a_jump_still_is():
+    # Adam's λmax rose about 2.4× between sparse measurements on the benchmark's controls:
+    # steady sharpening, seen sparsely. Over the 384 steps from 128 to 512 (1.5 ×
+    # spike_gap_steps) the factor 2 compounds to 2^1.5 = 2.83: no alert. A 6× rise over
+    # the same gap still fires.
+    steps = [1, 2, 4, 8, 16, 32, 64, 128, 512]
+    sharpening = dict(zip(steps, [10.0] * 8 + [24.0], strict=True))
+    assert feed(AlertTracker(AlertRules(spike_warmup_steps=0)), sharpening) == []
+    jump = dict(zip(steps, [10.0] * 8 + [60.0], strict=True))
+    assert [a.step for a in feed(AlertTracker(AlertRules(spike_warmup_steps=0)), jump)] == [512]

@@ -7,7 +7,9 @@ Two rules, each firing once when its condition starts to hold and re-arming when
 
   .. math:: \lambda_t > f \cdot \max(\lambda_{t-w}, \dots, \lambda_{t-1}),
 
-  the jump matters for stability, and the rule is past its warm-up (at least
+  (:math:`f` compounds as :math:`f^{g/G}` when the last measurement is :math:`g` >
+  ``spike_gap_steps`` :math:`= G` steps back: a sparse schedule sees steady sharpening as
+  large rises), the jump matters for stability, and the rule is past its warm-up (at least
   ``spike_warmup_measurements`` converged measurements before this one, and the step at
   least ``spike_warmup_steps``). The reference is the last few *measurements*, whatever the
   steps between them: during progressive sharpening (λmax rising several-fold over a run, a
@@ -89,6 +91,9 @@ class AlertRules:
         spike_min_ratio: a spike alerts only when it leaves the stability ratio at least
             this (1 is the edge): a jump far below the edge cannot destabilize training.
             0 alerts on every jump.
+        spike_gap_steps: when the last measurement is further back than this many steps,
+            the factor compounds (``spike_factor ** (gap / spike_gap_steps)``): a sparse
+            schedule sees steady sharpening as large rises between its points.
         edge_ratio: the edge-of-stability rule fires when the stability ratio is at least
             this (1.0 is the edge itself) ...
         edge_patience: ... for this many measurements in a row ...
@@ -108,6 +113,7 @@ class AlertRules:
     spike_warmup_measurements: int = 5
     spike_warmup_steps: int = 100
     spike_min_ratio: float = 0.1
+    spike_gap_steps: int = 256
     edge_ratio: float = 0.9
     edge_patience: int = 3
     edge_patience_steps: int = 50
@@ -138,6 +144,7 @@ class AlertRules:
             "spike_min_ratio",
             check_number("spike_min_ratio", self.spike_min_ratio, at_least=0.0),
         )
+        set_field(self, "spike_gap_steps", check_int("spike_gap_steps", self.spike_gap_steps, 1))
         set_field(self, "edge_ratio", check_number("edge_ratio", self.edge_ratio, above=0.0))
         set_field(self, "edge_patience", check_int("edge_patience", self.edge_patience, 1))
         set_field(
@@ -173,6 +180,8 @@ class AlertTracker:
     rules: AlertRules = field(default_factory=AlertRules)
     # The last ``spike_window`` converged λmax values; their maximum is the spike reference.
     history: list[float] = field(default_factory=list)
+    # The step of the latest of them: a rise over a long gap is sharpening, not a jump.
+    last_step: int | None = None
     # Converged measurements seen in total (the spike rule's warm-up counts them).
     num_converged: int = 0
     spike_active: bool = False
@@ -205,6 +214,7 @@ class AlertTracker:
             if alert is not None
         ]
         self.history = [*self.history, lambda_max][-self.rules.spike_window :]
+        self.last_step = step
         self.num_converged += 1
         self.fired.extend(alerts)
         return alerts
@@ -234,8 +244,12 @@ class AlertTracker:
         if not warmed_up:
             return None
         reference = max(self.history)
+        # Over a gap longer than spike_gap_steps, a rise of spike_factor per that many steps
+        # is progressive sharpening seen sparsely, not a jump: the factor compounds.
+        gap = step - (self.last_step if self.last_step is not None else step)
+        factor = rules.spike_factor ** max(1.0, gap / rules.spike_gap_steps)
         # A relative rule needs a positive reference: λmax <= 0 has no "times higher".
-        is_spike = reference > 0 and value > rules.spike_factor * reference
+        is_spike = reference > 0 and value > factor * reference
         level = math.nan if ratio is None else float(ratio)
         known = math.isfinite(level)
         matters = not known or level >= rules.spike_min_ratio
@@ -297,6 +311,7 @@ class AlertTracker:
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": list(self.history),
+            "last_step": self.last_step,
             "num_converged": self.num_converged,
             "spike_active": self.spike_active,
             "edge_streak": self.edge_streak,
@@ -310,6 +325,7 @@ class AlertTracker:
         history = [float(v) for v in state.get("history", [])]
         self.history = history[-self.rules.spike_window :]
         self.num_converged = int(state.get("num_converged", len(history)))
+        self.last_step = state.get("last_step")
         self.spike_active = bool(state.get("spike_active", False))
         self.edge_streak = int(state.get("edge_streak", state.get("above_threshold_streak", 0)))
         self.edge_streak_start = int(state.get("edge_streak_start", 0))
