@@ -260,3 +260,22 @@ def test_an_oscillating_blow_up_is_one_spike_and_a_later_one_is_another():
     later = {100: 9.0, 101: 9.0}  # after more than a loss window of calm
     signals = run(early, range(1, 120), loss=lambda s: swinging.get(s, later.get(s, 1.0)))
     assert [s for s, v in signals.items() if v.spike] == [41, 101]
+
+
+def test_during_a_warm_up_the_prediction_carries_the_rising_sharpness_too():
+    # Sharpness over the threshold rises 0.002 per step (ratio per unit η: 2 → 2.2 → 2.4
+    # at steps 100, 200, 300) while η ramps up: at step 350 with η = 0.35 the plain rescale
+    # says 2.4·0.35 = 0.84, the sharpness carried along its trend 2.5·0.35 = 0.875.
+    early = warning()
+    for step, per_lr in ((100, 2.0), (200, 2.2), (300, 2.4)):
+        early.measured(step, per_lr * step / 1000, step / 1000)
+    assert early.predicted_ratio(0.35) == pytest.approx(2.4 * 0.35)
+    assert early.predicted_ratio(0.35, step=350) == pytest.approx(2.5 * 0.35)
+    # It is capped at trend_horizon (200) steps of the trend: 2.4 + 0.4 at most.
+    assert early.predicted_ratio(0.35, step=10_000) == pytest.approx(2.8 * 0.35)
+    # And it alerts when that crosses the edge, naming the trend.
+    signals = run(early, range(301, 420), lr=lambda s: s / 1000)
+    fired = [(a.kind, a.step) for v in signals.values() for a in v.alerts]
+    first_plain = next(s for s in range(301, 1000) if 2.4 * s / 1000 >= 1.0)  # 417
+    assert fired and fired[0][0] == PREDICTED and fired[0][1] < first_plain
+    assert "rising trend" in signals[fired[0][1]].alerts[0].message

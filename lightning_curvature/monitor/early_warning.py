@@ -141,7 +141,7 @@ class EarlyWarning:
                 collective, called only at steps that are multiples of ``min_gap``.
         """
         self.budget.refill(step, cadence)
-        signals = Signals(predicted_ratio=self.predicted_ratio(learning_rate))
+        signals = Signals(predicted_ratio=self.predicted_ratio(learning_rate, step))
         event = self._loss_event(step, loss, agree_loss)
         if event == _NOT_FINITE:
             message = not_finite_message(step, self.reference)
@@ -170,23 +170,35 @@ class EarlyWarning:
                 self.budget.spend()
         return signals
 
-    def predicted_ratio(self, learning_rate: float | None) -> float | None:
-        """The last trusted ratio rescaled to η now; None without either."""
+    def predicted_ratio(self, learning_rate: float | None, step: int | None = None) -> float | None:
+        """The last trusted ratio rescaled to η now; with ``step``, its sharpness carried
+        along a rising trend too (at most ``trend_horizon`` steps of it): during a warm-up
+        sharpness and η rise together. None without a ratio or an η."""
         if self.reference is None or learning_rate is None or not math.isfinite(learning_rate):
             return None
-        _, ratio, lr = self.reference
-        return ratio * learning_rate / lr
+        measured_step, ratio, lr = self.reference
+        per_lr = ratio / lr  # sharpness over the threshold
+        slope = self._sharpness_slope()
+        if step is not None and slope is not None and slope > 0:
+            per_lr += slope * min(step - measured_step, self.rules.trend_horizon)
+        return per_lr * learning_rate
 
     def trend(self) -> float | None:
         """The ratio's slope per step at the last measurement's η: least squares over the
         last trusted measurements of the sharpness (ratio per unit η), times that η."""
-        if len(self.trend_points) < _TREND_POINTS or self.reference is None:
+        slope = self._sharpness_slope()
+        return None if slope is None or self.reference is None else slope * self.reference[2]
+
+    def _sharpness_slope(self) -> float | None:
+        """The least-squares slope per step of the sharpness over the threshold (ratio per
+        unit η) over the last trusted measurements; None with too few."""
+        if len(self.trend_points) < _TREND_POINTS:
             return None
         steps = [float(s) for s, _ in self.trend_points]
         if len(set(steps)) < 2:
             return None
         per_lr = [r for _, r in self.trend_points]
-        return statistics.linear_regression(steps, per_lr).slope * self.reference[2]
+        return statistics.linear_regression(steps, per_lr).slope
 
     def summary(self) -> str:
         """One line for the end of a run: the loss spikes and their lead times."""
@@ -306,15 +318,17 @@ class EarlyWarning:
             return []
         measured_step, ratio, measured_lr = self.reference
         limit = self.rules.predicted_ratio
+        trend = " and its rising trend" if predicted > ratio * lr / measured_lr else ""
         message = (
             f"Predicted edge of stability at step {step}: the learning rate is now {lr:.4g}, "
             f"{lr / measured_lr:.3g}× the {measured_lr:.4g} of step {measured_step}, whose "
-            f"stability ratio was {ratio:.3g}; with the sharpness measured there, the ratio is "
-            f"now about {predicted:.3g} (1 is the edge: sharpness·lr at the optimizer's "
-            "threshold). Training is likely to diverge along the top eigenvector within tens "
-            "of steps unless the learning rate comes down; a measurement follows."
+            f"stability ratio was {ratio:.3g}; with the sharpness measured there{trend}, the "
+            f"ratio is now about {predicted:.3g} (1 is the edge: sharpness·lr at the "
+            "optimizer's threshold). Training is likely to diverge along the top eigenvector "
+            "within tens of steps unless the learning rate comes down; a measurement follows."
         )
-        # The crossing is η's doing: a measured ratio at the edge is the edge rule's business.
+        # The crossing is η's (and the trend's) doing: a measured ratio at the edge is the
+        # edge rule's business.
         holds = predicted >= limit > ratio and step > measured_step
         if predicted < self.rules.edge_ratio:
             self.active[PREDICTED] = False
