@@ -50,8 +50,10 @@ def scenarios(tmp_path_factory):
 @needs_distributed
 def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(scenarios):
     ranks = scenarios["union"]
-    # Identical numbers on every rank (averaged products, shared probe seeds).
+    # Identical numbers on every rank (averaged products, shared probe seeds), the critical
+    # sharpness too (its search sees the loss averaged over ranks at every evaluation).
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]
+    assert ranks[0]["critical"] == ranks[1]["critical"] and ranks[0]["critical"][-1] is not None
     # Each rank probed its own batch; the truth is the Hessian of their mean loss.
     batches = [tuple(torch.tensor(t) for t in r["probe"]) for r in ranks]
     batches = [(x.float(), y.long()) for x, y in batches]

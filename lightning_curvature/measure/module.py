@@ -170,7 +170,7 @@ def measure_module(
                 blocks=blocks,
                 curvature=context.curvature,
             )
-            if settings.critical_sharpness and not context.distributed:
+            if settings.critical_sharpness:
                 record = _with_critical_sharpness(record, target, params, context, batches, update)
         except Exception as error:
             _raise_own_failure(op, error)
@@ -210,11 +210,16 @@ def _with_critical_sharpness(
     direction = (update / lr).to(next(iter(params.values())).dtype)
     loss_fn = _on_fresh_copies(context.loss_fn)
     along = [loss_along(target, params, direction, loss_fn, batch) for batch in batches]
+
+    def loss_at(t: float) -> float:
+        local = sum(f(t) for f in along) / len(along)
+        # Under data parallelism every rank sees the mean over all ranks' probe batches, so
+        # every rank's search takes the same steps (and the same collectives).
+        return _mean_over_ranks(local) if context.distributed else local
+
     quotient = record.directional_sharpness
     start = 2.0 / quotient if quotient is not None and quotient > 0 else lr
-    found = critical_sharpness(
-        lambda t: sum(f(t) for f in along) / len(along), start, max_evals=CRITICAL_EVALS
-    )
+    found = critical_sharpness(loss_at, start, max_evals=CRITICAL_EVALS)
     if not found.bracketed:
         return record
     return dataclasses.replace(

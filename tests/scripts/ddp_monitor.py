@@ -65,7 +65,11 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
     callbacks: list = []
     if scenario == "union":
         monitor = CurvatureMonitor(
-            every_n_steps=4, log_spaced=False, max_overhead=None, on_error="raise"
+            every_n_steps=4,
+            log_spaced=False,
+            max_overhead=None,
+            on_error="raise",
+            critical_sharpness=True,
         )
         max_steps = 4
     elif scenario == "budget":
@@ -101,6 +105,7 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
         "rank": rank,
         "steps": [int(h["step"]) for h in monitor.history],
         "lambda_max": monitor.history[-1]["curvature/lambda_max"],
+        "critical": [h.get("curvature/critical_sharpness") for h in monitor.history],
         "probe": [t.tolist() for t in monitor.probes.stored[0]],
         "state": {k: v.tolist() for k, v in module.net.state_dict().items()},
         "log_dir": trainer.logger.log_dir if rank == 0 else None,
