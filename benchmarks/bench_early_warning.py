@@ -274,11 +274,61 @@ def language_model(steps: int) -> str:
     return markdown_table(headers, rows)
 
 
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def critical_comparison(quick: bool) -> str:
+    """Critical sharpness (forward passes only) beside λmax and the directional sharpness
+    uᵀHu/uᵀu on the controls of the raise scenarios, at every measurement that has all
+    three; their ratios, median and range."""
+    rows = []
+    for scenario in scenarios(quick)[:2]:
+        monitor = CurvatureMonitor(critical_sharpness=True)
+        data = DigitsDataModule(num_samples=NUM_SAMPLES, full_batch=True, targets="onehot")
+        train(
+            scenario.name,
+            lambda scenario=scenario: DigitsClassifier(
+                hidden_sizes=HIDDEN, activation="tanh", loss="mse", optimizer=scenario.optimizer
+            ),
+            data,
+            scenario.max_steps,
+            monitor,
+            extra_callbacks=[LearningRate(scenario.control)],
+        )
+        keys = ("critical_sharpness", "directional_sharpness", "lambda_max")
+        points = [
+            [h[f"curvature/{k}"] for k in keys]
+            for h in monitor.history
+            if all(f"curvature/{k}" in h for k in keys)
+        ]
+        by_direction = [c / d for c, d, _ in points if d > 0]
+        by_top = [c / t for c, _, t in points if t > 0]
+        label = scenario.name.split(" ×4")[0] + f" ({scenario.optimizer}), control"
+        rows.append([label, len(points), _spread(by_direction), _spread(by_top)])
+    headers = [
+        "run",
+        "points",
+        "critical / directional: median (range)",
+        "critical / λmax: median (range)",
+    ]
+    return markdown_table(headers, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, shorter runs")
     parser.add_argument("--lm", action="store_true", help="the transformer scenario only")
+    parser.add_argument(
+        "--critical", action="store_true", help="critical sharpness beside λmax only"
+    )
     args = parser.parse_args()
+    if args.critical:
+        configure_torch()
+        print(critical_comparison(args.quick))
+        return
     if args.lm:
         configure_torch()
         print(language_model(400 if args.quick else 800))
