@@ -296,7 +296,10 @@ class CurvatureMonitor(Callback):
         step = trainer.global_step  # a Lightning property that costs: read once
         signals = self._early_signals(trainer, step, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-        decision = self.schedule.decide(step, facts.rank_zero_value(trainer), signals.trigger)
+        agree = facts.rank_zero_value(trainer)
+        decision = self.schedule.decide(step, agree, signals.trigger, signals.sparse)
+        if decision.skipped:  # far from the edge: its cost pays for triggered ones
+            self.logbook.early_warning.saved_one()
         for said, say in ((decision.info, rank_zero_info), (decision.warning, rank_zero_warn)):
             if said:
                 say(f"CurvatureMonitor[{self.tag_prefix}]: {said}")

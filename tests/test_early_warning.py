@@ -279,3 +279,30 @@ def test_during_a_warm_up_the_prediction_carries_the_rising_sharpness_too():
     first_plain = next(s for s in range(301, 1000) if 2.4 * s / 1000 >= 1.0)  # 417
     assert fired and fired[0][0] == PREDICTED and fired[0][1] < first_plain
     assert "rising trend" in signals[fired[0][1]].alerts[0].message
+
+
+def test_far_from_the_edge_a_calibrated_cadence_skips_odd_multiples_and_banks_them():
+    schedule = MeasurementSchedule(max_overhead=None, log_spaced=False)
+    schedule.cadence = 10  # as calibration would fix it (every_n_steps stays None)
+    measured, skipped = [], []
+    for step in range(1, 61):
+        decision = schedule.decide(step, sparse=True)
+        skipped += [step] if decision.skipped else []
+        if decision.measure:
+            with schedule.timed(decision):
+                measured.append((step, decision.tier))
+    # The first (full) point is kept; track points at odd multiples are left out.
+    assert measured == [(10, "full"), (20, "track"), (40, "track"), (60, "track")]
+    assert skipped == [30, 50] and schedule.num_skipped == 2
+    assert "2 skipped far from the edge" in schedule.summary()
+    # An explicit cadence is a promise: nothing is skipped.
+    promised = MeasurementSchedule(every_n_steps=10, max_overhead=None, log_spaced=False)
+    assert not any(promised.decide(s, sparse=True).skipped for s in range(1, 61))
+    # The early warning says "far" only well below the edge, and banks a skipped point.
+    early = warning(Triggers())
+    early.measured(0, 0.1, 0.1)
+    assert early.far_from_edge(early.predicted_ratio(0.1), 10)
+    assert not early.far_from_edge(early.predicted_ratio(0.3), 10)  # 0.3: not far
+    early.budget.credit = 0.0
+    early.saved_one()
+    assert early.budget.affords_one()

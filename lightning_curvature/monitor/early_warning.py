@@ -22,7 +22,9 @@ next measurement corrects both. :class:`EarlyWarning` turns these into
   reaches the edge before the next scheduled measurement: measure at the crossing;
 - ``risk``: near the edge, look more often: with :math:`\hat r_s \ge 0.5`, when more than
   n/2 steps passed since the last measurement (n/4 from 0.7, n/8 from ``edge_ratio``; n
-  the cadence).
+  the cadence). Far from it (:math:`\hat r_s < 0.25`, no trend reaching the edge within
+  4n steps), a calibrated cadence skips every other track point, and each skipped point
+  goes into the budget.
 
 Triggered measurements are *added* to the schedule (an explicit ``every_n_steps`` stays a
 promise), at least ``min_gap`` steps apart, and paid from a budget: a bucket that refills
@@ -66,6 +68,7 @@ TREND = "sharpness_trend"
 LOSS_NOT_FINITE = "loss_not_finite"
 EARLY_KINDS = (PREDICTED, TREND, LOSS_NOT_FINITE)
 _TREND_POINTS = 3
+_FAR = 0.25  # a predicted ratio under this is far from the edge
 # Loss events, ordered so that the worst over ranks is the maximum.
 _CALM, _JUMP, _NOT_FINITE = 0, 1, 2
 # The trigger that does not draw on the budget: it fires once per crossing.
@@ -81,6 +84,7 @@ class Signals:
 
     predicted_ratio: float | None = None
     trigger: str | None = None
+    sparse: bool = False  # far from the edge: the schedule may skip a track point
     alerts: list[Alert] = field(default_factory=list)
     spike: LossSpike | None = None
 
@@ -164,11 +168,25 @@ class EarlyWarning:
             signals.trigger = self._trigger(
                 step, signals.predicted_ratio, learning_rate, new_jump, cadence
             )
+        signals.sparse = self.far_from_edge(signals.predicted_ratio, cadence)
         if signals.trigger is not None:
             self.last_trigger_step = step
             if signals.trigger not in _UNBUDGETED:
                 self.budget.spend()
         return signals
+
+    def far_from_edge(self, predicted: float | None, cadence: int | None) -> bool:
+        """Whether the run is far from the edge: a predicted ratio under 0.25 and no trend
+        that reaches the edge within four cadences (the schedule may then measure sparser,
+        and what it saves pays for triggered measurements: :meth:`saved_one`)."""
+        if not self.triggers.risk or predicted is None or cadence is None:
+            return False
+        steps = self._steps_to_edge()
+        return predicted < _FAR and (steps is None or steps > 4 * cadence)
+
+    def saved_one(self) -> None:
+        """A scheduled measurement was skipped far from the edge: its cost is in the budget."""
+        self.budget.save()
 
     def predicted_ratio(self, learning_rate: float | None, step: int | None = None) -> float | None:
         """The last trusted ratio rescaled to η now; with ``step``, its sharpness carried

@@ -19,7 +19,7 @@ per-step work and a training step :math:`t_s` (the means: the run pays for its s
 too), and picks the densest power of two :math:`n` within ``max_overhead``, over the whole
 run when its length is known (:mod:`~lightning_curvature.monitor.cadence` has the formula).
 With ``max_overhead=None`` the cadence is :data:`DEFAULT_EVERY_N_STEPS`. The early warning
-adds triggered measurements (``decide``'s ``trigger``).
+adds triggered measurements and, far from the edge, skips odd multiples' track points.
 
 **Ranks.** Decisions depend on steps and counters, never on a clock, except the one
 calibrated number: it goes through ``agree`` (e.g. a broadcast of rank 0's value) in the
@@ -28,7 +28,7 @@ on every rank, so a collective there is safe.
 
 **Calling protocol** (:class:`~lightning_curvature.CurvatureMonitor`'s): ``start`` at train
 start; at every batch end on every rank (also while waiting for probe batches: the calls
-time the training steps) ``decision = decide(step, agree, trigger)``, showing
+time the training steps) ``decision = decide(step, agree, trigger, sparse)``, showing
 ``decision.info`` (the calibration line) and ``decision.warning`` (over budget, once), and,
 when ``decision.tier`` is set, measuring inside ``with timed(decision):`` (counted unless
 it raises); ``summary()`` at the end; ``state_dict``/``load_state_dict`` for checkpoints.
@@ -84,7 +84,7 @@ CALIBRATION_SPAN = 32
 _WARNING_SPAN = 8
 # The state that survives resume, besides the calibrated cadence and the clock's.
 _COUNTS: tuple[str, ...] = ("calibration_start", "last_step", "num_track", "num_full")
-_COUNTS += ("num_failed", "num_triggered")
+_COUNTS += ("num_failed", "num_triggered", "num_skipped")
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,10 @@ class Decision:
     info: str | None = None
     warning: str | None = None
     trigger: str | None = None  # why a step off the schedule is measured
+    skipped: bool = False  # a scheduled track point left out far from the edge
 
-    @property
-    def measure(self) -> bool:
-        return self.tier is not None
-
-    @property
-    def full(self) -> bool:
-        return self.tier == FULL
+    measure = property(lambda self: self.tier is not None)
+    full = property(lambda self: self.tier == FULL)
 
 
 class MeasurementSchedule:
@@ -160,6 +156,7 @@ class MeasurementSchedule:
             self.cadence = DEFAULT_EVERY_N_STEPS
         self.calibration_start = self.last_step = 0
         self.num_track = self.num_full = self.num_failed = self.num_triggered = 0
+        self.num_skipped = 0  # track points left out far from the edge
         # The projected overhead of the cadence, from the calibration samples.
         self.estimated_overhead: float | None = None
         self._final_step: int | None = None  # the run's last step, measured full by default
@@ -184,6 +181,7 @@ class MeasurementSchedule:
         step: int,
         agree: Callable[[int], int] | None = None,
         trigger: str | None = None,
+        sparse: bool = False,
     ) -> Decision:
         """Call after every optimizer step (every batch) with the global step; returns
         whether and how to measure at it.
@@ -196,6 +194,9 @@ class MeasurementSchedule:
             trigger: why to measure this step even if it is not scheduled (the early
                 warning's reason, the same on every rank); a triggered measurement is a
                 track one, and does not shift the schedule's full ones.
+            sparse: far from the edge (the early warning says so, the same on every rank):
+                a calibrated cadence skips its odd multiples' track points, so the budget
+                they would have spent pays for triggered ones near the edge.
         """
         step = check_int("step", step, 0)
         if step > self.last_step:
@@ -208,11 +209,24 @@ class MeasurementSchedule:
         elif self._overhead_check_due():
             warning = self._overhead_warning()
         tier = self._tier(self.last_step, step)
+        skipped = tier == TRACK and sparse and self._skippable(self.last_step, step)
+        if skipped:
+            tier = None
+            self.num_skipped += 1
         if tier is not None or step <= self.last_step:
             trigger = None
         self.last_step = max(self.last_step, step)
         tier = TRACK if trigger is not None else tier
-        return Decision(step, tier, info, warning, trigger)
+        return Decision(step, tier, info, warning, trigger, skipped)
+
+    def _skippable(self, last: int, step: int) -> bool:
+        """Whether the track point in (last, step] is an odd multiple of a calibrated
+        cadence: not log-spaced, not the last step, not an explicit cadence's promise."""
+        n = self.cadence
+        if self.every_n_steps is not None or n is None or step < n:
+            return False
+        final = self._final_step is not None and last < self._final_step <= step
+        return not final and step // n > last // n and (step // n) % 2 == 1
 
     def upcoming(self, step: int) -> Tier | None:
         """The tier :meth:`decide` would give at ``step`` now, without deciding or timing
@@ -261,6 +275,7 @@ class MeasurementSchedule:
         """A few sentences for the end of a run: points logged, cadence, overhead."""
         failed = f", {self.num_failed} failed" if self.num_failed else ""
         triggered = f", {self.num_triggered} triggered" if self.num_triggered else ""
+        triggered += f", {self.num_skipped} skipped far from the edge" if self.num_skipped else ""
         total = self.num_track + self.num_full + self.num_triggered
         text = (
             f"Curvature measurements: {total} ({self.num_track} track, {self.num_full} "

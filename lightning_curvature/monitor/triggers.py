@@ -101,6 +101,10 @@ class TriggerBudget:
     def spend(self) -> None:
         self.credit -= 1.0
 
+    def save(self) -> None:
+        """A scheduled measurement left out: one more in the bucket (up to ``burst``)."""
+        self.credit = min(float(self.burst), self.credit + 1.0)
+
     def state_dict(self) -> dict[str, Any]:
         return {"credit": self.credit, "last_step": self.last_step}
 
