@@ -232,7 +232,6 @@ def blockwise_lambda_max(
     # in exact arithmetic) measures the products' rounding.
     shape = (steps_cap + 1, steps_cap, len(blocks))
     products = torch.zeros(shape, device=op.device, dtype=op.dtype)
-    breakdown = BREAKDOWN_EPS * torch.finfo(op.dtype).eps  # a coupling this small vs the scale
 
     generator = make_generator(op, seed)
     start = torch.randn(op.dim, generator=generator, device=op.device, dtype=op.dtype)
@@ -262,28 +261,39 @@ def blockwise_lambda_max(
             continue
         next_check = size + check_every(op.device)
         computed = products[: size + 1, :size].double().cpu().numpy()  # one host sync
+        eps = torch.finfo(op.dtype).eps
         for index in list(active):
-            a, b = np.diagonal(computed[:, :, index]), np.diagonal(computed[:, :, index], -1)
-            finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
-            broken = np.flatnonzero(~(b > breakdown * np.abs(finite).max()))  # NaN too
-            cut = int(broken[0]) + 1 if broken.size else size
-            raise_if_not_finite(
-                torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
-            )
-            # An invariant Krylov space: its Ritz values are exact up to the products'
-            # rounding; the last coupling, below the breakdown level, stays in the residual.
-            run = _BlockRun(computed[: cut + 1, :cut, index], torch.finfo(op.dtype).eps)
-            if broken.size:
-                final[index] = (run, True)
-            elif size >= caps[index]:
-                converged = caps[index] == blocks[index][1].stop - blocks[index][1].start
-                final[index] = (run, converged or run.resolved(tol))
-            elif run.resolved(tol):
-                final[index] = (run, True)
-            else:
-                continue
-            active.remove(index)
+            cap, whole = caps[index], blocks[index][1].stop - blocks[index][1].start
+            done = _finished(computed[:, :, index], size, cap, whole, tol, eps)
+            if done is not None:
+                final[index] = done
+                active.remove(index)
     return _result(blocks, final, size, num_matvecs)
+
+
+def _finished(
+    computed: np.ndarray, size: int, cap: int, whole: int, tol: float, eps: float
+) -> tuple[_BlockRun, bool] | None:
+    """One block's run and whether it converged, when it is done after ``size`` steps (a
+    breakdown, its step cap ``cap``, or ``tol`` met); None while it goes on. ``whole``: the
+    block's size (a run that spans it is exact)."""
+    a, b = np.diagonal(computed), np.diagonal(computed, -1)
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0]])
+    broken = np.flatnonzero(~(b > BREAKDOWN_EPS * eps * np.abs(finite).max()))  # NaN too
+    cut = int(broken[0]) + 1 if broken.size else size
+    raise_if_not_finite(
+        torch.from_numpy(np.concatenate([a[:cut], b[: cut - 1]])), "blockwise Lanczos"
+    )
+    # An invariant Krylov space: its Ritz values are exact up to the products' rounding;
+    # the last coupling, below the breakdown level, stays in the residual.
+    run = _BlockRun(computed[: cut + 1, :cut], eps)
+    if broken.size:
+        return run, True
+    if size >= cap:
+        return run, cap == whole or run.resolved(tol)
+    if run.resolved(tol):
+        return run, True
+    return None
 
 
 def _project_out(

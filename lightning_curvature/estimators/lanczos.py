@@ -28,7 +28,7 @@ from lightning_curvature.estimators._common import (
     make_generator,
     random_unit_vectors,
 )
-from lightning_curvature.estimators._krylov import krylov_projection
+from lightning_curvature.estimators._krylov import KrylovRun, krylov_projection
 from lightning_curvature.estimators._projection import Projection
 
 Which = Literal["largest", "smallest"]
@@ -233,12 +233,25 @@ def lanczos(
         is_converged=is_converged,
         min_steps=min(first_step, num_iters, op.dim),
     )
+    converged_at = min(first_step, op.dim)
+    return _result(op, run, k, which, converged_at, is_converged, return_eigenvectors, return_basis)
+
+
+def _result(
+    op: LinearOperator,
+    run: KrylovRun,
+    k: int,
+    which: Which,
+    first_step: int,
+    is_converged: _Convergence,
+    return_eigenvectors: bool,
+    return_basis: bool,
+) -> LanczosResult:
+    """The run's wanted Ritz pairs with their evidence, as a :class:`LanczosResult`."""
     projection = run.projection
     theta, vectors, residuals, wanted, bounds, _ = _evidence(projection, k, which)
     exhausted = projection.size == op.dim
-    converged = exhausted or (
-        projection.size >= min(first_step, op.dim) and is_converged(projection)
-    )
+    converged = exhausted or (projection.size >= first_step and is_converged(projection))
     eigenvectors = None
     if return_eigenvectors:
         eigenvectors = run.basis.combine(

@@ -216,12 +216,7 @@ def mlp_chain_solve(
     stages, spectra = factorize(layers, output_hessian, damping, diagnostics)
     x = substitute(stages, rhs, offsets)
 
-    conditions: tuple[float, ...] = ()
-    negatives = None
-    if diagnostics:
-        conditions = tuple(_condition(mu) for mu in spectra)
-        negatives = int(sum(int((mu < 0).sum()) for mu in spectra))
-        _warn_if_ill_conditioned(conditions, dtype)
+    conditions, negatives = _pivot_diagnostics(spectra, dtype) if diagnostics else ((), None)
     residual = None
     if check_residual or refine:
         x, residual = _refine(
@@ -282,6 +277,16 @@ def _refine(stages, offsets, model, loss, batch, x, rhs, damping, steps):
     return x, worst
 
 
+def _pivot_diagnostics(
+    spectra: list[torch.Tensor], dtype: torch.dtype
+) -> tuple[tuple[float, ...], int]:
+    """Each pivot's condition number (a warning when they leave few correct digits) and the
+    number of negative eigenvalues of H + εI (Sylvester: the sum of the pivots')."""
+    conditions = tuple(_condition(mu) for mu in spectra)
+    _warn_if_ill_conditioned(conditions, dtype)
+    return conditions, int(sum(int((mu < 0).sum()) for mu in spectra))
+
+
 def _condition(spectrum: torch.Tensor) -> float:
     magnitude = spectrum.abs()
     smallest = float(magnitude.min())
@@ -297,5 +302,5 @@ def _warn_if_ill_conditioned(conditions: tuple[float, ...], dtype: torch.dtype) 
             f"the pivot of layer {layer} has condition number {worst:.3g} in {dtype}: the "
             "solution may have few correct digits; raise the damping or use dtype=torch.float64",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of mlp_chain_solve
         )
