@@ -306,3 +306,15 @@ def test_far_from_the_edge_a_calibrated_cadence_skips_odd_multiples_and_banks_th
     early.budget.credit = 0.0
     early.saved_one()
     assert early.budget.affords_one()
+
+
+def test_the_closest_look_starts_at_the_edge_rules_own_ratio():
+    # n/8 from AlertRules.edge_ratio, whatever it is set to: at 0.85 with an edge at 0.8
+    # the monitor looks every 64/8 = 8 steps; with the default edge (0.9), every 64/4 = 16.
+    def first_look(rules: AlertRules) -> int:
+        early = warning(Triggers(lr_change=None, loss_jump=None, trend=False, min_gap=4), rules)
+        early.measured(0, 0.85, 0.1)
+        return next(s for s in range(1, 100) if early.observe(s, 0.1, 1.0, cadence=64).trigger)
+
+    assert first_look(AlertRules(edge_ratio=0.8)) == 8
+    assert first_look(AlertRules()) == 16

@@ -320,7 +320,7 @@ class EarlyWarning:
             ):
                 return "trend"
         if rules.risk and cadence is not None and predicted is not None:
-            wait = risk_wait(predicted, cadence, rules.min_gap)
+            wait = risk_wait(predicted, cadence, rules.min_gap, self.rules.edge_ratio)
             return "risk" if wait is not None and since >= wait else None
         return None
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from lightning_curvature._checks import check_int, check_number
 
-# Risk levels of the predicted ratio, and the share of the cadence each waits between looks.
-RISK_LEVELS = ((0.9, 8), (0.7, 4), (0.5, 2))
+# Risk levels of the predicted ratio below the edge rule's own, and the share of the cadence
+# each waits between looks (from ``AlertRules.edge_ratio``: an eighth).
+RISK_LEVELS = ((0.7, 4), (0.5, 2))
 # While the cadence is being calibrated, the budget refills as if it were this.
 _CALIBRATING_CADENCE = 32
 
@@ -71,10 +72,12 @@ def check_triggers(triggers: object) -> Triggers:
     return triggers
 
 
-def risk_wait(predicted_ratio: float, cadence: int, min_gap: int) -> int | None:
+def risk_wait(predicted_ratio: float, cadence: int, min_gap: int, edge_ratio: float) -> int | None:
     """Steps to wait between looks at this predicted ratio (n/2 from 0.5, n/4 from 0.7,
-    n/8 from 0.9, never under ``min_gap``); None far from the edge (no extra looks)."""
-    for level, parts in RISK_LEVELS:
+    n/8 from ``edge_ratio``, never under ``min_gap``); None far from the edge (no extra
+    looks)."""
+    levels = sorted(((edge_ratio, 8), *RISK_LEVELS), reverse=True)
+    for level, parts in levels:
         if predicted_ratio >= level:
             return max(min_gap, cadence // parts)
     return None
