@@ -77,14 +77,12 @@ FULL: Tier = "full"
 
 # The cadence when every_n_steps=None and max_overhead=None: nothing to calibrate against.
 DEFAULT_EVERY_N_STEPS = 100
-# Calibration ends after the measurement at s0 + CALIBRATION_SPAN (s0 + 1, 2, 4, ..., 32):
-# 32 timed training steps, as the step time has a heavy tail (preemption, GC, loading).
+# Calibration ends at s0 + 32 (after s0 + 1, 2, 4, ...): step times have heavy tails.
 CALIBRATION_SPAN = 32
 # Timed training steps before the overhead of an explicit cadence is judged.
 _WARNING_SPAN = 8
 # The state that survives resume, besides the calibrated cadence and the clock's.
-_COUNTS: tuple[str, ...] = ("calibration_start", "last_step", "num_track", "num_full")
-_COUNTS += ("num_failed", "num_triggered", "num_skipped")
+_COUNTS = "calibration_start last_step num_track num_full num_failed num_triggered num_skipped"
 
 
 @dataclass(frozen=True)
@@ -103,8 +101,13 @@ class Decision:
     trigger: str | None = None  # why a step off the schedule is measured
     skipped: bool = False  # a scheduled track point left out far from the edge
 
-    measure = property(lambda self: self.tier is not None)
-    full = property(lambda self: self.tier == FULL)
+    @property
+    def measure(self) -> bool:
+        return self.tier is not None
+
+    @property
+    def full(self) -> bool:
+        return self.tier == FULL
 
 
 class MeasurementSchedule:
@@ -302,7 +305,7 @@ class MeasurementSchedule:
         calibrated = self.every_n_steps is None and self.max_overhead is not None
         return {
             "calibrated_every_n_steps": self.cadence if calibrated else None,
-            **{name: getattr(self, name) for name in _COUNTS},
+            **{name: getattr(self, name) for name in _COUNTS.split()},
             **self.clock.state_dict(),
             "estimated_overhead": self.estimated_overhead,
         }
@@ -312,7 +315,7 @@ class MeasurementSchedule:
         calibrated = state.get("calibrated_every_n_steps")
         if calibrated is not None and self.every_n_steps is None and self.max_overhead is not None:
             self.cadence = int(calibrated)
-        for name in _COUNTS:
+        for name in _COUNTS.split():
             setattr(self, name, int(state.get(name, 0)))
         self.clock.load_state_dict(state)
         estimated = state.get("estimated_overhead")
