@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.operators.loss import scalar_loss
+from lightning_curvature.operators.products import unflatten
 
 #: The default margin a rise must clear, in units of the loss dtype's eps times |L(θ)|: a
 #: loss reduced over a batch in that dtype carries a rounding error of a few ulps of |L|.
@@ -265,7 +266,7 @@ def _direction_per_parameter(
                 f"direction must be a flat tensor of {total} entries (the parameters' "
                 f"total), got shape {tuple(direction.shape)}"
             )
-        parts = list(torch.split(direction.detach(), [p.numel() for p in tensors]))
+        parts = unflatten(direction.detach(), tensors)
     else:
         parts = [d.detach() for d in direction]
         if len(parts) != len(tensors) or any(
