@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lightning_curvature as lc
+from lightning_curvature.estimators._basis import Basis
 from tests.truth import matrix_with_spectrum
 
 
@@ -104,7 +105,7 @@ def test_lanczos_basis_memory_follows_the_steps_taken_not_the_most_allowed():
         is_converged=lambda projection: projection.size >= 9,
     )
     assert run.projection.size == run.basis.size == 9
-    assert run.basis.rows.shape[0] == _krylov._Basis.INITIAL_ROWS  # 16 rows, not 80
+    assert run.basis.rows.shape[0] == Basis.INITIAL_ROWS  # 16 rows, not 80
     rows = run.basis.active
     torch.testing.assert_close(rows @ rows.T, torch.eye(9, dtype=torch.float64))
     # The projected matrix is QᵀAQ.

@@ -99,3 +99,16 @@ def test_a_warm_start_counts_its_seed_products_within_num_iters_and_returns_its_
     torch.testing.assert_close(
         result.basis_rayleigh, (basis * (matrix @ basis)).sum(dim=0), rtol=1e-10, atol=1e-10
     )
+
+
+def test_a_seed_that_is_an_eigenvector_goes_on_from_a_random_direction():
+    # The seed's residual is zero: Lanczos cannot continue from it and draws a direction
+    # (only then: a warm start draws no random vector otherwise). k=2 needs the second one.
+    spectrum = torch.arange(1.0, 51.0, dtype=torch.float64)
+    seed = torch.zeros(50, dtype=torch.float64)
+    seed[-1] = 1.0
+    result = lc.lanczos(lc.DenseOperator(torch.diag(spectrum)), k=2, init=seed)
+    assert result.converged
+    # Each within its own bound, and the bounds within tol (1e-4) of the scale (50).
+    assert ((result.eigenvalues - spectrum[[-1, -2]]).abs() <= result.error_bounds).all()
+    assert (result.error_bounds <= 1e-4 * 50).all()

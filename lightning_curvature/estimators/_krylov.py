@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightning_curvature.estimators._basis import Basis, lanczos_orthogonalise
 from lightning_curvature.estimators._common import (
     LinearOperator,
     apply_block,
@@ -36,63 +37,6 @@ from lightning_curvature.estimators._common import (
 )
 from lightning_curvature.estimators._projection import BREAKDOWN_EPS, Projection
 
-# Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
-# removed more than this share of the vector's norm (cancellation magnifies rounding).
-DGKS_RATIO = 2**-0.5
-
-
-class _Basis:
-    """The orthonormal vectors, one per row of one contiguous device buffer.
-
-    The buffer starts at ``INITIAL_ROWS`` rows and doubles as steps come, so memory follows
-    the steps taken (often 10-30), not the most allowed, and every Gram-Schmidt pass is one
-    matrix-vector product over a contiguous block.
-    """
-
-    INITIAL_ROWS = 16
-
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, capacity: int):
-        self.capacity = capacity
-        self.rows = torch.empty((min(self.INITIAL_ROWS, capacity), dim), device=device, dtype=dtype)
-        self.size = 0
-
-    @property
-    def active(self) -> torch.Tensor:
-        return self.rows[: self.size]
-
-    def append(self, vector: torch.Tensor) -> None:
-        if self.size == self.rows.shape[0]:
-            grown = self.rows.new_empty((min(2 * self.size, self.capacity), self.rows.shape[1]))
-            grown[: self.size] = self.rows[: self.size]
-            self.rows = grown
-        self.rows[self.size] = vector
-        self.size += 1
-
-    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``Qᵀ c``: a vector for a (size,) ``c``, a block for a (size, k) one."""
-        return self.active.mT @ coefficients.to(self.rows.dtype)
-
-    def project_out(
-        self, vector: torch.Tensor, *, adaptive: bool, reference: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``vector`` minus its components on the basis, and those components (float64).
-
-        One classical Gram-Schmidt pass is one product with the contiguous basis each way.
-        A second pass follows when the DGKS test says the first lost accuracy to
-        cancellation (``adaptive``, where reading a norm costs no device sync), or always.
-        ``reference`` is the norm the test compares against (default: the input's norm).
-        """
-        rows = self.active
-        coefficients = rows @ vector
-        before = torch.linalg.vector_norm(vector) if reference is None else reference
-        vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
-        total = coefficients.double()
-        if not adaptive or float(torch.linalg.vector_norm(vector)) < DGKS_RATIO * float(before):
-            coefficients = rows @ vector
-            vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
-            total = total + coefficients.double()
-        return vector, total
-
 
 @dataclass(frozen=True)
 class KrylovRun:
@@ -100,7 +44,7 @@ class KrylovRun:
     ``seed_rayleigh``: ``sᵀAs / sᵀs`` for each seed column ``s`` as given (float64, host),
     when there were seeds."""
 
-    basis: _Basis
+    basis: Basis
     projection: Projection
     num_matvecs: int
     seed_rayleigh: np.ndarray | None = None
@@ -108,7 +52,7 @@ class KrylovRun:
 
 def krylov_projection(
     op: LinearOperator,
-    start: torch.Tensor,
+    start: torch.Tensor | None,
     max_iters: int,
     generator: torch.Generator,
     *,
@@ -126,6 +70,9 @@ def krylov_projection(
     whole basis, and a second only when the DGKS test asks for it (on the CPU; on an
     accelerator both passes always run, so no step waits on the host).
 
+    ``start`` is the first Lanczos vector; None draws a random one from ``generator`` only
+    if it is needed (after seeds, only when a single seed is an eigenvector).
+
     ``seeds`` (dim, r) start the basis (orthonormalised here, dependent columns dropped):
     one block product and a Rayleigh–Ritz step on them, which may already converge.
     Otherwise one seed keeps its place in the basis and Lanczos continues from its
@@ -141,7 +88,10 @@ def krylov_projection(
     process = _Process(op, max_iters, generator, restart_on_breakdown)
     if seeds is not None:
         process.seed(seeds)
-    process.next_vector = start / torch.linalg.vector_norm(start)
+    if start is not None:
+        process.next_vector = start / torch.linalg.vector_norm(start)
+    elif not process.num_seeds:
+        process.next_vector = process.random_direction()
     if process.num_seeds:
         done = process.seeded(seed_weights, is_converged, min_steps)
         if done is not None:
@@ -168,7 +118,7 @@ class _Process:
         self.max_iters = max_iters = min(max_iters, dim)
         self.period = check_every(device)
         self.adaptive = self.period == 1  # a host sync per step is free only where checks are
-        self.basis = _Basis(dim, device, dtype, capacity=max_iters)
+        self.basis = Basis(dim, device, dtype, capacity=max_iters)
         # QᵀÃQ as computed: column j's coefficients above the diagonal; below it, the
         # seeds' rows (a seed's product is known on every later basis vector). The
         # projection mirrors the upper triangle; the rest measures the products' asymmetry.
@@ -178,11 +128,13 @@ class _Process:
         self.tiny_relative = BREAKDOWN_EPS * self.eps  # a coupling this small vs the scale
         self.num_matvecs = 0
         self.breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
-        self.outside: torch.Tensor | None = None  # (dim, r) seed residuals, orthogonal to Q
+        # (r, dim) the seed residuals as rows (products with a row block are fast
+        # matrix-vector products), orthogonal to Q.
+        self.outside: torch.Tensor | None = None
         self.seed_rayleigh: np.ndarray | None = None
         self.seeds: torch.Tensor | None = None  # as given, on the device and in the dtype
         self.num_seeds = 0
-        self.next_vector: torch.Tensor = torch.empty(0)
+        self.next_vector: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
         self.known_product: torch.Tensor | None = None  # A·next_vector when already known
         self.checked = self.next_check = 0
@@ -212,9 +164,10 @@ class _Process:
         self.num_matvecs += num_seeds
         rows = basis.active
         coefficients = rows @ products
-        outside = products - rows.mT @ coefficients
-        second = rows @ outside
-        self.outside = outside - rows.mT @ second
+        outside = products.mT - coefficients.mT @ rows
+        second = outside @ rows.mT
+        self.outside = outside - second @ rows
+        second = second.mT
         self.upper[:num_seeds, :num_seeds] = (coefficients + second).double()
         assert self.seeds is not None
         self.seed_rayleigh = _seed_rayleigh(rows, products, self.seeds)
@@ -228,11 +181,13 @@ class _Process:
         if num_seeds == 1:
             # Lanczos from the seed: continue from its residual, keeping its product. The
             # residual becomes the next basis vector whole, so nothing stays outside.
-            direction = self.outside[:, 0]
+            direction = self.outside[0]
             if float(torch.linalg.vector_norm(direction)) <= self.tiny_relative * float(
                 self.upper[0, 0].abs()
             ):
-                direction = self.next_vector  # the seed is an eigenvector: go on anywhere
+                # The seed is an eigenvector: go on anywhere.
+                anywhere = self.next_vector
+                direction = self.random_direction() if anywhere is None else anywhere
             direction, _ = basis.project_out(direction, adaptive=False)
             self.next_vector = direction / torch.linalg.vector_norm(direction)
         else:
@@ -264,18 +219,19 @@ class _Process:
     def step(self) -> tuple[int, bool]:
         """One product and its orthogonalisation; the basis size, and whether this was the
         last step allowed."""
-        basis, column = self.basis, self.basis.size
-        basis.append(self.next_vector)
+        basis, column, vector = self.basis, self.basis.size, self.next_vector
+        assert vector is not None
+        basis.append(vector)
         if self.outside is not None:
-            seed_rows = self.next_vector @ self.outside  # this vector's row of seed products
+            seed_rows = self.outside @ vector  # this vector's row of seed products
             self.upper[column, : self.num_seeds] = seed_rows
-            self.outside = torch.addr(self.outside, self.next_vector, seed_rows, alpha=-1)
+            self.outside = torch.addr(self.outside, seed_rows, vector, alpha=-1)
         if self.known_product is None:
-            w = self.op.matvec(self.next_vector)
+            w = self.op.matvec(vector)
             self.num_matvecs += 1
         else:
             w, self.known_product = self.known_product, None
-        w, coefficients = _lanczos_orthogonalise(basis, w, self.adaptive)
+        w, coefficients = lanczos_orthogonalise(basis, w, self.adaptive)
         self.upper[: column + 1, column] = coefficients
         beta = torch.linalg.vector_norm(w)
         self.betas[column] = beta
@@ -312,11 +268,14 @@ class _Process:
         self.residual = torch.zeros_like(self.residual)
         if not self.restart_on_breakdown or size >= self.max_iters:
             return True
-        fresh = random_unit_vectors(self.op, 1, self.generator)[:, 0]
-        fresh, _ = self.basis.project_out(fresh, adaptive=False)
+        fresh, _ = self.basis.project_out(self.random_direction(), adaptive=False)
         self.next_vector = fresh / torch.linalg.vector_norm(fresh)
         self.checked, self.next_check = size, size + self.period
         return False
+
+    def random_direction(self) -> torch.Tensor:
+        """A unit Gaussian vector from the run's generator."""
+        return random_unit_vectors(self.op, 1, self.generator)[:, 0]
 
     def projection(self, size: int, host: np.ndarray | None = None) -> Projection:
         """The projection after ``size`` steps; ``host`` is the check's one transfer."""
@@ -334,10 +293,7 @@ class _Process:
             gram = np.array([[host[-1] ** 2]])
         else:
             assert self.outside is not None
-            block = self.outside
-            if size > self.num_seeds and self.residual is not None:
-                block = torch.cat([self.outside, self.residual[:, None]], dim=1)
-            gram = (block.mT @ block).double().cpu().numpy()
+            gram = _outside_gram(self.outside, self.residual if size > self.num_seeds else None)
         raise_if_not_finite(torch.from_numpy(matrix), "Lanczos")
         return Projection(
             matrix=matrix,
@@ -363,38 +319,27 @@ def _seed_rayleigh(rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tens
     few reductions run in float64: in float32 an inner product over 85k entries rounds at
     about 2e-5: on the 85k-parameter MLP the quotients came 4e-5 off float64 truth with
     float32 reductions and 8e-6 with float64 ones (a direct float32 product: 5e-7)."""
-    rows, products, seeds = rows.double(), products.double(), seeds.double()
+    rows, seeds = rows.double(), seeds.double()
     coefficients = rows @ seeds  # (r_kept, r_given)
-    image = products @ coefficients  # A Qᵀ c, (dim, r_given)
-    numerators = torch.einsum("ij,ij->j", (rows.mT @ coefficients), image)
-    squares = torch.einsum("ij,ij->j", seeds, seeds)
+    projected = rows @ products.double()  # Q A Qᵀ, (r_kept, r_kept): only small matrices after
+    numerators = torch.einsum("ij,ik,kj->j", coefficients, projected, coefficients)
+    squares = torch.linalg.vector_norm(seeds, dim=0).square()
     values = (numerators / squares).cpu().numpy()
     return np.where(squares.cpu().numpy() > 0, values, np.nan)
+
+
+def _outside_gram(outside: torch.Tensor, residual: torch.Tensor | None) -> np.ndarray:
+    """The Gram matrix of the rows ``outside`` and ``residual`` (float64, host), without
+    concatenating them: three small products and one transfer."""
+    top = outside @ outside.mT
+    if residual is None:
+        return top.double().cpu().numpy()
+    side = outside @ residual
+    corner = (residual @ residual).reshape(1, 1)
+    gram = torch.cat([torch.cat([top, side[:, None]], 1), torch.cat([side[None], corner], 1)])
+    return gram.double().cpu().numpy()
 
 
 def _to_host(upper: torch.Tensor, betas: torch.Tensor, size: int) -> np.ndarray:
     """``H``'s leading block and the couplings, flattened, in one device-to-host copy."""
     return torch.cat([upper[:size, :size].reshape(-1), betas[:size]]).cpu().numpy()
-
-
-def _lanczos_orthogonalise(
-    basis: _Basis, w: torch.Tensor, adaptive: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w = A q_j`` made orthogonal to the basis, with its coefficients ``Qᵀ A q_j``.
-
-    The three-term recurrence puts nearly all of ``w`` on ``q_j`` and ``q_{j-1}``; removing
-    those first leaves only rounding for the global pass, which then rarely needs a second
-    (the DGKS test, where reading a norm costs no device sync). Where it would cost one
-    (accelerators) both global passes always run, and the second cleans up what the first
-    leaves whatever ``w`` was, so the local pass is skipped: one fused pass over the whole
-    basis, then the second.
-    """
-    if not adaptive:
-        return basis.project_out(w, adaptive=False)
-    size = basis.size
-    tail = basis.rows[max(size - 2, 0) : size]
-    local = tail @ w
-    w = torch.addmv(w, tail.mT, local, alpha=-1)
-    w, coefficients = basis.project_out(w, adaptive=adaptive)
-    coefficients[max(size - 2, 0) :] += local.double()
-    return w, coefficients

@@ -210,7 +210,8 @@ def lanczos(
     seeds = _warm_start_block(op, init) if init is not None else None
 
     generator = make_generator(op, seed)
-    start = random_unit_vectors(op, 1, generator)[:, 0]
+    # After a warm start a random vector is needed only if a seed is an eigenvector.
+    start = None if seeds is not None else random_unit_vectors(op, 1, generator)[:, 0]
     # A warm start comes from a run that had its guards; a block converging on its
     # Rayleigh-Ritz step has no room for more.
     guards = 0 if seeds is not None else min(k + guard_ritz_values(k), op.dim) - k

@@ -105,6 +105,8 @@ def products_from_graph(
             allow_unused=True,
         )
         columns.append(flatten(grads, params))
+    if m == 1:  # a view, not a copy: most products are single columns
+        return columns[0][:, None], reason
     return torch.stack(columns, dim=1), reason
 
 
