@@ -3,6 +3,10 @@
 Estimators see only an object with ``matvec(v)``, ``dim``, ``device`` and ``dtype`` (and,
 optionally, ``matmat(V)`` for a block of columns): a curvature operator of
 :mod:`lightning_curvature.operators`, a dense matrix, or anything else with that shape.
+An operator whose vectors are sharded across processes (each process holds a slice of
+length ``dim``) adds ``sum_over_shards`` (the all-reduce behind every inner product and
+norm), ``total_dim`` and ``shard_index``; estimators reduce only through :func:`inner`,
+:func:`norms` and :func:`sum_over_shards`, so they run unchanged on it.
 Blocks are ``(name, slice)`` pairs over the flat vector, one per layer
 (:func:`lightning_curvature.operators.blocks.parameter_blocks`).
 """
@@ -24,6 +28,46 @@ class LinearOperator(Protocol):
     dtype: torch.dtype
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def sum_over_shards(op: object, partial: torch.Tensor) -> torch.Tensor:
+    """The sum over every process of ``partial``, this process's part of a reduction over
+    the operator's vector space (an inner product, a norm's square).
+
+    An operator whose vectors are whole on every process (all but the sharded ones) has
+    nothing to add, and ``partial`` is the answer. An operator whose vectors are sharded
+    across processes (each holds a slice of every vector) provides ``sum_over_shards``
+    itself: one all-reduce per call, however many numbers ``partial`` holds, so an
+    estimator batches its reductions (a Gram-Schmidt pass is one call, not one per
+    vector)."""
+    own = getattr(op, "sum_over_shards", None)
+    return partial if own is None else cast(torch.Tensor, own(partial))
+
+
+def inner(op: object, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` contracted over the operator's vector space (a's last dimension, b's first,
+    as in ``torch.matmul``), summed over shards when vectors are sharded."""
+    return sum_over_shards(op, a @ b)
+
+
+def norms(op: object, block: torch.Tensor) -> torch.Tensor:
+    """The Euclidean norm of a vector, or of each column of a (dim, m) block, over the
+    operator's whole vector space."""
+    if total_dim(op) == cast(Any, op).dim:  # whole vectors: torch's own (scaled) norm
+        return torch.linalg.vector_norm(block, dim=0)
+    return sum_over_shards(op, block.square().sum(dim=0)).sqrt()
+
+
+def total_dim(op: object) -> int:
+    """The length of the operator's vectors over all shards (``dim`` is this process's
+    slice): what counts eigenvalues and caps a Krylov space."""
+    return int(getattr(op, "total_dim", cast(Any, op).dim))
+
+
+def shard_index(op: object) -> int:
+    """Which shard of each vector this process holds (0 when vectors are whole): random
+    probes differ per shard, so a sharded vector is as random as a whole one."""
+    return int(getattr(op, "shard_index", 0))
 
 
 def check_operator(op: object) -> None:

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from lightning_curvature.linear_operator import inner, norms
 
 # Daniel-Gragg-Kaufman-Stewart: a second Gram-Schmidt pass is needed when the first one
 # removed more than this share of the vector's norm (cancellation magnifies rounding).
@@ -15,14 +19,17 @@ class Basis:
 
     The buffer starts at ``INITIAL_ROWS`` rows and doubles as steps come, so memory follows
     the steps taken (often 10-30), not the most allowed, and every Gram-Schmidt pass is one
-    matrix-vector product over a contiguous block.
+    matrix-vector product over a contiguous block. Its inner products and norms go through
+    the operator's (:mod:`lightning_curvature.linear_operator`), so a basis of sharded vectors
+    holds this process's slice of each, and a pass costs one reduction over the shards.
     """
 
     INITIAL_ROWS = 16
 
-    def __init__(self, dim: int, device: torch.device, dtype: torch.dtype, capacity: int):
-        self.capacity = capacity
-        self.rows = torch.empty((min(self.INITIAL_ROWS, capacity), dim), device=device, dtype=dtype)
+    def __init__(self, op: Any, capacity: int):
+        self.op, self.capacity = op, capacity
+        rows = min(self.INITIAL_ROWS, capacity)
+        self.rows = torch.empty((rows, op.dim), device=op.device, dtype=op.dtype)
         self.size = 0
 
     @property
@@ -51,13 +58,13 @@ class Basis:
         cancellation (``adaptive``, where reading a norm costs no device sync), or always.
         ``reference`` is the norm the test compares against (default: the input's norm).
         """
-        rows = self.active
-        coefficients = rows @ vector
-        before = torch.linalg.vector_norm(vector) if reference is None else reference
+        rows, op = self.active, self.op
+        coefficients = inner(op, rows, vector)
+        before = norms(op, vector) if reference is None else reference
         vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
         total = coefficients.double()
-        if not adaptive or float(torch.linalg.vector_norm(vector)) < DGKS_RATIO * float(before):
-            coefficients = rows @ vector
+        if not adaptive or float(norms(op, vector)) < DGKS_RATIO * float(before):
+            coefficients = inner(op, rows, vector)
             vector = torch.addmv(vector, rows.mT, coefficients, alpha=-1)
             total = total + coefficients.double()
         return vector, total
@@ -79,7 +86,7 @@ def lanczos_orthogonalise(
         return basis.project_out(w, adaptive=False)
     size = basis.size
     tail = basis.rows[max(size - 2, 0) : size]
-    local = tail @ w
+    local = inner(basis.op, tail, w)
     w = torch.addmv(w, tail.mT, local, alpha=-1)
     w, coefficients = basis.project_out(w, adaptive=adaptive)
     coefficients[max(size - 2, 0) :] += local.double()

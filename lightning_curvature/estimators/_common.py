@@ -16,6 +16,14 @@ from lightning_curvature._checks import check_int, check_number
 from lightning_curvature.linear_operator import LinearOperator as LinearOperator
 from lightning_curvature.linear_operator import apply_block as apply_block
 from lightning_curvature.linear_operator import check_operator as check_operator
+from lightning_curvature.linear_operator import inner as inner
+from lightning_curvature.linear_operator import norms as norms
+from lightning_curvature.linear_operator import shard_index as shard_index
+from lightning_curvature.linear_operator import sum_over_shards as sum_over_shards
+from lightning_curvature.linear_operator import total_dim as total_dim
+
+# Seeds of different shards of one sharded vector lie this far apart (no user seed is near).
+SHARD_SEED_STRIDE = 1_000_003
 
 # Iterations between convergence checks on an accelerator, where each check is a host sync
 # that stalls the device queue. On the CPU a check costs nothing extra and runs every step.
@@ -40,6 +48,15 @@ def check_positive_float(name: str, value: object) -> float:
     return check_number(name, value, above=0.0, allowed="a positive number")
 
 
+def require_whole_vectors(op: LinearOperator, what: str) -> None:
+    """Refuse, naming ``what`` needs them, an operator whose vectors are sharded."""
+    if total_dim(op) != op.dim:
+        raise ValueError(
+            f"{what} cannot run on sharded vectors: this operator holds {op.dim} of "
+            f"{total_dim(op)} entries on this process; measure the whole model instead"
+        )
+
+
 def check_every(device: torch.device) -> int:
     """Steps between convergence checks: every step on the CPU, a few on accelerators."""
     return 1 if device.type == "cpu" else ACCELERATOR_CHECK_EVERY
@@ -50,15 +67,14 @@ def make_generator(op: LinearOperator, seed: int) -> torch.Generator:
     if not is_integer(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     generator = torch.Generator(device=op.device)
-    generator.manual_seed(int(seed))
+    generator.manual_seed(int(seed) + SHARD_SEED_STRIDE * shard_index(op))
     return generator
 
 
 def random_unit_vectors(op: LinearOperator, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` Gaussian directions of unit length, as columns of a (dim, count) block."""
     block = torch.randn(op.dim, count, generator=generator, device=op.device, dtype=op.dtype)
-    norms: torch.Tensor = torch.linalg.vector_norm(block, dim=0, keepdim=True)
-    return block / norms
+    return block / norms(op, block)[None]
 
 
 def rademacher(op: LinearOperator, count: int, generator: torch.Generator) -> torch.Tensor:

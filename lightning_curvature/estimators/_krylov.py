@@ -32,8 +32,12 @@ from lightning_curvature.estimators._common import (
     LinearOperator,
     apply_block,
     check_every,
+    inner,
+    norms,
     raise_if_not_finite,
     random_unit_vectors,
+    sum_over_shards,
+    total_dim,
 )
 from lightning_curvature.estimators._projection import BREAKDOWN_EPS, Projection
 
@@ -89,7 +93,7 @@ def krylov_projection(
     if seeds is not None:
         process.seed(seeds)
     if start is not None:
-        process.next_vector = start / torch.linalg.vector_norm(start)
+        process.next_vector = start / norms(op, start)
     elif not process.num_seeds:
         process.next_vector = process.random_direction()
     if process.num_seeds:
@@ -114,17 +118,17 @@ class _Process:
     ) -> None:
         self.op, self.generator = op, generator
         self.restart_on_breakdown = restart_on_breakdown
-        dim, device, dtype = op.dim, op.device, op.dtype
-        self.max_iters = max_iters = min(max_iters, dim)
+        device = op.device
+        self.max_iters = max_iters = min(max_iters, total_dim(op))
         self.period = check_every(device)
         self.adaptive = self.period == 1  # a host sync per step is free only where checks are
-        self.basis = Basis(dim, device, dtype, capacity=max_iters)
+        self.basis = Basis(op, capacity=max_iters)
         # QᵀÃQ as computed: column j's coefficients above the diagonal; below it, the
         # seeds' rows (a seed's product is known on every later basis vector). The
         # projection mirrors the upper triangle; the rest measures the products' asymmetry.
         self.upper = torch.zeros((max_iters, max_iters), device=device, dtype=torch.float64)
         self.betas = torch.zeros(max_iters, device=device, dtype=torch.float64)
-        self.eps = torch.finfo(dtype).eps
+        self.eps = torch.finfo(op.dtype).eps
         self.tiny_relative = BREAKDOWN_EPS * self.eps  # a coupling this small vs the scale
         self.num_matvecs = 0
         self.breakdowns: list[tuple[int, float]] = []  # (column, the coupling cut there)
@@ -144,11 +148,12 @@ class _Process:
         basis = self.basis
         seeds = self.seeds = seeds.to(device=self.op.device, dtype=self.op.dtype)
         for candidate in seeds.unbind(dim=1)[: self.max_iters]:
-            norm = torch.linalg.vector_norm(candidate)
+            norm = norms(self.op, candidate)
             if basis.size:
                 candidate, _ = basis.project_out(candidate, adaptive=False)
-            if float(torch.linalg.vector_norm(candidate)) > 1e-3 * float(norm):
-                basis.append(candidate / torch.linalg.vector_norm(candidate))
+            kept = norms(self.op, candidate)
+            if float(kept) > 1e-3 * float(norm):
+                basis.append(candidate / kept)
         self.num_seeds = basis.size
 
     def seeded(
@@ -163,14 +168,14 @@ class _Process:
         products = apply_block(self.op, basis.active.mT.contiguous())
         self.num_matvecs += num_seeds
         rows = basis.active
-        coefficients = rows @ products
+        coefficients = inner(self.op, rows, products)
         outside = products.mT - coefficients.mT @ rows
-        second = outside @ rows.mT
+        second = inner(self.op, outside, rows.mT)
         self.outside = outside - second @ rows
         second = second.mT
         self.upper[:num_seeds, :num_seeds] = (coefficients + second).double()
         assert self.seeds is not None
-        self.seed_rayleigh = _seed_rayleigh(rows, products, self.seeds)
+        self.seed_rayleigh = _seed_rayleigh(self.op, rows, products, self.seeds)
         seeded = self.projection(num_seeds)
         if (
             is_converged is not None and num_seeds >= min_steps and is_converged(seeded)
@@ -182,19 +187,19 @@ class _Process:
             # Lanczos from the seed: continue from its residual, keeping its product. The
             # residual becomes the next basis vector whole, so nothing stays outside.
             direction = self.outside[0]
-            if float(torch.linalg.vector_norm(direction)) <= self.tiny_relative * float(
+            if float(norms(self.op, direction)) <= self.tiny_relative * float(
                 self.upper[0, 0].abs()
             ):
                 # The seed is an eigenvector: go on anywhere.
                 anywhere = self.next_vector
                 direction = self.random_direction() if anywhere is None else anywhere
             direction, _ = basis.project_out(direction, adaptive=False)
-            self.next_vector = direction / torch.linalg.vector_norm(direction)
+            self.next_vector = direction / norms(self.op, direction)
         else:
             # One continuation cannot absorb r independent seed residuals (they would stay
             # outside the basis and the residual norms would stall): restart Lanczos from
             # the wanted Ritz vectors of the block, whose product is already known.
-            norm = torch.linalg.vector_norm(basis.combine(weights_t))
+            norm = norms(self.op, basis.combine(weights_t))
             self.next_vector = basis.combine(weights_t) / norm
             self.known_product = products @ weights_t / norm
             basis.size, self.outside, self.num_seeds = 0, None, 0
@@ -223,7 +228,7 @@ class _Process:
         assert vector is not None
         basis.append(vector)
         if self.outside is not None:
-            seed_rows = self.outside @ vector  # this vector's row of seed products
+            seed_rows = inner(self.op, self.outside, vector)  # its row of seed products
             self.upper[column, : self.num_seeds] = seed_rows
             self.outside = torch.addr(self.outside, seed_rows, vector, alpha=-1)
         if self.known_product is None:
@@ -233,7 +238,7 @@ class _Process:
             w, self.known_product = self.known_product, None
         w, coefficients = lanczos_orthogonalise(basis, w, self.adaptive)
         self.upper[: column + 1, column] = coefficients
-        beta = torch.linalg.vector_norm(w)
+        beta = norms(self.op, w)
         self.betas[column] = beta
         self.residual, self.next_vector = w, w / beta.clamp_min(torch.finfo(w.dtype).tiny)
         size = basis.size
@@ -269,7 +274,7 @@ class _Process:
         if not self.restart_on_breakdown or size >= self.max_iters:
             return True
         fresh, _ = self.basis.project_out(self.random_direction(), adaptive=False)
-        self.next_vector = fresh / torch.linalg.vector_norm(fresh)
+        self.next_vector = fresh / norms(self.op, fresh)
         self.checked, self.next_check = size, size + self.period
         return False
 
@@ -293,7 +298,8 @@ class _Process:
             gram = np.array([[host[-1] ** 2]])
         else:
             assert self.outside is not None
-            gram = _outside_gram(self.outside, self.residual if size > self.num_seeds else None)
+            residual = self.residual if size > self.num_seeds else None
+            gram = _outside_gram(self.op, self.outside, residual)
         raise_if_not_finite(torch.from_numpy(matrix), "Lanczos")
         return Projection(
             matrix=matrix,
@@ -310,7 +316,9 @@ class _Process:
         )
 
 
-def _seed_rayleigh(rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor) -> np.ndarray:
+def _seed_rayleigh(
+    op: LinearOperator, rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor
+) -> np.ndarray:
     """``sᵀAs / sᵀs`` for each seed column ``s``, from the block product ``A Qᵀ`` of the
     orthonormalised seeds ``rows`` alone: ``s = Qᵀc + e`` with ``c = Q s``, and
     ``sᵀAs = (Qᵀc)ᵀ A (Qᵀc)`` plus terms in ``e``, the part of ``s`` that was dropped as
@@ -320,24 +328,35 @@ def _seed_rayleigh(rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tens
     about 2e-5: on the 85k-parameter MLP the quotients came 4e-5 off float64 truth with
     float32 reductions and 8e-6 with float64 ones (a direct float32 product: 5e-7)."""
     rows, seeds = rows.double(), seeds.double()
-    coefficients = rows @ seeds  # (r_kept, r_given)
-    projected = rows @ products.double()  # Q A Qᵀ, (r_kept, r_kept): only small matrices after
+    # One reduction over shards for the three: c = Q s, Q A Qᵀ, and the squares of s.
+    r_kept, r_given = rows.shape[0], seeds.shape[1]
+    local = torch.cat(
+        [
+            (rows @ seeds).reshape(-1),
+            (rows @ products.double()).reshape(-1),  # only small matrices after this
+            seeds.square().sum(dim=0),
+        ]
+    )
+    total = sum_over_shards(op, local)
+    coefficients = total[: r_kept * r_given].reshape(r_kept, r_given)
+    projected = total[r_kept * r_given : -r_given].reshape(r_kept, r_kept)
+    squares = total[-r_given:]
     numerators = torch.einsum("ij,ik,kj->j", coefficients, projected, coefficients)
-    squares = torch.linalg.vector_norm(seeds, dim=0).square()
     values = (numerators / squares).cpu().numpy()
     return np.where(squares.cpu().numpy() > 0, values, np.nan)
 
 
-def _outside_gram(outside: torch.Tensor, residual: torch.Tensor | None) -> np.ndarray:
+def _outside_gram(
+    op: LinearOperator, outside: torch.Tensor, residual: torch.Tensor | None
+) -> np.ndarray:
     """The Gram matrix of the rows ``outside`` and ``residual`` (float64, host), without
-    concatenating them: three small products and one transfer."""
-    top = outside @ outside.mT
-    if residual is None:
-        return top.double().cpu().numpy()
-    side = outside @ residual
-    corner = (residual @ residual).reshape(1, 1)
-    gram = torch.cat([torch.cat([top, side[:, None]], 1), torch.cat([side[None], corner], 1)])
-    return gram.double().cpu().numpy()
+    concatenating them: three small products, one reduction over shards, one transfer."""
+    gram = outside @ outside.mT
+    if residual is not None:
+        side = outside @ residual
+        corner = (residual @ residual).reshape(1, 1)
+        gram = torch.cat([torch.cat([gram, side[:, None]], 1), torch.cat([side[None], corner], 1)])
+    return sum_over_shards(op, gram).double().cpu().numpy()
 
 
 def _to_host(upper: torch.Tensor, betas: torch.Tensor, size: int) -> np.ndarray:

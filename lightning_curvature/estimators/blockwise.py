@@ -31,6 +31,7 @@ from lightning_curvature.estimators._common import (
     make_generator,
     rademacher,
     raise_if_not_finite,
+    require_whole_vectors,
 )
 from lightning_curvature.estimators._projection import BREAKDOWN_EPS, rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
@@ -90,6 +91,7 @@ def blockwise_trace(
         (6.0, 5.0)
     """
     check_operator(op)
+    require_whole_vectors(op, "per-layer blocks")
     blocks = check_blocks(blocks, op.dim)
     num_probes = check_positive_int("num_probes", num_probes, minimum=2)
     probes_per_block = check_positive_int("probes_per_block", probes_per_block)
@@ -216,6 +218,7 @@ def blockwise_lambda_max(
         {'a': 2.0, 'b': 4.0}
     """
     check_operator(op)
+    require_whole_vectors(op, "per-layer blocks")
     blocks = check_blocks(blocks, op.dim)
     if num_iters is None:
         num_iters = default_num_iters(1)

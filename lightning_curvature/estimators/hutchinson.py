@@ -20,9 +20,13 @@ from lightning_curvature.estimators._common import (
     apply_block,
     check_operator,
     check_positive_int,
+    inner,
     make_generator,
     rademacher,
     raise_if_not_finite,
+    require_whole_vectors,
+    sum_over_shards,
+    total_dim,
 )
 
 TraceMethod = Literal["hutchinson", "hutch++"]
@@ -76,9 +80,9 @@ def _probe_terms(
     for start in range(0, num_probes, probes_per_block):
         z = rademacher(op, min(probes_per_block, num_probes - start), generator)
         if project is not None:
-            z = z - project @ (project.mT @ z)
+            z = z - project @ inner(op, project.mT, z)
         products = z * apply_block(op, z)
-        quadratic_forms.append(products.sum(dim=0))
+        quadratic_forms.append(sum_over_shards(op, products.sum(dim=0)))
         diagonal_sum += products.sum(dim=1)
         diagonal_sq += (products**2).sum(dim=1)
     return torch.cat(quadratic_forms), torch.stack([diagonal_sum, diagonal_sq])
@@ -145,7 +149,7 @@ def hutchinson_trace(
             raise ValueError("deflate works with method='hutchinson' (Hutch++ sketches its own)")
         sketch = _check_deflation_block(op, deflate)
         if deflate_values is None:
-            deflate_values = (sketch * apply_block(op, sketch)).sum(dim=0)
+            deflate_values = sum_over_shards(op, (sketch * apply_block(op, sketch)).sum(dim=0))
             extra_matvecs = sketch.shape[1]
         elif not isinstance(deflate_values, torch.Tensor) or tuple(deflate_values.shape) != (
             sketch.shape[1],
@@ -154,6 +158,7 @@ def hutchinson_trace(
             raise ValueError(f"deflate_values must have shape ({sketch.shape[1]},), got {shape}")
         exact_part = float(deflate_values.double().sum())
     elif method == "hutch++":
+        require_whole_vectors(op, "method='hutch++' (its QR is not sharded)")
         sketch_size = hutchinson_probes // 3
         hutchinson_probes -= 2 * sketch_size
         sketch, _ = torch.linalg.qr(apply_block(op, rademacher(op, sketch_size, generator)))
@@ -178,20 +183,21 @@ def _check_deflation_block(op: LinearOperator, deflate: object) -> torch.Tensor:
         not isinstance(deflate, torch.Tensor)
         or deflate.ndim != 2
         or deflate.shape[0] != op.dim
-        or not 1 <= deflate.shape[1] <= op.dim
+        or not 1 <= deflate.shape[1] <= total_dim(op)
     ):
         shape = tuple(deflate.shape) if isinstance(deflate, torch.Tensor) else type(deflate)
         raise ValueError(
             f"deflate must be a ({op.dim}, r) block with 1 <= r <= {op.dim}, got {shape}"
         )
     block = deflate.detach().to(device=op.device, dtype=op.dtype)
-    gram = block.mT @ block
+    gram = inner(op, block.mT, block)
     error = float((gram - torch.eye(gram.shape[0], device=op.device, dtype=op.dtype)).abs().max())
     # What orthonormal vectors computed in this dtype can show: inner products of length
     # dim round at about eps·√dim, and a float32 Krylov basis of a 137k-parameter model gave
     # Ritz vectors at 2.9e-4 (6.5·eps·√dim), which the old 1e3·eps·√r bound refused.
     eps = torch.finfo(op.dtype).eps
-    if error > 1e3 * eps * max(1, gram.shape[0]) ** 0.5 + 100 * eps * op.dim**0.5 + 1e-6:
+    bound = 1e3 * eps * max(1, gram.shape[0]) ** 0.5 + 100 * eps * total_dim(op) ** 0.5 + 1e-6
+    if error > bound:
         raise ValueError(f"deflate must have orthonormal columns; max |QᵀQ - I| is {error:.2e}")
     return block
 

@@ -27,6 +27,7 @@ from lightning_curvature.estimators._common import (
     is_real,
     make_generator,
     random_unit_vectors,
+    total_dim,
 )
 from lightning_curvature.estimators._krylov import KrylovRun, krylov_projection
 from lightning_curvature.estimators._projection import Projection
@@ -214,9 +215,10 @@ def lanczos(
     start = None if seeds is not None else random_unit_vectors(op, 1, generator)[:, 0]
     # A warm start comes from a run that had its guards; a block converging on its
     # Rayleigh-Ritz step has no room for more.
-    guards = 0 if seeds is not None else min(k + guard_ritz_values(k), op.dim) - k
+    size = total_dim(op)  # over all shards: what counts eigenvalues
+    guards = 0 if seeds is not None else min(k + guard_ritz_values(k), size) - k
     first_step = k if seeds is not None and which == "largest" else min_steps(k, which)
-    is_converged = _Convergence(k, guards, tol, which, op.dim)
+    is_converged = _Convergence(k, guards, tol, which, size)
 
     def seed_weights(matrix: np.ndarray) -> np.ndarray:
         _, vectors = np.linalg.eigh(matrix)
@@ -232,9 +234,9 @@ def lanczos(
         seeds=seeds,
         seed_weights=seed_weights,
         is_converged=is_converged,
-        min_steps=min(first_step, num_iters, op.dim),
+        min_steps=min(first_step, num_iters, size),
     )
-    converged_at = min(first_step, op.dim)
+    converged_at = min(first_step, size)
     return _result(op, run, k, which, converged_at, is_converged, return_eigenvectors, return_basis)
 
 
@@ -251,7 +253,7 @@ def _result(
     """The run's wanted Ritz pairs with their evidence, as a :class:`LanczosResult`."""
     projection = run.projection
     theta, vectors, residuals, wanted, bounds, _ = _evidence(projection, k, which)
-    exhausted = projection.size == op.dim
+    exhausted = projection.size == total_dim(op)
     converged = exhausted or (projection.size >= first_step and is_converged(projection))
     eigenvectors = None
     if return_eigenvectors:
@@ -283,8 +285,8 @@ def _checked_arguments(
     first that is outside its allowed values."""
     check_operator(op)
     check_positive_int("k", k)
-    if k > op.dim:
-        raise ValueError(f"k must be at most op.dim={op.dim}, got {k}")
+    if k > total_dim(op):
+        raise ValueError(f"k must be at most the operator's dimension {total_dim(op)}, got {k}")
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
     if num_iters is None:
@@ -341,11 +343,11 @@ def _warm_start_block(op: LinearOperator, init: object) -> torch.Tensor:
         not isinstance(init, torch.Tensor)
         or init.ndim not in (1, 2)
         or init.shape[0] != op.dim
-        or (init.ndim == 2 and not 1 <= init.shape[1] <= op.dim)
+        or (init.ndim == 2 and not 1 <= init.shape[1] <= total_dim(op))
     ):
         shape = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
         raise ValueError(
             f"init must be a ({op.dim},) vector or a ({op.dim}, r) block with "
-            f"1 <= r <= {op.dim}, got {shape}"
+            f"1 <= r <= {total_dim(op)}, got {shape}"
         )
     return init.detach().reshape(op.dim, -1)

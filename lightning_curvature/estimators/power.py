@@ -19,7 +19,9 @@ from lightning_curvature.estimators._common import (
     check_operator,
     check_positive_float,
     check_positive_int,
+    inner,
     make_generator,
+    norms,
     raise_if_not_finite,
     random_unit_vectors,
 )
@@ -80,14 +82,14 @@ def power_iteration(
         if not isinstance(init, torch.Tensor) or tuple(init.shape) != (op.dim,):
             raise ValueError(f"init must be a vector of shape ({op.dim},)")
         v = init.to(device=op.device, dtype=op.dtype)
-        v = v / torch.linalg.vector_norm(v)
+        v = v / norms(op, v)
 
     period = check_every(op.device)
     history: dict[int, float] = {}
     converged, iters = False, 0
     for iters in range(1, num_iters + 1):
         w = op.matvec(v)
-        rayleigh = torch.dot(v, w)
+        rayleigh = inner(op, v, w)
         if iters % period == 0 or iters == num_iters:
             raise_if_not_finite(w, "power iteration")
             current = history[iters] = float(rayleigh)  # the one host sync of this check
@@ -95,8 +97,8 @@ def power_iteration(
             converged = earlier is not None and abs(current - earlier) <= tol * abs(current)
         if converged or iters == num_iters:
             break
-        v = w / torch.linalg.vector_norm(w)
-    residual = float(torch.linalg.vector_norm(w - rayleigh * v))
+        v = w / norms(op, w)
+    residual = float(norms(op, w - rayleigh * v))
     return PowerIterationResult(
         eigenvalue=float(rayleigh),
         eigenvector=v,

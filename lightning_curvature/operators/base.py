@@ -11,8 +11,8 @@ memory between measurements (``release``) and reports the loss the operator was 
 the operator's device and dtype, counting, and ``matvec`` as a one-column ``matmat``. A
 subclass implements :meth:`CurvatureOperator._matmat` alone. :class:`OperatorWrapper` is the
 base of operators built on another one (preconditioned, all-reduced, block-diagonal): it
-passes ``release``, ``loss``, ``params``, ``param_names``, ``method_used`` and
-``fallback_reason`` through, so wrappers compose.
+passes ``release``, ``loss``, ``params``, ``param_names``, ``method_used``,
+``fallback_reason`` and the shard reductions through, so wrappers compose.
 """
 
 from __future__ import annotations
@@ -61,6 +61,23 @@ class CurvatureOperator(ABC):
         """The loss the operator was built on, when it has one."""
         return None
 
+    # Sharded vectors (see lightning_curvature.linear_operator): an operator whose vectors
+    # are whole on every process keeps these defaults; a sharded one overrides all three.
+    @property
+    def total_dim(self) -> int:
+        """The vectors' length over all shards (``dim`` is this process's slice)."""
+        return self.dim
+
+    @property
+    def shard_index(self) -> int:
+        """Which shard of each vector this process holds."""
+        return 0
+
+    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        """``partial`` summed over the processes that hold the vectors' shards (one
+        all-reduce); the identity for whole vectors."""
+        return partial
+
     def release(self) -> None:
         """Free memory held between products (kept graphs); the default holds none."""
         return None
@@ -102,6 +119,18 @@ class OperatorWrapper(CurvatureOperator):
     def fallback_reason(self) -> str | None:
         """Why the innermost operator left the method it was asked for, or ``None``."""
         return getattr(self.inner, "fallback_reason", None)
+
+    @property
+    def total_dim(self) -> int:
+        return int(getattr(self.inner, "total_dim", self.dim))
+
+    @property
+    def shard_index(self) -> int:
+        return int(getattr(self.inner, "shard_index", 0))
+
+    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        own = getattr(self.inner, "sum_over_shards", None)
+        return partial if own is None else own(partial)
 
     def release(self) -> None:
         release = getattr(self.inner, "release", None)
