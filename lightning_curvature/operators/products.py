@@ -144,15 +144,21 @@ def finite_difference_step(params: Sequence[torch.Tensor], v: torch.Tensor) -> t
 
 
 def step_from_norms(
-    squares: torch.Tensor, norm_v: torch.Tensor, dim: int, dtype: torch.dtype
+    squares: torch.Tensor,
+    norm_v: torch.Tensor,
+    dim: int,
+    dtype: torch.dtype,
+    relative: float | None = None,
 ) -> torch.Tensor:
     """The step of :func:`finite_difference_step` from the norms alone: ``squares`` the sum
     of squares of the parameters, ``norm_v`` the norm of the direction (0-dim tensors, or
     1-dim for one step per direction), ``dim`` the parameters' count, ``dtype`` the one
-    whose ``RELATIVE_STEP`` applies. Operators whose vectors are sharded over ranks pass the
-    global sums (so every rank takes the same step)."""
+    whose ``RELATIVE_STEP`` applies unless ``relative`` gives :math:`s` itself. Operators
+    whose vectors are sharded over ranks pass the global sums (so every rank takes the same
+    step)."""
     rms = (squares / dim).sqrt().clamp(min=1.0)
-    step = RELATIVE_STEP.get(dtype, 5e-4) * rms * dim**0.5 / norm_v
+    scale = RELATIVE_STEP.get(dtype, 5e-4) if relative is None else relative
+    step = scale * rms * dim**0.5 / norm_v
     return torch.where(norm_v > 0, step, torch.ones_like(step))
 
 
