@@ -169,10 +169,14 @@ def test_sharded_loss_and_gradient_are_the_ranks_means(ranks, name):
 def test_sharded_operator_leaves_parameters_and_grads_bit_identical(ranks, name):
     for report in ranks[name]:
         assert report["after"] == report["before"]  # exact floats, through JSON's repr
-        assert report["same_grad_objects"]
-    # Least squares started without .grad (it stays None); the MLPs with a training step's.
+        assert report["same_grad_objects"] and report["rng_unchanged"]
+    # Least squares started without .grad (it stays None); the MLPs with a training step's,
+    # which the same step after the operator reproduces bit for bit (no state left behind).
     had_grads = [g is not None for g in ranks[name][0]["before"]["grads"]]
     assert all(had_grads) if name != "lsq" else not any(had_grads)
+    if name != "lsq":
+        for report in ranks[name]:
+            assert report["training_grads_after"] == report["before"]["grads"]
 
 
 def test_sharded_operator_refuses_unequal_batch_counts_on_every_rank(ranks):

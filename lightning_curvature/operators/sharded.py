@@ -153,6 +153,8 @@ class ShardedHessianOperator(CurvatureOperator):
     # ------------------------------------------------------------------ products
     def _matmat(self, block: torch.Tensor) -> torch.Tensor:
         """``H V``, one central difference per column, on this rank's shards."""
+        if block.shape[1] == 0:  # on every rank alike: no collective is skipped unevenly
+            return block.clone()
         shards = self._shards()
         with self._saved_grads(), self._restored(shards) as saved:
             base = [s.to(self.dtype) for s in saved]

@@ -98,10 +98,12 @@ def run_scenario(name, dtype, rank, mesh):
     shapes = [p.shape for p in model.parameters()]
     fully_shard(model, mesh=mesh)
     batches = rank_batches(name, rank, count, dtype)
+    training_batch = rank_batches(name, rank + 7, 1, dtype)[0]
     if train_first:  # a .grad the operator must leave as it is
-        loss_fn(model, rank_batches(name, rank + 7, 1, dtype)[0]).backward()
+        loss_fn(model, training_batch).backward()
     grads_before = [p.grad for p in model.parameters()]
     before = snapshot(list(model.parameters()))
+    rng_before = torch.random.get_rng_state()
 
     op = ShardedHessianOperator(model, loss_fn, batches)
     generator = torch.Generator().manual_seed(7)  # the same global vectors on every rank
@@ -136,6 +138,12 @@ def run_scenario(name, dtype, rank, mesh):
     report["same_grad_objects"] = all(
         a is b for a, b in zip(grads_before, [p.grad for p in model.parameters()], strict=True)
     )
+    report["rng_unchanged"] = torch.equal(rng_before, torch.random.get_rng_state())
+    # Training goes on as if the operator had never run: the same step, the same gradient.
+    for p in model.parameters():
+        p.grad = None
+    loss_fn(model, training_batch).backward()
+    report["training_grads_after"] = snapshot(list(model.parameters()))["grads"]
     return report
 
 
