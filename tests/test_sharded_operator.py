@@ -36,8 +36,8 @@ pytestmark = pytest.mark.skipif(
 # Central differences err by O(eps^2) truncation plus O(u / eps) rounding; with the step of
 # finite_difference_step the package's contract is 1e-8..1e-7 in float64 and 2e-4..1e-3 on
 # smooth models in float32 (HessianOperator's hvp_method docs, benchmarks/RESULTS.md), so
-# 1e-6 and 1e-3 (measured here: 3e-8..7e-8 and 3e-4..4e-4). Least squares has no truncation
-# error (a quadratic), only rounding. bf16 shards run the model in bf16 and round the
+# 1e-6 and 1e-3 (measured here: 2e-8..7e-8 and 3e-4..3.5e-4). Least squares has no
+# truncation error (a quadratic), only rounding. bf16 shards run the model in bf16 and round the
 # shifted shards to it: 2-4% measured (LOW_PRECISION_RELATIVE_STEP), so 1e-1.
 PRODUCT_TOLERANCE = {"lsq": 1e-6, "mlp64": 1e-6, "mlp32": 1e-3, "mlp_bf16": 1e-1}
 # Loss, gradient and inner products involve no difference quotient: only summation order
@@ -116,7 +116,8 @@ def test_sharded_products_are_the_hessian_of_the_ranks_mean_loss(ranks, name):
     pair = ranks[name]
     model = unsharded_model(name, pair[0]["state"])
     batches = union_of_batches(name, pair)
-    assert not torch.equal(batches[0][0], batches[-1][0])  # each rank has its own data
+    # Each rank has its own data.
+    assert not any(torch.equal(a, b) for a, b in zip(batches[0], batches[-1], strict=True))
     hessian = dense_hessian(model, loss_fn_of(name), batches)
     v = unsharded(pair, "v_local")
     truth = hessian @ v

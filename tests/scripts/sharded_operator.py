@@ -32,7 +32,7 @@ from lightning_curvature.operators.sharded import ShardedHessianOperator
 from tests.truth import cross_entropy_loss
 
 WORLD = 2
-# name: (model, dtype)
+# name: (model kind, dtype)
 SCENARIOS = {
     "lsq": ("lsq", torch.float64),
     "mlp64": ("mlp", torch.float64),
@@ -46,25 +46,28 @@ def squared_error(model, batch):
     return ((model(inputs) - targets) ** 2).mean()
 
 
-def scenario(name, dtype):
+def scenario(kind, dtype):
     """The model (seeded, the same on every rank), loss, batches per rank, and whether a
     training step sets ``.grad`` first."""
     torch.manual_seed(0)
-    if name == "lsq":
+    if kind == "lsq":
         return nn.Linear(8, 1).to(dtype), squared_error, 1, False
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     return model, cross_entropy_loss, 2, True
 
 
-def rank_batches(name, rank, count, dtype):
+def rank_batches(kind, rank, count, dtype):
     """This rank's own probe batches (different data on every rank)."""
     generator = torch.Generator().manual_seed(100 + rank)
-    if name == "lsq":
+    if kind == "lsq":
         x = torch.randn(16, 8, generator=generator, dtype=dtype)
         noise = torch.randn(16, 1, generator=generator, dtype=dtype)
         return [(x, x @ torch.ones(8, 1, dtype=dtype) + noise)]
     return [
-        (torch.randn(10, 6, generator=generator, dtype=dtype), torch.randint(0, 3, (10,)))
+        (
+            torch.randn(10, 6, generator=generator, dtype=dtype),
+            torch.randint(0, 3, (10,), generator=generator),
+        )
         for _ in range(count)
     ]
 
@@ -92,13 +95,13 @@ def snapshot(params):
     return {"shards": [values(p) for p in params], "grads": [values(p.grad) for p in params]}
 
 
-def run_scenario(name, dtype, rank, mesh):
-    model, loss_fn, count, train_first = scenario(name, dtype)
+def run_scenario(kind, dtype, rank, mesh):
+    model, loss_fn, count, train_first = scenario(kind, dtype)
     state = {k: v.tolist() for k, v in model.state_dict().items()}
     shapes = [p.shape for p in model.parameters()]
     fully_shard(model, mesh=mesh)
-    batches = rank_batches(name, rank, count, dtype)
-    training_batch = rank_batches(name, rank + 7, 1, dtype)[0]
+    batches = rank_batches(kind, rank, count, dtype)
+    training_batch = rank_batches(kind, rank + 7, 1, dtype)[0]
     if train_first:  # a .grad the operator must leave as it is
         loss_fn(model, training_batch).backward()
     grads_before = [p.grad for p in model.parameters()]
