@@ -142,10 +142,26 @@ def finite_difference_step(params: Sequence[torch.Tensor], v: torch.Tensor) -> t
     dim = sum(p.numel() for p in params)
     with torch.no_grad():
         squares = torch.stack([p.detach().to(v.dtype).square().sum() for p in params]).sum()
-        rms = (squares / dim).sqrt().clamp(min=1.0)
-        norm_v = torch.linalg.vector_norm(v)
-        step = RELATIVE_STEP.get(v.dtype, 5e-4) * rms * dim**0.5 / norm_v
-        return torch.where(norm_v > 0, step, torch.ones_like(step))
+        return step_from_norms(squares, torch.linalg.vector_norm(v), dim, v.dtype)
+
+
+def step_from_norms(
+    squares: torch.Tensor,
+    norm_v: torch.Tensor,
+    dim: int,
+    dtype: torch.dtype,
+    relative: float | None = None,
+) -> torch.Tensor:
+    """The step of :func:`finite_difference_step` from the norms alone: ``squares`` the sum
+    of squares of the parameters, ``norm_v`` the norm of the direction (0-dim tensors, or
+    1-dim for one step per direction), ``dim`` the parameters' count, ``dtype`` the one
+    whose ``RELATIVE_STEP`` applies unless ``relative`` gives :math:`s` itself. Operators
+    whose vectors are sharded over ranks pass the global sums (so every rank takes the same
+    step)."""
+    rms = (squares / dim).sqrt().clamp(min=1.0)
+    scale = RELATIVE_STEP.get(dtype, 5e-4) if relative is None else relative
+    step = scale * rms * dim**0.5 / norm_v
+    return torch.where(norm_v > 0, step, torch.ones_like(step))
 
 
 def finite_difference_products(
