@@ -135,7 +135,7 @@ def test_sharded_least_squares_is_two_over_n_xtx_even_with_a_rank_holding_nothin
     lsq = ranks["lsq"]
     # nn.Linear(8, 1): one weight row and one bias, both on rank 0; rank 1's vectors are empty.
     assert [r["dim"] for r in lsq] == [9, 0] and all(r["local_dims"] == [9, 0] for r in lsq)
-    assert all(r["global_dim"] == 9 for r in lsq)
+    assert all(r["total_dim"] == 9 for r in lsq)
     inputs = torch.cat([x for x, _ in union_of_batches("lsq", lsq)])
     design = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)
     hessian = 2 / len(inputs) * design.T @ design

@@ -62,7 +62,7 @@ class ShardedHessianOperator(CurvatureOperator):
             dtype.
         group: the process group of the shards (``None``: the default group).
 
-    Vectors are this rank's shards (length :attr:`dim`); :attr:`global_dim` is the number of
+    Vectors are this rank's shards (length :attr:`dim`); :attr:`total_dim` is the number of
     parameters. Products, :meth:`inner`, :attr:`loss` and :meth:`gradient` are collectives:
     every rank must call them in the same order, with blocks of the same number of columns.
     Each column costs two forward and backward passes per probe batch, and the block one
@@ -77,7 +77,8 @@ class ShardedHessianOperator(CurvatureOperator):
     shards to measure accurately.
 
     Attributes:
-        dim: this rank's vector length; global_dim: the sum over the ranks;
+        dim: this rank's vector length; total_dim: the sum over the ranks; shard_index:
+            this rank's place in the group;
         local_dims: every rank's ``dim``, in rank order (the global vector is the ranks'
             vectors concatenated in that order);
         device, dtype: the shards' device, and the precision of the vectors;
@@ -109,10 +110,26 @@ class ShardedHessianOperator(CurvatureOperator):
         self.loss_fn = loss_fn
         self.batches = [move_batch(b, self.device, self.storage_dtype) for b in batches]
         self.local_dims = self._agreed_sizes()
-        self.global_dim = sum(self.local_dims)
+        self._total_dim = sum(self.local_dims)
+        self._shard_index = dist.get_rank(group)
         self._center: tuple[torch.Tensor, float] | None = None
 
     # ------------------------------------------------------------------ public API
+    @property
+    def total_dim(self) -> int:
+        return self._total_dim
+
+    @property
+    def shard_index(self) -> int:
+        return self._shard_index
+
+    def sum_over_shards(self, partial: torch.Tensor) -> torch.Tensor:
+        """``partial`` summed over the ranks: one all-reduce (a collective: every rank
+        calls it, in the same order)."""
+        total = partial.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
     def inner(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The global inner products ``aᵀb`` of sharded vectors, with one all-reduce.
 
@@ -126,9 +143,7 @@ class ShardedHessianOperator(CurvatureOperator):
                 )
         a = a.to(device=self.device, dtype=self.dtype)
         b = b.to(device=self.device, dtype=self.dtype)
-        local = ((a.mT if a.ndim == 2 else a) @ b).contiguous()
-        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
-        return local
+        return self.sum_over_shards((a.mT if a.ndim == 2 else a) @ b)
 
     def gradient(self) -> torch.Tensor:
         """This rank's shard of the gradient at θ (flat, in the operator's dtype): the
@@ -181,7 +196,7 @@ class ShardedHessianOperator(CurvatureOperator):
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
         storage = self.storage_dtype
         relative = None if storage is None else LOW_PRECISION_RELATIVE_STEP.get(storage)
-        return step_from_norms(local[0], local[1:].sqrt(), self.global_dim, self.dtype, relative)
+        return step_from_norms(local[0], local[1:].sqrt(), self.total_dim, self.dtype, relative)
 
     # ------------------------------------------------------------------ internals
     def _shards(self) -> list[torch.Tensor]:

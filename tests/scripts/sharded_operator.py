@@ -110,7 +110,7 @@ def run_scenario(kind, dtype, rank, mesh):
 
     op = ShardedHessianOperator(model, loss_fn, batches)
     generator = torch.Generator().manual_seed(7)  # the same global vectors on every rank
-    global_block = torch.randn(op.global_dim, 2, generator=generator, dtype=torch.float64)
+    global_block = torch.randn(op.total_dim, 2, generator=generator, dtype=torch.float64)
     block = torch.stack([local_slice(c, shapes, rank) for c in global_block.T], dim=1)
     block = block.to(op.dtype)
     products = op.matmat(block)
@@ -119,7 +119,7 @@ def run_scenario(kind, dtype, rank, mesh):
         "batches": [[t.tolist() for t in b] for b in batches],
         "local_numels": [p.to_local().numel() for p in op.params],
         "dim": op.dim,
-        "global_dim": op.global_dim,
+        "total_dim": op.total_dim,
         "local_dims": op.local_dims,
         "dtype": str(op.dtype),
         "v_local": block[:, 0].tolist(),
