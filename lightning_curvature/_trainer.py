@@ -14,11 +14,15 @@ import torch
 from torch import nn
 
 from lightning_curvature._lightning import TensorBoardLogger, pl
+from lightning_curvature._shards import holds_shards
 from lightning_curvature.monitor.failures import agree_on_failure
+from lightning_curvature.operators.sharded import sharded_parameters
 
-# Strategies that shard parameters: a rank does not hold the whole model, so the flat
-# Hessian-vector product of one rank is not defined.
+# Strategies that shard parameters. Under ModelParallelStrategy with fully_shard (FSDP2) each
+# rank measures its shards (operators/sharded.py); the others keep their shards in forms
+# this package does not read, and the monitor switches itself off there, saying so.
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+MEASURED_SHARDED_STRATEGY = "ModelParallelStrategy"
 
 
 def sharded_strategy(trainer: pl.Trainer) -> str | None:
@@ -75,10 +79,17 @@ def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: A
     """Why this run cannot be measured, in words with the fix; None when it can."""
     curvature, loss_fn, output_fn = objective.curvature, objective.loss_fn, objective.output_fn
     strategy = sharded_strategy(trainer)
-    if strategy is not None:
+    if strategy is not None and strategy != MEASURED_SHARDED_STRATEGY:
         return (
-            f"{strategy} shards the parameters across ranks, and CurvatureMonitor needs "
-            "the whole model on every rank: it is switched off for this run (use DDP)"
+            f"{strategy} shards the parameters in a form CurvatureMonitor does not read: it "
+            "measures sharded models under ModelParallelStrategy with fully_shard (FSDP2) "
+            "applied in configure_model, or whole ones under DDP; it is switched off for "
+            "this run"
+        )
+    if strategy is not None and (curvature != "hessian" or objective.per_layer):
+        return (
+            f"under {strategy} CurvatureMonitor measures the whole Hessian only, by finite "
+            "differences on each rank's shards: pass curvature='hessian' and per_layer=False"
         )
     if loss_fn is None and not module.automatic_optimization:
         return (
@@ -91,6 +102,23 @@ def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: A
             f"{type(module).__name__} defines no forward: define forward, or pass "
             "CurvatureMonitor(output_fn=...), output_fn(module, batch) -> outputs"
         )
+    return None
+
+
+def cannot_measure_shards(module: nn.Module, params: Any, objective: Any) -> str | None:
+    """Why a module whose parameters are sharded (seen once ``configure_model`` has run)
+    cannot be measured; None when it can, or holds no shards."""
+    if not holds_shards(module.parameters()):
+        return None
+    if params is not None:
+        return (
+            "a sharded model is measured whole: CurvatureMonitor(params=...) selects part of "
+            "it, which the sharded operator does not support; pass params=None"
+        )
+    try:
+        sharded_parameters(module)
+    except ValueError as error:
+        return f"{error}; CurvatureMonitor is switched off for this run"
     return None
 
 

@@ -247,18 +247,25 @@ class CurvatureMonitor(Callback):
         if stage != "fit":
             return
         self.disabled_reason = None  # a reused instance starts afresh (resume reloads it)
+        self._measurer = None
         reason = facts.cannot_measure(trainer, pl_module, self.objective)
         if reason is not None:
             self._disable(reason)
-            return
-        names = select_parameters(pl_module, self.params)
-        context = self.objective.context(pl_module, names)
-        self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
+        # Built here, not in setup: a sharded model's parameters exist (as shards) only
+        # after configure_model, and a resumed fallback to finite differences is loaded.
+        if self.disabled_reason is None:
+            reason = facts.cannot_measure_shards(pl_module, self.params, self.objective)
+            if reason is not None:
+                self._disable(reason)
+        if self.disabled_reason is None:
+            names = select_parameters(pl_module, self.params)
+            context = self.objective.context(pl_module, names)
+            self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
         self.probes.draw(pl_module.device)
         self.schedule.start(trainer.global_step, facts.planned_steps(trainer))
 
@@ -349,8 +356,6 @@ class CurvatureMonitor(Callback):
         self.failures.failures_in_a_row = int(state_dict.get("failures_in_a_row", 0))
         self.disabled_reason = state_dict.get("disabled_reason")
         self._hvp_method = state_dict.get("hvp_method", "auto")
-        if self._measurer is not None:  # setup ran first: a resumed fallback holds
-            self._measurer.hvp_method = self._hvp_method
 
     # ------------------------------------------------------------------ measuring
     def _early_signals(self, trainer: pl.Trainer, step: int, outputs: Any) -> Signals:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_curvature._shards import holds_shards, local_part
 from lightning_curvature.batches import detached_copy, move_batch
 from lightning_curvature.measure.critical import critical_sharpness, loss_along
 from lightning_curvature.measure.objective import (
@@ -39,6 +40,7 @@ from lightning_curvature.measure.tiers import (
 from lightning_curvature.operators import AllReduceOperator, HessianOperator
 from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.choice import curvature_operator
+from lightning_curvature.operators.sharded import ShardedHessianOperator
 from lightning_curvature.optim.preconditioners import first_moment_settled, optimizer_view
 from lightning_curvature.optim.stability import StabilityRule
 
@@ -136,7 +138,10 @@ def measure_module(
 ) -> Outcome:
     """Measure ``context.module`` on ``batches`` and leave it exactly as it was."""
     module = context.module
-    target = _float_copy(module)
+    sharded = holds_shards(module.parameters())
+    # A sharded module is measured in place: its operator computes in float32 whatever the
+    # shards' precision (a deep copy of a sharded module is no copy of its training).
+    target = module if sharded else _float_copy(module)
     if target is not module:
         device = next(target.parameters()).device
         batches = [move_batch(batch, device, torch.float32) for batch in batches]
@@ -166,11 +171,12 @@ def measure_module(
                 warm=warm,
                 update=update,
                 batch_ops=None if not hessian else _batch_operators(local, batches),
-                mean_over_ranks=_mean_over_ranks if context.distributed else None,
+                # Sharded products are already over every rank's batches (see module doc).
+                mean_over_ranks=_mean_over_ranks if context.distributed and not sharded else None,
                 blocks=blocks,
                 curvature=context.curvature,
             )
-            if settings.critical_sharpness:
+            if settings.critical_sharpness and not sharded:
                 record = _with_critical_sharpness(record, target, params, context, batches, update)
         except Exception as error:
             _raise_own_failure(op, error)
@@ -249,7 +255,17 @@ def _operators(
     verify: bool,
 ) -> tuple[Any, Any, Any]:
     """This rank's curvature operator, the one measured (averaged over ranks under data
-    parallelism), and the per-layer blocks when asked."""
+    parallelism), and the per-layer blocks when asked. A module sharded by FSDP2 gets the
+    sharded operator: finite differences of its own gradients, on this rank's shards."""
+    if holds_shards(target.parameters()):
+        if context.curvature != "hessian" or context.per_layer:
+            raise ValueError(
+                "a sharded model is measured as the whole Hessian only: curvature='hessian' "
+                f"and per_layer=False (got curvature={context.curvature!r}, "
+                f"per_layer={context.per_layer!r})"
+            )
+        sharded = ShardedHessianOperator(target, _on_fresh_copies(context.loss_fn), batches)
+        return sharded, sharded, None
     local: Any = curvature_operator(
         context.curvature,
         target,
@@ -284,7 +300,8 @@ def _raise_own_failure(op: Any, error: BaseException | None) -> None:
 def flat_parameters(module: nn.Module, names: Sequence[str]) -> torch.Tensor:
     """The named parameters as one detached flat vector (for the last update θ_s − θ_{s−1})."""
     named = dict(module.named_parameters())
-    return torch.cat([named[name].detach().reshape(-1).float() for name in names]).clone()
+    pieces = [local_part(named[name].detach()).reshape(-1).float() for name in names]
+    return torch.cat(pieces).clone()
 
 
 class LastUpdate:
@@ -317,17 +334,21 @@ def _on_fresh_copies(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.M
     return on_copy
 
 
-def _batch_operators(op: HessianOperator, batches: list[Any]) -> list[HessianOperator]:
-    """One operator per probe batch, for the batch sharpness g_bᵀH_b g_b / g_bᵀg_b."""
+def _batch_operators(op: Any, batches: list[Any]) -> list[Any]:
+    """One operator per probe batch, for the batch sharpness g_bᵀH_b g_b / g_bᵀg_b (under
+    FSDP2, g_b and H_b of the mean over every rank's batch b: the sharded gradients come
+    averaged over the ranks)."""
     if len(batches) == 1:
         return [op]
+    if isinstance(op, ShardedHessianOperator):
+        return [ShardedHessianOperator(op.module, op.loss_fn, [batch]) for batch in batches]
     return [
         HessianOperator(
             op.model,
             op.loss_fn,
             [batch],
             dict(zip(op.param_names, op.params, strict=True)),
-            hvp_method=op.method_used,  # type: ignore[arg-type]
+            hvp_method=op.method_used,
             verify=False,
         )
         for batch in batches

@@ -33,6 +33,7 @@ import torch
 
 from lightning_curvature.estimators import hutchinson_trace, lanczos, spectral_density
 from lightning_curvature.estimators.blockwise import blockwise_lambda_max, blockwise_trace
+from lightning_curvature.linear_operator import inner
 from lightning_curvature.measure.record import Measurement
 from lightning_curvature.operators import PreconditionedOperator
 from lightning_curvature.optim.stability import StabilityRule, stability_ratio
@@ -261,10 +262,10 @@ def _stability(
 def directional_sharpness(op: Any, update: torch.Tensor) -> float | None:
     """``uᵀHu / uᵀu`` for the last update u (None when the step did not move)."""
     u = update.to(device=op.device, dtype=op.dtype)
-    norm_sq = float(u @ u)
+    norm_sq = float(inner(op, u, u))
     if norm_sq == 0.0:
         return None
-    return float(u @ op.matvec(u)) / norm_sq
+    return float(inner(op, u, op.matvec(u))) / norm_sq
 
 
 def batch_sharpness(batch_ops: Sequence[Any], op: Any) -> tuple[float, int]:
@@ -274,8 +275,10 @@ def batch_sharpness(batch_ops: Sequence[Any], op: Any) -> tuple[float, int]:
     for batch_op in batch_ops:
         before = batch_op.num_matvecs
         g = batch_op.gradient()
-        norm_sq = float(g @ g)
-        ratios.append(float(g @ batch_op.matvec(g)) / norm_sq if norm_sq > 0 else 0.0)
+        norm_sq = float(inner(batch_op, g, g))
+        ratios.append(
+            float(inner(batch_op, g, batch_op.matvec(g))) / norm_sq if norm_sq > 0 else 0.0
+        )
         if batch_op is not op:
             spent += batch_op.num_matvecs - before
     return sum(ratios) / len(ratios), spent

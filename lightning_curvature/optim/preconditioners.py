@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_curvature._shards import local_part
 from lightning_curvature.optim.stability import (
     ADAM_LIKE,
     PRECONDITIONED,
@@ -129,7 +130,7 @@ def preconditioner_diagonal(
         group = owners.get(id(p))
         state = optimizer.state.get(p)
         if missing == "exclude" and (group is None or not _stepped(state)):
-            pieces.append(torch.full((p.numel(),), math.inf, device=device))
+            pieces.append(torch.full((local_part(p).numel(),), math.inf, device=device))
             continue
         if group is None:
             raise ValueError(
@@ -227,7 +228,7 @@ def _diagonal(family: str, group: dict, state: dict) -> torch.Tensor:
 
 
 def _real(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach()
+    tensor = local_part(tensor.detach())  # a sharded parameter's state is sharded alike
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
     return tensor.to(torch.float32)

@@ -1,0 +1,128 @@
+"""Run by tests/test_fsdp2_monitor.py: CurvatureMonitor under Lightning's
+ModelParallelStrategy with fully_shard (FSDP2), two CPU ranks over gloo.
+
+Scenarios, one launch (starting ranks costs more than training them):
+
+- ``monitored``: a tanh MLP trained with SGD and momentum (or Adam: ``adam``), measured every
+  4 steps (track and full tiers); each rank probes its own batch. At the last measured step
+  a callback gathers the whole parameters, so the test can rebuild the unsharded model and
+  compare λmax with the dense Hessian of the mean loss over both ranks' probe batches.
+- ``plain``: the same run without the monitor: its gathered parameters and optimizer state
+  must equal the monitored run's bit for bit.
+
+Every rank writes what it saw in scenario S to ``OUT.S.rank<r>`` as JSON.
+"""
+
+import json
+import sys
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from lightning_curvature import CurvatureMonitor
+from lightning_curvature._lightning import pl
+from tests.lightning_models import classification_data, loader
+
+MAX_STEPS = 12
+EVERY = 4
+
+
+class ShardedClassifier(pl.LightningModule):
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.optimizer_name = optimizer
+        self.net = nn.Sequential(
+            nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+        )
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self.net(inputs), targets)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def gathered(module: nn.Module) -> dict:
+    """The whole parameters (a collective: every rank calls it)."""
+    return {name: p.full_tensor().tolist() for name, p in module.named_parameters()}
+
+
+class GatherAtLastMeasurement(pl.Callback):
+    def __init__(self, monitor: CurvatureMonitor) -> None:
+        self.monitor, self.at = monitor, None
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if trainer.global_step == MAX_STEPS:
+            self.at = {"step": trainer.global_step, "params": gathered(module.net)}
+
+
+def optimizer_state(trainer) -> dict:
+    state = trainer.optimizers[0].state
+    return {
+        f"{i}.{key}": (value.full_tensor() if hasattr(value, "full_tensor") else value).tolist()
+        for i, p in enumerate(trainer.optimizers[0].param_groups[0]["params"])
+        for key, value in sorted(state[p].items())
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def run(out_path: str, scenario: str, optimizer: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = ShardedClassifier(optimizer)
+    monitor = None
+    callbacks: list = []
+    if scenario != "plain":
+        monitor = CurvatureMonitor(
+            every_n_steps=EVERY, log_spaced=False, full_every=2, max_overhead=None,
+            on_error="raise", k=2, num_probes=4,
+        )
+        callbacks = [monitor, GatherAtLastMeasurement(monitor)]
+    trainer = pl.Trainer(
+        max_steps=MAX_STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader(classification_data(), batch_size=16))
+    rank = trainer.global_rank
+    result = {
+        "rank": rank,
+        "params": gathered(module.net),
+        "optimizer_state": optimizer_state(trainer),
+        "warnings": [str(w.message) for w in caught if "CurvatureMonitor" in str(w.message)],
+    }
+    if monitor is not None:
+        result.update(
+            disabled=monitor.disabled_reason,
+            history=monitor.history,
+            probe=[t.tolist() for t in monitor.probes.stored[0]],
+            at_last=callbacks[1].at,
+        )
+    with open(f"{out_path}.{scenario}-{optimizer}.rank{rank}", "w") as handle:
+        json.dump(result, handle)
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    for optimizer in ("sgd", "adam"):
+        for name in ("monitored", "plain"):
+            run(sys.argv[1], name, optimizer)
