@@ -1,8 +1,9 @@
 r"""The Hessian of a model sharded by FSDP2 (``fully_shard``), on this rank's shards.
 
 Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over the ranks, and double
-backward does not reach it (``torch.autograd.grad`` with respect to the sharded parameters
-finds them unused), nor does forward-mode AD. First-order training does work, so
+backward does not reach it: ``torch.autograd.grad(loss, params, create_graph=True)`` returns
+plain, unsharded, unreduced tensors, and differentiating those again finds the sharded
+parameters unused (torch 2.13); forward-mode AD fails too. First-order training works, so
 :class:`ShardedHessianOperator` takes central differences of the gradient, each rank on its
 own shard:
 
