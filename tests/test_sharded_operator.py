@@ -151,8 +151,10 @@ def test_sharded_inner_products_sum_over_ranks_with_matmul_shapes(ranks, name):
     products = torch.stack([unsharded(pair, "hv_local"), unsharded(pair, "hu_local")], dim=1)
     assert pair[0]["inner_block"] == pair[1]["inner_block"]
     inner = torch.tensor(pair[0]["inner_block"], dtype=torch.float64)
+    assert inner.shape == (2, 2)
     assert torch.allclose(inner, block.T @ products, rtol=INNER_TOLERANCE[name], atol=0)
-    assert pair[0]["inner_shapes"] == [[2], [2]]
+    # vector·vector, vector·block, block·vector, block·block: as aᵀ @ b would be.
+    assert pair[0]["inner_shapes"] == [[], [2], [2], [2, 2]]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

@@ -134,8 +134,9 @@ def run_scenario(kind, dtype, forward_dtype, rank, mesh):
         "vhv": op.inner(block[:, 0], products[:, 0]).item(),
         "inner_block": op.inner(block, products).tolist(),
         "inner_shapes": [
-            list(op.inner(block[:, 0], products).shape),
-            list(op.inner(block, products[:, 0]).shape),
+            list(op.inner(a, b).shape)
+            for a in (block[:, 0], block)
+            for b in (products[:, 0], products)
         ],
         "num_matvecs": op.num_matvecs,
         "loss": op.loss,
