@@ -14,6 +14,8 @@ needs to check it against dense truth to ``OUT.rank<r>`` (JSON):
   survive).
 - ``mlp_mixed``: the float32 MLP with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
   (FSDP2 runs the forward pass in bf16).
+- ``dropout``: the float64 MLP with dropout in train mode: each batch's mask must be the
+  same in every evaluation, or the differences would be noise.
 - ``mismatch``: rank 0 passes two batches, rank 1 one: both must raise the same ValueError
   (not hang).
 """
@@ -41,6 +43,7 @@ SCENARIOS = {
     "mlp32": ("mlp", torch.float32, None),
     "mlp_bf16": ("mlp", torch.bfloat16, None),
     "mlp_mixed": ("mlp", torch.float32, torch.bfloat16),
+    "dropout": ("dropout", torch.float64, None),
 }
 
 
@@ -55,8 +58,10 @@ def scenario(kind, dtype):
     torch.manual_seed(0)
     if kind == "lsq":
         return nn.Linear(8, 1).to(dtype), squared_error, 1, False
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    return model, cross_entropy_loss, 2, True
+    layers = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)]
+    if kind == "dropout":  # in train mode: a random mask in every forward pass
+        layers.insert(2, nn.Dropout(0.5))
+    return nn.Sequential(*layers).to(dtype), cross_entropy_loss, 2, True
 
 
 def rank_batches(kind, rank, count, dtype):
@@ -139,6 +144,7 @@ def run_scenario(kind, dtype, forward_dtype, rank, mesh):
             for b in (products[:, 0], products)
         ],
         "num_matvecs": op.num_matvecs,
+        "repeated_exactly": torch.equal(op.matmat(block), products),
         "loss": op.loss,
         "gradient_local": op.gradient().tolist(),
     }
