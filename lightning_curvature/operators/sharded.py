@@ -1,8 +1,9 @@
 r"""The Hessian of a model sharded by FSDP2 (``fully_shard``), on this rank's shards.
 
 Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over the ranks, and double
-backward does not reach it (``torch.autograd.grad`` with respect to the sharded parameters
-finds them unused), nor does forward-mode AD. First-order training does work, so
+backward does not reach it: ``torch.autograd.grad(loss, params, create_graph=True)`` returns
+plain, unsharded, unreduced tensors, and differentiating those again finds the sharded
+parameters unused (torch 2.13); forward-mode AD fails too. First-order training works, so
 :class:`ShardedHessianOperator` takes central differences of the gradient, each rank on its
 own shard:
 
@@ -71,10 +72,12 @@ class ShardedHessianOperator(CurvatureOperator):
     Precision: ``dtype`` is the shards' own when float32 or float64. Shards stored in
     bfloat16 or float16 are measured in float32 (vectors, steps, differences, inner
     products), but the model still runs in its own precision and the shifted shards are
-    rounded to it, so their products are coarse (a relative step of
-    ``LOW_PRECISION_RELATIVE_STEP``; 2-4% off in norm in bf16 on a small MLP, and a
-    Rayleigh quotient ``vᵀHv``, small against ``|v| |Hv|``, seen 20% off): keep float32
-    shards to measure accurately.
+    rounded to it; so are float32 shards that FSDP2's ``MixedPrecisionPolicy(param_dtype=
+    torch.bfloat16)`` casts for the forward pass (:attr:`low_precision` names the dtype).
+    Their products are coarse: the step is then the larger ``LOW_PRECISION_RELATIVE_STEP``
+    (without it, a float32 step vanishes in the cast: errors of 600%), 2-4% off in norm in
+    bf16 on a small MLP, and a Rayleigh quotient ``vᵀHv``, small against ``|v| |Hv|``,
+    seen 20% off. Measure with float32 parameters and forward passes to be accurate.
 
     Attributes:
         dim: this rank's vector length; total_dim: the sum over the ranks; shard_index:
@@ -82,6 +85,8 @@ class ShardedHessianOperator(CurvatureOperator):
         local_dims: every rank's ``dim``, in rank order (the global vector is the ranks'
             vectors concatenated in that order);
         device, dtype: the shards' device, and the precision of the vectors;
+        low_precision: ``torch.bfloat16`` or ``torch.float16`` when the parameters are
+            stored or run in it (the step is chosen for it), else ``None``;
         num_matvecs: products computed so far; param_names, params: the covered
             parameters (``DTensor``\ s), in vector order.
     """
@@ -105,6 +110,7 @@ class ShardedHessianOperator(CurvatureOperator):
         shards = self._shards()
         storage = {shard.dtype for shard in shards}
         self.storage_dtype = storage.pop() if len(storage) == 1 else None
+        self.low_precision = lowest_precision({s.dtype for s in shards} | forward_dtypes(module))
         super().__init__(sum(s.numel() for s in shards), shards[0].device, native_dtype(shards))
         self.module = module
         self.loss_fn = loss_fn
@@ -194,8 +200,8 @@ class ShardedHessianOperator(CurvatureOperator):
             ]
         )
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
-        storage = self.storage_dtype
-        relative = None if storage is None else LOW_PRECISION_RELATIVE_STEP.get(storage)
+        low = self.low_precision
+        relative = None if low is None else LOW_PRECISION_RELATIVE_STEP[low]
         return step_from_norms(local[0], local[1:].sqrt(), self.total_dim, self.dtype, relative)
 
     # ------------------------------------------------------------------ internals
@@ -334,3 +340,39 @@ def sharded_parameters(module: nn.Module, group: Any = None) -> tuple[list[str],
                 f"all {world} ranks of the group (fully_shard on a 1-D mesh)"
             )
     return [name for name, _ in named], [p for _, p in named]
+
+
+def lowest_precision(dtypes: set[torch.dtype]) -> torch.dtype | None:
+    """The half-precision dtype among ``dtypes`` (bfloat16, the coarser, first), or
+    ``None`` when there is none."""
+    for dtype in LOW_PRECISION_RELATIVE_STEP:
+        if dtype in dtypes:
+            return dtype
+    return None
+
+
+def forward_dtypes(module: nn.Module) -> set[torch.dtype]:
+    """The dtypes FSDP2 casts ``module``'s parameters to for the forward pass
+    (``MixedPrecisionPolicy.param_dtype``, where one is set).
+
+    Read from FSDP2's state, which torch does not expose publicly (``_get_fsdp_state``,
+    its parameter groups' ``mp_policy``): if that ever changes, the answer is empty and
+    the step is chosen from the stored dtypes alone."""
+    found: set[torch.dtype] = set()
+    for submodule in module.modules():
+        get_state = getattr(submodule, "_get_fsdp_state", None)
+        if not callable(get_state):
+            continue
+        try:
+            state = get_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [] if group is None else [group]
+            for group in groups:
+                dtype = group.mp_policy.param_dtype
+                if isinstance(dtype, torch.dtype):
+                    found.add(dtype)
+        except Exception:  # private torch state: unreadable means unknown, never a failure
+            continue
+    return found

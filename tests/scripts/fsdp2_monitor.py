@@ -85,8 +85,13 @@ def run(out_path: str, scenario: str, optimizer: str) -> None:
     callbacks: list = []
     if scenario != "plain":
         monitor = CurvatureMonitor(
-            every_n_steps=EVERY, log_spaced=False, full_every=2, max_overhead=None,
-            on_error="raise", k=2, num_probes=4,
+            every_n_steps=EVERY,
+            log_spaced=False,
+            full_every=2,
+            max_overhead=None,
+            on_error="raise",
+            k=2,
+            num_probes=4,
         )
         callbacks = [monitor, GatherAtLastMeasurement(monitor)]
     trainer = pl.Trainer(

@@ -12,6 +12,10 @@ needs to check it against dense truth to ``OUT.rank<r>`` (JSON):
   rank (the gradients of several backward passes accumulate in the sharded ``.grad``), in
   float64, float32 and bfloat16, with ``.grad`` already set by a training step (it must
   survive).
+- ``mlp_mixed``: the float32 MLP with ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
+  (FSDP2 runs the forward pass in bf16).
+- ``dropout``: the float64 MLP with dropout in train mode: each batch's mask must be the
+  same in every evaluation, or the differences would be noise.
 - ``mismatch``: rank 0 passes two batches, rank 1 one: both must raise the same ValueError
   (not hang).
 """
@@ -26,18 +30,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lightning_curvature.operators.sharded import ShardedHessianOperator
 from tests.truth import cross_entropy_loss
 
 WORLD = 2
-# name: (model kind, dtype)
+# name: (model kind, dtype of the parameters, dtype FSDP2 casts them to for forward or None)
 SCENARIOS = {
-    "lsq": ("lsq", torch.float64),
-    "mlp64": ("mlp", torch.float64),
-    "mlp32": ("mlp", torch.float32),
-    "mlp_bf16": ("mlp", torch.bfloat16),
+    "lsq": ("lsq", torch.float64, None),
+    "mlp64": ("mlp", torch.float64, None),
+    "mlp32": ("mlp", torch.float32, None),
+    "mlp_bf16": ("mlp", torch.bfloat16, None),
+    "mlp_mixed": ("mlp", torch.float32, torch.bfloat16),
+    "dropout": ("dropout", torch.float64, None),
 }
 
 
@@ -52,8 +58,10 @@ def scenario(kind, dtype):
     torch.manual_seed(0)
     if kind == "lsq":
         return nn.Linear(8, 1).to(dtype), squared_error, 1, False
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    return model, cross_entropy_loss, 2, True
+    layers = [nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)]
+    if kind == "dropout":  # in train mode: a random mask in every forward pass
+        layers.insert(2, nn.Dropout(0.5))
+    return nn.Sequential(*layers).to(dtype), cross_entropy_loss, 2, True
 
 
 def rank_batches(kind, rank, count, dtype):
@@ -95,11 +103,12 @@ def snapshot(params):
     return {"shards": [values(p) for p in params], "grads": [values(p.grad) for p in params]}
 
 
-def run_scenario(kind, dtype, rank, mesh):
+def run_scenario(kind, dtype, forward_dtype, rank, mesh):
     model, loss_fn, count, train_first = scenario(kind, dtype)
     state = {k: v.tolist() for k, v in model.state_dict().items()}
     shapes = [p.shape for p in model.parameters()]
-    fully_shard(model, mesh=mesh)
+    policy = MixedPrecisionPolicy(param_dtype=forward_dtype, reduce_dtype=dtype)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     batches = rank_batches(kind, rank, count, dtype)
     training_batch = rank_batches(kind, rank + 7, 1, dtype)[0]
     if train_first:  # a .grad the operator must leave as it is
@@ -122,6 +131,7 @@ def run_scenario(kind, dtype, rank, mesh):
         "total_dim": op.total_dim,
         "local_dims": op.local_dims,
         "dtype": str(op.dtype),
+        "low_precision": str(op.low_precision),
         "v_local": block[:, 0].tolist(),
         "u_local": block[:, 1].tolist(),
         "hv_local": products[:, 0].tolist(),
@@ -129,10 +139,12 @@ def run_scenario(kind, dtype, rank, mesh):
         "vhv": op.inner(block[:, 0], products[:, 0]).item(),
         "inner_block": op.inner(block, products).tolist(),
         "inner_shapes": [
-            list(op.inner(block[:, 0], products).shape),
-            list(op.inner(block, products[:, 0]).shape),
+            list(op.inner(a, b).shape)
+            for a in (block[:, 0], block)
+            for b in (products[:, 0], products)
         ],
         "num_matvecs": op.num_matvecs,
+        "repeated_exactly": torch.equal(op.matmat(block), products),
         "loss": op.loss,
         "gradient_local": op.gradient().tolist(),
     }
@@ -168,9 +180,7 @@ def worker(rank, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        reports = {
-            name: run_scenario(kind, dtype, rank, mesh) for name, (kind, dtype) in SCENARIOS.items()
-        }
+        reports = {name: run_scenario(*spec, rank, mesh) for name, spec in SCENARIOS.items()}
         reports["mismatch"] = mismatched_batch_counts(rank, mesh)
         with open(f"{out}.rank{rank}", "w") as handle:
             json.dump(reports, handle)
