@@ -55,6 +55,17 @@ def test_sharded_strategies_get_a_clear_warning_and_the_monitor_switches_off(str
     monitor = CurvatureMonitor()
     with pytest.warns(UserWarning, match=f"{strategy} shards the parameters"):
         monitor.setup(fake_trainer, Classifier(mlp()), "fit")
+    assert "ModelParallelStrategy with fully_shard (FSDP2)" in monitor.disabled_reason
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"per_layer": True}, {"curvature": "ggn", "loss_from_output": "cross_entropy"}]
+)
+def test_under_fsdp2_only_the_whole_hessian_is_measured_and_the_rest_is_refused(kwargs):
+    fake_trainer = types.SimpleNamespace(strategy=type("ModelParallelStrategy", (), {})())
+    monitor = CurvatureMonitor(**kwargs)
+    with pytest.warns(UserWarning, match="curvature='hessian' and per_layer=False"):
+        monitor.setup(fake_trainer, Classifier(mlp()), "fit")
     assert monitor.disabled_reason is not None
 
 

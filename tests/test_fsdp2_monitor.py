@@ -40,12 +40,11 @@ def runs(tmp_path_factory):
         timeout=600,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    names = [f"{s}-{o}" for s in ("monitored", "plain") for o in OPTIMIZERS]
+    names += [f"{s}-sgd" for s in ("fail", "budget", "resume", "resume_plain")]
     return {
-        f"{scenario}-{optimizer}": [
-            json.loads(Path(f"{out}.{scenario}-{optimizer}.rank{r}").read_text()) for r in (0, 1)
-        ]
-        for scenario in ("monitored", "plain")
-        for optimizer in OPTIMIZERS
+        name: [json.loads(Path(f"{out}.{name}.rank{r}").read_text()) for r in (0, 1)]
+        for name in names
     }
 
 
@@ -118,3 +117,27 @@ def test_adams_preconditioned_sharpness_from_the_sharded_optimizer_state(runs):
     assert abs(ranks[0]["history"][-1]["curvature/preconditioned_lambda_max"] - exact) <= (
         FD_RELATIVE * exact
     )
+
+
+def test_a_failure_on_one_rank_is_skipped_on_every_rank_with_its_cause(runs):
+    ranks, plain = runs["fail-sgd"], runs["plain-sgd"]
+    # Rank 1's loss raised at step 8: both ranks skip that point, and training is untouched.
+    assert [h["step"] for h in ranks[0]["history"]] == [4, 12]
+    assert [h["step"] for h in ranks[1]["history"]] == [4, 12]
+    assert ranks[0]["params"] == plain[0]["params"]
+    (warning,) = ranks[0]["warnings"]  # rank zero speaks, naming rank 1's own cause
+    assert "on rank 1" in warning and "rank one's loss broke" in warning
+
+
+def test_the_calibrated_budget_with_a_slowed_rank_agrees_and_does_not_hang(runs):
+    ranks = runs["budget-sgd"]
+    steps = [[h["step"] for h in r["history"]] for r in ranks]
+    assert steps[0] == steps[1] and len(steps[0]) >= 3 and steps[0][-1] == 40
+
+
+def test_resume_from_a_distributed_checkpoint_goes_on_where_it_stopped(runs):
+    resumed, plain = runs["resume-sgd"], runs["resume_plain-sgd"]
+    # The history of the first 8 steps came back from the checkpoint; step 12 is new.
+    assert [h["step"] for h in resumed[0]["history"]] == [4, 8, 12]
+    assert resumed[0]["params"] == plain[0]["params"]
+    assert resumed[0]["optimizer_state"] == plain[0]["optimizer_state"]

@@ -15,6 +15,7 @@ import torch
 from lightning_curvature._checks import check_choice, check_int
 from lightning_curvature.measure.module import RankFailure
 from lightning_curvature.measure.objective import NoLossError
+from lightning_curvature.operators.sharded import OtherRankFailed
 
 OnError = Literal["warn", "raise"]
 
@@ -71,15 +72,24 @@ def agree_on_failure(
     all-reduce carried to the others."""
     if not strategy.reduce_boolean_decision(error is not None, all=False):
         return None
-    report = None if error is None else (isinstance(error, RankFailure), describe(error))
+    report = None if error is None else (_own_cause_rank(error), describe(error))
     reports: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(reports, report)
     failed = [(index, r) for index, r in enumerate(reports) if r is not None]
-    # Prefer a rank that failed by itself over one that only received its NaN products.
-    failed_rank, (_, text) = next(((index, r) for index, r in failed if r[0]), failed[0])
+    # Prefer a rank that failed by itself over one that only received its NaN products
+    # (DDP) or heard that another rank failed (a sharded model's agreed loss).
+    failed_rank, (_, text) = max(failed, key=lambda entry: (entry[1][0], -entry[0]))
     if error is not None and failed_rank == rank:
         return error
     return RuntimeError(f"on rank {failed_rank}: {text}")
+
+
+def _own_cause_rank(error: BaseException) -> int:
+    """How directly ``error`` names the cause: 2 a rank's own failure under DDP, 0 the news
+    that another rank failed, 1 anything else."""
+    if isinstance(error, RankFailure):
+        return 2
+    return 0 if isinstance(error, OtherRankFailed) else 1
 
 
 def describe(error: BaseException) -> str:

@@ -45,6 +45,11 @@ from lightning_curvature.operators.products import step_from_norms, unflatten
 LOW_PRECISION_RELATIVE_STEP = {torch.bfloat16: 3e-2, torch.float16: 1.5e-2}
 
 
+class OtherRankFailed(RuntimeError):
+    """The loss failed on another rank of a sharded model (this rank's was fine); every
+    rank raises, so none waits alone in the backward pass's collectives."""
+
+
 class ShardedHessianOperator(CurvatureOperator):
     r"""The Hessian of the mean probe loss of an FSDP2 (``fully_shard``) module, on shards.
 
@@ -247,9 +252,8 @@ class ShardedHessianOperator(CurvatureOperator):
         total = torch.zeros((), device=self.device, dtype=self.dtype)
         for index, batch in enumerate(self.batches):
             with self._evaluating(index):
-                loss = scalar_loss(self.loss_fn(self.module, batch))
-                if loss.requires_grad:
-                    torch.autograd.backward(loss / len(self.batches))
+                loss = self._agreed_loss(batch)
+                torch.autograd.backward(loss / len(self.batches))
             total = total + loss.detach().to(self.dtype)
         with torch.no_grad():
             flat = torch.cat(
@@ -263,6 +267,31 @@ class ShardedHessianOperator(CurvatureOperator):
         for p in self.params:
             p.grad = None
         return flat, total / len(self.batches)
+
+    def _agreed_loss(self, batch: Any) -> torch.Tensor:
+        """``loss_fn`` on ``batch``, once every rank has one that backward can run on.
+
+        The backward pass is a collective (FSDP2 reduce-scatters in it): a rank whose loss
+        failed, or does not reach the parameters, must not leave the others waiting there.
+        One all-gather of a flag after the forward pass makes every rank raise instead:
+        this rank its own error, the others one that names the failing ranks (a failure
+        before the forward's own collectives cannot be caught this way)."""
+        error: BaseException | None = None
+        try:
+            loss = scalar_loss(self.loss_fn(self.module, batch))
+            if not loss.requires_grad:
+                raise ValueError("the loss does not depend on the sharded parameters")
+        except Exception as caught:
+            error = caught
+        mine = torch.tensor([float(error is not None)], device=self.device)
+        flags = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(flags, mine, group=self.group)
+        failed = [rank for rank, flag in enumerate(flags) if bool(flag)]
+        if error is not None:
+            raise error
+        if failed:
+            raise OtherRankFailed(f"the loss failed on rank(s) {failed} of the sharded model")
+        return loss
 
     @contextmanager
     def _evaluating(self, batch_index: int) -> Iterator[None]:

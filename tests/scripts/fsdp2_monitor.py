@@ -9,12 +9,21 @@ Scenarios, one launch (starting ranks costs more than training them):
   compare λmax with the dense Hessian of the mean loss over both ranks' probe batches.
 - ``plain``: the same run without the monitor: its gathered parameters and optimizer state
   must equal the monitored run's bit for bit.
+- ``fail`` (SGD): the measured loss raises on rank 1 alone at step 8: both ranks must skip
+  that measurement with rank 1's cause, and train on untouched.
+- ``budget`` (SGD): the defaults (a cadence calibrated to ``max_overhead``) with rank 1
+  slowed down, so the ranks' clocks disagree: no hang, the same measured steps.
+- ``resume`` (SGD): 8 steps with a distributed checkpoint, then a new trainer resumes from
+  it to step 12; the monitor goes on where it stopped. ``resume_plain``: the same without
+  the monitor, whose training the resumed monitored run must equal bit for bit (a resumed
+  FSDP2 run does not equal an uninterrupted one, monitor or not).
 
 Every rank writes what it saw in scenario S to ``OUT.S.rank<r>`` as JSON.
 """
 
 import json
 import sys
+import time
 import warnings
 
 import torch
@@ -54,6 +63,21 @@ class ShardedClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class SlowRankOne(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_rank == 1:
+            time.sleep(0.004 * (1 + trainer.global_step % 3))
+
+
+def fails_on_rank_one(module, batch):
+    """The module's loss, raising on rank 1 at step 8 after the forward pass (a failure
+    before the forward's own collectives leaves the other rank waiting in them)."""
+    loss = module.training_step(batch, 0)
+    if module.trainer.global_rank == 1 and module.trainer.global_step == 8:
+        raise RuntimeError("rank one's loss broke")
+    return loss
+
+
 def gathered(module: nn.Module) -> dict:
     """The whole parameters (a collective: every rank calls it)."""
     return {name: p.full_tensor().tolist() for name, p in module.named_parameters()}
@@ -78,24 +102,19 @@ def optimizer_state(trainer) -> dict:
     }
 
 
-def run(out_path: str, scenario: str, optimizer: str) -> None:
-    pl.seed_everything(0, verbose=False)
-    module = ShardedClassifier(optimizer)
-    monitor = None
-    callbacks: list = []
-    if scenario != "plain":
-        monitor = CurvatureMonitor(
-            every_n_steps=EVERY,
-            log_spaced=False,
-            full_every=2,
-            max_overhead=None,
-            on_error="raise",
-            k=2,
-            num_probes=4,
-        )
-        callbacks = [monitor, GatherAtLastMeasurement(monitor)]
-    trainer = pl.Trainer(
-        max_steps=MAX_STEPS,
+def monitor_for(scenario: str) -> CurvatureMonitor:
+    common = dict(k=2, num_probes=4)
+    if scenario == "budget":
+        return CurvatureMonitor(**common)
+    every = dict(every_n_steps=EVERY, log_spaced=False, full_every=2, max_overhead=None)
+    if scenario == "fail":
+        return CurvatureMonitor(**common, **every, loss_fn=fails_on_rank_one)
+    return CurvatureMonitor(**common, **every, on_error="raise")
+
+
+def trainer_for(max_steps: int, callbacks: list, root: str) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps,
         accelerator="cpu",
         devices=2,
         strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
@@ -104,10 +123,35 @@ def run(out_path: str, scenario: str, optimizer: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        default_root_dir=root,
     )
+
+
+def run(out_path: str, scenario: str, optimizer: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = ShardedClassifier(optimizer)
+    monitor = None if scenario.endswith("plain") else monitor_for(scenario)
+    callbacks: list = [] if monitor is None else [monitor, GatherAtLastMeasurement(monitor)]
+    if scenario == "budget":
+        callbacks.append(SlowRankOne())
+    max_steps = 40 if scenario == "budget" else MAX_STEPS
+    data = loader(classification_data(), batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, loader(classification_data(), batch_size=16))
+        if scenario.startswith("resume"):
+            first = trainer_for(8, callbacks, f"{out_path}.{scenario}")
+            first.fit(module, data)
+            checkpoint = f"{out_path}.{scenario}.ckpt"
+            first.save_checkpoint(checkpoint)
+            pl.seed_everything(0, verbose=False)
+            monitor = None if monitor is None else monitor_for(scenario)
+            callbacks = [] if monitor is None else [monitor, GatherAtLastMeasurement(monitor)]
+            module = ShardedClassifier(optimizer)
+            trainer = trainer_for(max_steps, callbacks, f"{out_path}.{scenario}")
+            trainer.fit(module, data, ckpt_path=checkpoint)
+        else:
+            trainer = trainer_for(max_steps, callbacks, out_path)
+            trainer.fit(module, data)
     rank = trainer.global_rank
     result = {
         "rank": rank,
@@ -131,3 +175,5 @@ if __name__ == "__main__":
     for optimizer in ("sgd", "adam"):
         for name in ("monitored", "plain"):
             run(sys.argv[1], name, optimizer)
+    for name in ("fail", "budget", "resume", "resume_plain"):
+        run(sys.argv[1], name, "sgd")
