@@ -105,7 +105,7 @@ def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: A
     return None
 
 
-def cannot_measure_shards(module: nn.Module, params: Any, objective: Any) -> str | None:
+def cannot_measure_shards(module: nn.Module, params: Any) -> str | None:
     """Why a module whose parameters are sharded (seen once ``configure_model`` has run)
     cannot be measured; None when it can, or holds no shards."""
     if not holds_shards(module.parameters()):

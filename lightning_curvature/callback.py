@@ -50,7 +50,10 @@ class CurvatureMonitor(Callback):
     statistics, RNG streams, modes and the module's own Python state are exactly as they would
     be without it (unless you opt into ``stop_on_alert`` or ``lr_factor_on_alert``).
 
-    Every argument is keyword-only, as in Lightning's newer callbacks.
+    Under DDP every rank measures the Hessian of the union of the ranks' probe batches;
+    under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) each rank does so on its
+    shards, by finite differences. Other sharded strategies switch it off, saying so.
+    Every argument is keyword-only.
 
     Args:
         every_n_steps: measure every this many optimizer steps, exactly (never skipped; one
@@ -77,9 +80,8 @@ class CurvatureMonitor(Callback):
         output_fn: ``output_fn(module, batch) -> outputs``; default ``module(batch[0])``.
         per_layer: full measurements also log each layer's trace and λmax
             (``<prefix>/layer/<name>/trace``, ``.../lambda_max``): ``True`` for one block per
-            module, or a list of regular expressions, one block each. The per-layer traces
-            come from the whole trace's probes (no extra products; the whole trace is then
-            plain Hutchinson); the per-layer λmax from one batched Lanczos over all layers.
+            module, or a list of regular expressions, one block each; the traces come from
+            the whole trace's probes (then plain Hutchinson), at no extra product.
         num_batches: probe batches averaged in each measurement.
         probe: ``"fixed"``: the first ``num_batches`` training batches, copied once, so curves
             are comparable; ``"current"``: the batch about to be trained on.
@@ -208,8 +210,7 @@ class CurvatureMonitor(Callback):
         self.probes = ProbeSet(probe, check_int("num_batches", num_batches, 1), probe_dataloader)
         self.failures = FailurePolicy(on_error, max_failures, rank_zero_warn)
         self.stop_on_alert = bool(stop_on_alert)
-        # What is measured, fixed for the run; the module and parameter names come at setup
-        # and the optimizers at each measurement.
+        # What is measured, fixed for the run (the optimizers come at each measurement).
         self.objective = Objective(
             loss_fn=loss_fn,
             mode=mode,
@@ -256,15 +257,12 @@ class CurvatureMonitor(Callback):
         if trainer.fast_dev_run:
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
-        # Built here, not in setup: a sharded model's parameters exist (as shards) only
-        # after configure_model, and a resumed fallback to finite differences is loaded.
-        if self.disabled_reason is None:
-            reason = facts.cannot_measure_shards(pl_module, self.params, self.objective)
-            if reason is not None:
-                self._disable(reason)
-        if self.disabled_reason is None:
-            names = select_parameters(pl_module, self.params)
-            context = self.objective.context(pl_module, names)
+        # Built here: shards exist after configure_model, a resumed fallback is loaded.
+        reason = self.disabled_reason or facts.cannot_measure_shards(pl_module, self.params)
+        if reason is not None and self.disabled_reason is None:
+            self._disable(reason)
+        elif reason is None:
+            context = self.objective.context(pl_module, select_parameters(pl_module, self.params))
             self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
         self.probes.draw(pl_module.device)
         self.schedule.start(trainer.global_step, facts.planned_steps(trainer))
@@ -334,8 +332,8 @@ class CurvatureMonitor(Callback):
         self._after(trainer, outcome)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        summary = self.logbook.summary(self.schedule, self.disabled_reason)
-        rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {summary}")
+        said = self.logbook.summary(self.schedule, self.disabled_reason)
+        rank_zero_info(f"CurvatureMonitor[{self.tag_prefix}]: {said}")
 
     def state_dict(self) -> dict[str, Any]:
         measurer = self._measurer
@@ -392,9 +390,8 @@ class CurvatureMonitor(Callback):
         self._raise_alerts(trainer, alerts, writers)
 
     def _raise_alerts(self, trainer: pl.Trainer, alerts: list[Alert], writers: list[Any]) -> None:
-        """Announce ``alerts`` and act on them at the step they were raised. Every rank has
-        the same alerts: they come from agreed numbers (products averaged over ranks, η,
-        the loss agreed at its check steps), so no collective is needed."""
+        """Announce ``alerts`` and act on them at the step they were raised (every rank has
+        the same: they come from agreed numbers, so no collective is needed)."""
         self.logbook.respond(alerts, writers, rank_zero_warn, trainer.optimizers)
         if alerts and self.stop_on_alert:
             trainer.should_stop = True
