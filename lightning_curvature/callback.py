@@ -50,10 +50,9 @@ class CurvatureMonitor(Callback):
     statistics, RNG streams, modes and the module's own Python state are exactly as they would
     be without it (unless you opt into ``stop_on_alert`` or ``lr_factor_on_alert``).
 
-    Under DDP every rank measures the Hessian of the union of the ranks' probe batches;
-    under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) each rank does so on its
-    shards, by finite differences. Other sharded strategies switch it off, saying so.
-    Every argument is keyword-only.
+    Under DDP the Hessian is that of the union of the ranks' probe batches, and so under
+    ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2), on each rank's shards by finite
+    differences; other sharded strategies switch it off. Arguments are keyword-only.
 
     Args:
         every_n_steps: measure every this many optimizer steps, exactly (never skipped; one
@@ -86,12 +85,9 @@ class CurvatureMonitor(Callback):
         probe: ``"fixed"``: the first ``num_batches`` training batches, copied once, so curves
             are comparable; ``"current"``: the batch about to be trained on.
         probe_dataloader: draw the fixed probe batches from this DataLoader instead.
-        loss_fn: ``loss_fn(module, batch) -> loss``. By default the module's own
-            ``training_step(batch, batch_idx)`` is called, ``batch_idx`` the index the probe
-            batch had in training (0, 1, ... for a ``probe_dataloader``'s), and probe batches
-            are only batches it returned a loss for (its ``self.log`` muted and its side
-            effects on the module, optimizers, schedulers and Python/numpy RNG undone
-            afterwards); with ``loss_fn`` given, ``training_step`` is never called.
+        loss_fn: ``loss_fn(module, batch) -> loss``; by default ``training_step(batch,
+            batch_idx)`` with the probe's training ``batch_idx``, on batches it returned a
+            loss for, its ``self.log`` muted and its side effects undone.
         k: how many top eigenvalues a full measurement logs.
         num_iters: the most Lanczos steps per run; ``None`` allows ``30 + 10·k``.
         tol: relative accuracy of the eigenvalues.
@@ -101,9 +97,8 @@ class CurvatureMonitor(Callback):
         lambda_min: full measurements also estimate the most negative eigenvalue.
         critical_sharpness: every measurement also logs 2/t_c, t_c the smallest step along
             the last update (per unit η) that raises the probe loss, by ~6 forward passes.
-        mode: ``"train"`` (default) measures the objective the optimizer descends:
-            normalization layers use batch statistics (running statistics untouched) and
-            dropout is off unless ``dropout=True``; ``"eval"`` measures the eval-mode loss.
+        mode: ``"train"`` (default): the objective the optimizer descends (batch statistics,
+            dropout off unless ``dropout=True``); ``"eval"``: the eval-mode loss.
         dropout: keep dropout on in ``mode="train"`` (with a fixed mask per probe batch).
         warm_start: start each Lanczos run from the previous Ritz vectors.
         alert_rules: the alert rules, an :class:`~lightning_curvature.AlertRules` (default
@@ -120,6 +115,8 @@ class CurvatureMonitor(Callback):
             on; ``"raise"``: it raises.
         max_failures: failures in a row after which the monitor switches itself off.
         seed: seeds the estimators' random vectors.
+        memory_budget_mb: the estimators' vectors' memory per rank (products' own aside):
+            Krylov bases are capped to fit, or the monitor refuses at the start of training.
 
     Raises:
         ValueError: at construction, for any argument outside its allowed values.
@@ -170,6 +167,7 @@ class CurvatureMonitor(Callback):
         on_error: OnError = "warn",
         max_failures: int = 3,
         seed: int = 0,
+        memory_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -197,6 +195,7 @@ class CurvatureMonitor(Callback):
             lambda_min=lambda_min,
             seed=seed,
             critical_sharpness=critical_sharpness,
+            memory_budget_mb=memory_budget_mb,
         )
         self.schedule = MeasurementSchedule(
             every_n_steps=every_n_steps,
@@ -259,11 +258,13 @@ class CurvatureMonitor(Callback):
             return
         # Built here: shards exist after configure_model, a resumed fallback is loaded.
         reason = self.disabled_reason or facts.cannot_measure_shards(pl_module, self.params)
-        if reason is not None and self.disabled_reason is None:
-            self._disable(reason)
-        elif reason is None:
+        if reason is None:
             context = self.objective.context(pl_module, select_parameters(pl_module, self.params))
             self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
+            reason = self._measurer.refusal  # a memory bound is kept or refused up front
+        if reason is not None and self.disabled_reason is None:
+            self._measurer = None
+            self._disable(reason)
         self.probes.draw(pl_module.device)
         self.schedule.start(trainer.global_step, facts.planned_steps(trainer))
 

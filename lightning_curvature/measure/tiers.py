@@ -56,6 +56,7 @@ class MeasureSettings:
     lambda_min: bool = False
     seed: int = 0
     critical_sharpness: bool = False
+    memory_budget_mb: float | None = None  # the estimators' vectors, per rank (monitor.measurer)
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,7 +11,13 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from lightning_curvature._checks import check_bool, check_choice, check_int, check_open_unit
+from lightning_curvature._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_open_unit,
+)
 from lightning_curvature.measure.tiers import MeasureSettings
 from lightning_curvature.operators.names import CURVATURES, LOSS_NAMES
 
@@ -27,6 +33,7 @@ def measure_settings(
     lambda_min: Any,
     seed: Any,
     critical_sharpness: Any = False,
+    memory_budget_mb: Any = None,
 ) -> MeasureSettings:
     """The estimators' settings from the monitor's arguments, each checked under its own
     name (``spectral_density`` is the settings' ``density``)."""
@@ -41,6 +48,9 @@ def measure_settings(
         lambda_min=check_bool("lambda_min", lambda_min),
         seed=check_int("seed", seed, 0),
         critical_sharpness=check_bool("critical_sharpness", critical_sharpness),
+        memory_budget_mb=None
+        if memory_budget_mb is None
+        else check_number("memory_budget_mb", memory_budget_mb, above=0.0),
     )
 
 

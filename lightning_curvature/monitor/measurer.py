@@ -13,10 +13,46 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from lightning_curvature._shards import local_part
+from lightning_curvature.estimators.lanczos import default_num_iters
 from lightning_curvature.measure.module import Context, LastUpdate, Outcome, measure_module
 from lightning_curvature.measure.tiers import MeasureSettings, Tier, WarmStart
+
+# Vectors a measurement holds besides its Krylov basis: a block of 8 Hutchinson probes and
+# their products, the deflation block (k), and the product, residual, update and gradient.
+WORKING_VECTORS = 2 * 8 + 4
+
+
+def bounded(
+    settings: MeasureSettings, dim: int, itemsize: int, budget_mb: float | None
+) -> tuple[MeasureSettings, str | None]:
+    """``settings`` with every Krylov basis capped so that the estimators' vectors (basis
+    and working vectors, ``dim`` entries of ``itemsize`` bytes each: this rank's shard
+    under FSDP2) fit in ``budget_mb``; or, when even a basis of k + 2 vectors does not fit,
+    the reason to refuse. The products' own memory (a forward and backward pass, as in a
+    training step) is not in the bound. A capped basis costs accuracy only where Lanczos
+    needed more steps than the cap: those eigenvalues come back unconverged, and are not
+    logged."""
+    if budget_mb is None:
+        return settings, None
+    vector_mb = dim * itemsize / 2**20
+    vectors = int(budget_mb // vector_mb)
+    reserve = WORKING_VECTORS + settings.k
+    cap = vectors - reserve
+    if cap < settings.k + 2:
+        need = (settings.k + 2 + reserve) * vector_mb
+        return settings, (
+            f"memory_budget_mb={budget_mb:g} holds {vectors} vectors of {dim} entries "
+            f"({vector_mb:.3g} MB each); measuring needs at least {settings.k + 2 + reserve} "
+            f"({need:.3g} MB: a Krylov basis of k + 2 and {reserve} working vectors): raise "
+            "memory_budget_mb, lower k, or measure fewer parameters (params=...)"
+        )
+    num_iters = min(settings.num_iters or default_num_iters(settings.k), cap)
+    density_iters = min(settings.density_iters, cap)
+    return dataclasses.replace(settings, num_iters=num_iters, density_iters=density_iters), None
 
 
 class Measurer:
@@ -28,6 +64,9 @@ class Measurer:
         settings: what to estimate and how hard to try.
         warm_start: start each Lanczos run from the previous Ritz vectors.
         hvp_method: ``"auto"``, or ``"finite_difference"`` after a failed check (resumed).
+
+    ``settings.memory_budget_mb`` caps the estimators' vectors (see :func:`bounded`); when
+    even the smallest basis does not fit, :attr:`refusal` says why.
     """
 
     def __init__(
@@ -38,7 +77,11 @@ class Measurer:
         hvp_method: str = "auto",
     ) -> None:
         self.context = context
-        self.settings = settings
+        named = dict(context.module.named_parameters())
+        measured = [local_part(named[name]) for name in context.param_names]
+        itemsize = 8 if any(p.dtype == torch.float64 for p in measured) else 4  # float32 at least
+        dim = sum(p.numel() for p in measured)
+        self.settings, self.refusal = bounded(settings, dim, itemsize, settings.memory_budget_mb)
         self.warm_start = warm_start
         self.hvp_method = hvp_method
         self.ratio_trusted = True
