@@ -75,3 +75,22 @@ def test_a_bounded_basis_gives_the_unbounded_lambda_max_and_stays_under_the_cap(
     assert [tight[s] for s in (8, 12, 16)] == pytest.approx(
         [unbounded[s] for s in (8, 12, 16)], rel=1e-3
     )
+
+
+def test_peak_memory_is_reported_on_cuda_only(tmp_path):
+    from lightning_curvature.measure.module import peak_memory
+
+    with peak_memory(torch.device("cpu")) as found:
+        torch.ones(1000)
+    assert found == []  # a CPU keeps no peak: nothing is claimed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_memory_on_cuda_covers_what_the_measurement_held(tmp_path):
+    from lightning_curvature.measure.module import peak_memory
+
+    device = torch.device("cuda")
+    with peak_memory(device) as found:
+        block = torch.ones(2**20, device=device)  # 4 MiB held inside the block
+        del block
+    assert found and found[0] >= 4.0

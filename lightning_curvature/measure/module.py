@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,7 @@ def measure_module(
     rule, preconditioner = view.rule, view.preconditioner
     notes = _optimizer_notes(view)
     with (
+        peak_memory(next(target.parameters()).device) as peak,
         preserved_python_state(module, context.optimizers, context.lr_schedulers),
         measurement_mode(target, context.mode, context.dropout),
         muted_logging(target),
@@ -186,7 +188,7 @@ def measure_module(
         _raise_own_failure(op, None)
     notes.extend(str(w.message) for w in caught)
     return Outcome(
-        record=record,
+        record=dataclasses.replace(record, peak_memory_mb=peak[0] if peak else None),
         warm=next_warm,
         rule=rule,
         ratio_trusted=view.optimizer is None or first_moment_settled(view.optimizer),
@@ -284,6 +286,21 @@ def _operators(
         else None
     )
     return local, op, blocks
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[float]]:
+    """The peak allocated memory on ``device`` while the block runs, in MB, appended to the
+    yielded list at its end: on CUDA only (CUDA's peak statistics are reset for it; a CPU
+    keeps no peak, and nothing is reported there)."""
+    found: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield found
+    finally:
+        if device.type == "cuda":
+            found.append(torch.cuda.max_memory_allocated(device) / 2**20)
 
 
 class RankFailure(RuntimeError):

@@ -49,6 +49,7 @@ class Measurement:
     critical_sharpness: float | None = None
     critical_sharpness_x_lr: float | None = None
     hvp_method: str | None = None
+    peak_memory_mb: float | None = None
     curvature: str = "hessian"
     # Per-layer diagonal blocks (``per_layer``): name -> (trace, its stderr) and name ->
     # (λmax, its error bound, converged), from the same probes as the whole trace and one
@@ -76,6 +77,7 @@ class Measurement:
             "batch_sharpness_x_lr": self.batch_sharpness_x_lr,
             "critical_sharpness": self.critical_sharpness,
             "critical_sharpness_x_lr": self.critical_sharpness_x_lr,
+            "peak_memory_mb": self.peak_memory_mb,
         }
         if self.lambda_max_converged:
             values.update(

@@ -41,6 +41,7 @@ SCALAR_TAGS: dict[str, tuple[str, str]] = {
     "converged": ("both", "whether the stability-relevant sharpness converged"),
     "num_matvecs": ("both", "products the whole measurement took"),
     "seconds": ("both", "how long the measurement took"),
+    "peak_memory_mb": ("both", "the device's peak allocated memory in the measurement (CUDA)"),
     "predicted_stability_ratio": (
         "monitor",
         "the last stability ratio rescaled to η now, between measurements",
