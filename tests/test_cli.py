@@ -375,6 +375,23 @@ def test_analyze_prints_lambda_min_with_its_convergence_and_the_learning_rate(
     assert rows["η"].split()[1] == "0.01" and measured["learning_rate"] == pytest.approx(0.01)
 
 
+def test_analyze_within_a_memory_budget_gives_the_same_lambda_max(
+    tiny_adam_checkpoint, tiny_truth, tmp_path
+):
+    code, printed, _ = run_main(
+        [
+            *("analyze", tiny_adam_checkpoint, "--model", MODEL),
+            *("--data", "lightning_curvature.demo.DigitsDataModule"),
+            *("--num-batches", TINY_BATCHES, "--num-probes", 4, "--out", tmp_path / "bounded"),
+            *("--k", 1, "--memory-budget-mb", 2),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, printed
+    measured = json.loads((tmp_path / "bounded" / "summary.json").read_text())["measurement"]
+    assert measured["lambda_max"] == pytest.approx(tiny_truth[1][0].item(), rel=1e-3)
+
+
 def test_analyze_unpickles_the_checkpoint_once(tiny_analysis, tiny_adam_checkpoint):
     assert tiny_analysis[2] == [tiny_adam_checkpoint]
 
@@ -559,6 +576,11 @@ def bad_input_cases(tmp_path, good, mismatched):
         "k zero": (analyze(extra=("--k", "0")), "--k: must be at least 1"),
         "k not int": (analyze(extra=("--k", "five")), "expected an integer"),
         "tol too big": (analyze(extra=("--tol", "2")), "must be in (0, 1)"),
+        "memory budget zero": (analyze(extra=("--memory-budget-mb", "0")), "must be a number > 0"),
+        "memory budget too small": (
+            analyze(extra=("--memory-budget-mb", "0.001")),
+            "--memory-budget-mb=0.001 holds",
+        ),
         "batches negative": (analyze(extra=("--num-batches", "-1")), "at least 1"),
         "bad device": (analyze(extra=("--device", "tpu")), "invalid choice"),
         "batch size zero": (analyze(extra=("--batch-size", "0")), "at least 1"),
@@ -591,7 +613,8 @@ CASES = [
     "missing file", "directory", "corrupt file", "not lightning", "module missing",
     "class missing", "not a path", "not a class", "not a module class", "state_dict mismatch",
     "no batches", "no data flag", "both data flags", "k zero", "k not int", "tol too big",
-    "batches negative", "bad device", "batch size zero", "no command", "unknown command",
+    "batches negative", "memory budget zero", "memory budget too small",
+    "bad device", "batch size zero", "no command", "unknown command",
     "demo steps", "ggn without loss", "loss for hessian", "fisher kind for ggn", "bad curvature",
     "damping negative", "loss does not fit", "forward takes no batch[0]",
 ]  # fmt: skip

@@ -107,3 +107,11 @@ def non_negative(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return value
+
+
+def positive(text: str) -> float:
+    """An argparse ``type`` for finite numbers ``> 0``."""
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number > 0, got 0")
+    return value

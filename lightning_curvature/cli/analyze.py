@@ -25,9 +25,11 @@ from lightning_curvature.cli._shared import (
     DEMO_MODEL,
     FAILED,
     PROG,
+    CliError,
     fraction,
     int_at_least,
     one_line,
+    positive,
 )
 from lightning_curvature.operators.base import OperatorWrapper
 
@@ -115,6 +117,13 @@ def add_parser(commands: Any) -> None:
         help="CPU threads for PyTorch (default: its own choice; 1 is often fastest for "
         "small models on a busy machine)",
     )
+    analyze.add_argument(
+        "--memory-budget-mb",
+        type=positive,
+        default=None,
+        help="at most this much memory for the estimators' vectors: every Krylov basis is "
+        "capped to fit, or analyze refuses, saying what fits (default: no bound)",
+    )
     analyze.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     analyze.set_defaults(run=run)
 
@@ -131,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args, loaded)  # bad input: a CliError (exit 2), not a failed measurement
     try:
         measured = _measure(args, loaded)
+    except CliError:  # a memory bound refused up front is bad input, as the rest
+        raise
     except Exception as error:  # the model's own code ran: report it, not a traceback
         print(
             f"{PROG}: error: measuring the {matrix} failed: {type(error).__name__}: "
@@ -182,6 +193,7 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
     layers on batch statistics, their running statistics untouched; dropout off)."""
     from lightning_curvature.measure.objective import measurement_mode, muted_logging
     from lightning_curvature.measure.tiers import MeasureSettings, measure
+    from lightning_curvature.monitor.measurer import bounded
 
     model, batches = loaded.model, loaded.batches
     settings = MeasureSettings(
@@ -192,6 +204,13 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
         lambda_min=not curvature_choice.is_positive_semidefinite(args),
         seed=args.seed,
     )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    itemsize = max(4, max(p.dtype.itemsize for p in trainable))  # measured in float32 at least
+    dim = sum(p.numel() for p in trainable)
+    budget = args.memory_budget_mb
+    settings, refusal = bounded(settings, dim, itemsize, budget, "--memory-budget-mb")
+    if refusal is not None:  # a bound is kept or refused before any product
+        raise CliError(refusal)
     with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
         op = curvature_choice.build_operator(args, model, batches)
         with op:  # releases the kept graph however the measurement ends

@@ -27,15 +27,19 @@ WORKING_VECTORS = 2 * 8 + 4
 
 
 def bounded(
-    settings: MeasureSettings, dim: int, itemsize: int, budget_mb: float | None
+    settings: MeasureSettings,
+    dim: int,
+    itemsize: int,
+    budget_mb: float | None,
+    name: str = "memory_budget_mb",
 ) -> tuple[MeasureSettings, str | None]:
     """``settings`` with every Krylov basis capped so that the estimators' vectors (basis
     and working vectors, ``dim`` entries of ``itemsize`` bytes each: this rank's shard
     under FSDP2) fit in ``budget_mb``; or, when even a basis of k + 2 vectors does not fit,
-    the reason to refuse. The products' own memory (a forward and backward pass, as in a
-    training step) is not in the bound. A capped basis costs accuracy only where Lanczos
-    needed more steps than the cap: those eigenvalues come back unconverged, and are not
-    logged."""
+    the reason to refuse (naming the bound as ``name``). The products' own memory (a
+    forward and backward pass, as in a training step) is not in the bound. A capped basis
+    costs accuracy only where Lanczos needed more steps than the cap: those eigenvalues come
+    back unconverged, and are not logged."""
     if budget_mb is None:
         return settings, None
     vector_mb = dim * itemsize / 2**20
@@ -45,10 +49,10 @@ def bounded(
     if cap < settings.k + 2:
         need = (settings.k + 2 + reserve) * vector_mb
         return settings, (
-            f"memory_budget_mb={budget_mb:g} holds {vectors} vectors of {dim} entries "
+            f"{name}={budget_mb:g} holds {vectors} vectors of {dim} entries "
             f"({vector_mb:.3g} MB each); measuring needs at least {settings.k + 2 + reserve} "
             f"({need:.3g} MB: a Krylov basis of k + 2 and {reserve} working vectors): raise "
-            "memory_budget_mb, lower k, or measure fewer parameters (params=...)"
+            f"{name}, lower k, or measure fewer parameters"
         )
     num_iters = min(settings.num_iters or default_num_iters(settings.k), cap)
     density_iters = min(settings.density_iters, cap)
