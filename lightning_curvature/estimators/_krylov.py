@@ -121,7 +121,9 @@ class _Process:
         device = op.device
         self.max_iters = max_iters = min(max_iters, total_dim(op))
         self.period = check_every(device)
-        self.adaptive = self.period == 1  # a host sync per step is free only where checks are
+        # A norm read per step (the DGKS test) is free only where checks are: on the CPU,
+        # and not across shards, where each read is one more all-reduce.
+        self.adaptive = self.period == 1 and total_dim(op) == op.dim
         self.basis = Basis(op, capacity=max_iters)
         # QᵀÃQ as computed: column j's coefficients above the diagonal; below it, the
         # seeds' rows (a seed's product is known on every later basis vector). The
