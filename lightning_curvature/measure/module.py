@@ -152,6 +152,8 @@ def measure_module(
     view = optimizer_view(context.optimizers, [originals[n] for n in params])
     rule, preconditioner = view.rule, view.preconditioner
     notes = _optimizer_notes(view)
+    if sharded and settings.critical_sharpness:
+        notes.append("critical sharpness is not measured on a sharded model (FSDP2)")
     with (
         peak_memory(next(target.parameters()).device) as peak,
         preserved_python_state(module, context.optimizers, context.lr_schedulers),
