@@ -6,16 +6,17 @@ import torch
 import lightning_curvature.measure.tiers as tiers
 from lightning_curvature import CurvatureMonitor
 from lightning_curvature.measure.tiers import MeasureSettings
-from lightning_curvature.monitor.measurer import WORKING_VECTORS, bounded
+from lightning_curvature.monitor.measurer import bounded, working_vectors
 from tests.lightning_models import Classifier, classification_data, loader, mlp, trainer
 
 MLP_DIM = 10 * 16 + 16 + 16 * 4 + 4  # tests.lightning_models.mlp()
 VECTOR_MB = MLP_DIM * 4 / 2**20  # float32
 
 
-def budget_for(basis: int, k: int) -> float:
+def budget_for(basis: int, k: int, trace: bool = True) -> float:
     """The budget that holds a basis of ``basis`` vectors beside the working ones."""
-    return (basis + WORKING_VECTORS + k + 0.5) * VECTOR_MB
+    working = working_vectors(MeasureSettings(k=k, trace=trace))
+    return (basis + working + 0.5) * VECTOR_MB
 
 
 def test_the_budget_caps_the_basis_or_refuses_saying_what_fits():
@@ -29,6 +30,9 @@ def test_the_budget_caps_the_basis_or_refuses_saying_what_fits():
     # float64 vectors take twice the room: the same budget holds half as many.
     halved, _ = bounded(settings, MLP_DIM // 2, 8, budget_for(12, k=2))
     assert halved.num_iters == 12
+    # Without the trace there is no probe block to hold: 16 more basis vectors fit.
+    untraced, _ = bounded(MeasureSettings(k=2, trace=False), MLP_DIM, 4, budget_for(12, k=2))
+    assert untraced.num_iters == 12 + 16
 
 
 def test_a_budget_too_small_is_refused_at_the_start_and_training_goes_on(tmp_path):

@@ -21,9 +21,16 @@ from lightning_curvature.estimators.lanczos import default_num_iters
 from lightning_curvature.measure.module import Context, LastUpdate, Outcome, measure_module
 from lightning_curvature.measure.tiers import MeasureSettings, Tier, WarmStart
 
-# Vectors a measurement holds besides its Krylov basis: a block of 8 Hutchinson probes and
-# their products, the deflation block (k), and the product, residual, update and gradient.
-WORKING_VECTORS = 2 * 8 + 4
+# Vectors a measurement holds besides its Krylov basis: the product, residual, update and
+# gradient, the deflation block (k), and, with the trace, a block of 8 Hutchinson probes
+# and their products.
+WORKING_VECTORS = 4
+TRACE_VECTORS = 2 * 8
+
+
+def working_vectors(settings: MeasureSettings) -> int:
+    """The vectors a measurement holds besides its Krylov basis."""
+    return WORKING_VECTORS + settings.k + (TRACE_VECTORS if settings.trace else 0)
 
 
 def bounded(
@@ -44,7 +51,7 @@ def bounded(
         return settings, None
     vector_mb = dim * itemsize / 2**20
     vectors = int(budget_mb // vector_mb)
-    reserve = WORKING_VECTORS + settings.k
+    reserve = working_vectors(settings)
     cap = vectors - reserve
     if cap < settings.k + 2:
         need = (settings.k + 2 + reserve) * vector_mb
