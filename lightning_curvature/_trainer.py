@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from lightning_curvature._lightning import TensorBoardLogger, pl
-from lightning_curvature._shards import holds_shards
+from lightning_curvature._shards import holds_shards, sharded_parameters
 from lightning_curvature.monitor.failures import agree_on_failure
-from lightning_curvature.operators.sharded import sharded_parameters
 
 # Strategies that shard parameters. Under ModelParallelStrategy with fully_shard (FSDP2) each
 # rank measures its shards (operators/sharded.py); the others keep their shards in forms

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_curvature._shards import sharded_parameters
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.context import FORWARD_SEED, private_buffers
 from lightning_curvature.operators.loss import LossFn, native_dtype, scalar_loss
@@ -338,37 +339,6 @@ class ShardedHessianOperator(CurvatureOperator):
         with torch.no_grad():
             for shard, value in zip(shards, values, strict=True):
                 shard.copy_(value)
-
-
-def sharded_parameters(module: nn.Module, group: Any = None) -> tuple[list[str], list[Any]]:
-    """The names and ``DTensor``\\ s of ``module``'s trainable parameters, checked to be
-    sharded on dim 0 over all ranks of ``group`` (what ``fully_shard`` on a 1-D mesh makes).
-
-    Raises:
-        ValueError: naming the first parameter that is not (replicated or hybrid-sharded
-            parameters would be counted once per rank by the inner products).
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the module has no trainable parameters (none with requires_grad)")
-    for name, p in named:
-        if not isinstance(p, DTensor):
-            raise ValueError(
-                f"parameter {name!r} is a plain tensor, not a DTensor: apply fully_shard to "
-                "the module (and its submodules) before building a ShardedHessianOperator"
-            )
-        world = dist.get_world_size(group)  # (a DTensor means a process group exists)
-        if tuple(p.placements) != (Shard(0),) or p.device_mesh.size() != world:
-            raise ValueError(
-                f"parameter {name!r} is placed {tuple(p.placements)} on a mesh of "
-                f"{p.device_mesh.size()} ranks; the operator needs it sharded on dim 0 over "
-                f"all {world} ranks of the group (fully_shard on a 1-D mesh)"
-            )
-    return [name for name, _ in named], [p for _, p in named]
 
 
 def lowest_precision(dtypes: set[torch.dtype]) -> torch.dtype | None:
