@@ -13,6 +13,8 @@ Scenarios, one launch (starting ranks costs more than training them):
   that measurement with rank 1's cause, and train on untouched.
 - ``budget`` (SGD): the defaults (a cadence calibrated to ``max_overhead``) with rank 1
   slowed down, so the ranks' clocks disagree: no hang, the same measured steps.
+- ``transformer`` (SGD): as ``monitored``, on a small transformer block (attention, layer
+  norms, a GELU MLP), every Linear sharded.
 - ``resume`` (SGD): 8 steps with a distributed checkpoint, then a new trainer resumes from
   it to step 12; the monitor goes on where it stopped. ``resume_plain``: the same without
   the monitor, whose training the resumed monitored run must equal bit for bit (a resumed
@@ -38,17 +40,46 @@ MAX_STEPS = 12
 EVERY = 4
 
 
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block (written-out softmax attention, a GELU MLP) over
+    sequences of 4 tokens, 8 wide, then a mean over tokens and a linear head."""
+
+    def __init__(self, width: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10 // 2, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = self.embed(inputs.reshape(inputs.shape[0], 2, 5).repeat(1, 2, 1))  # 4 tokens
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.mT / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.proj(weights @ v)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(dim=1))
+
+
+def network(kind: str) -> nn.Module:
+    if kind == "transformer":
+        return AttentionBlock()
+    return nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    )
+
+
 class ShardedClassifier(pl.LightningModule):
-    def __init__(self, optimizer: str) -> None:
+    def __init__(self, optimizer: str, kind: str = "mlp") -> None:
         super().__init__()
         self.optimizer_name = optimizer
-        self.net = nn.Sequential(
-            nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
-        )
+        self.net = network(kind)
 
     def configure_model(self) -> None:
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
+        for layer in self.net.modules():
             if isinstance(layer, nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
@@ -129,12 +160,12 @@ def trainer_for(max_steps: int, callbacks: list, root: str) -> pl.Trainer:
 
 def run(out_path: str, scenario: str, optimizer: str) -> None:
     pl.seed_everything(0, verbose=False)
-    module = ShardedClassifier(optimizer)
+    module = ShardedClassifier(optimizer, "transformer" if scenario == "transformer" else "mlp")
     monitor = None if scenario.endswith("plain") else monitor_for(scenario)
     callbacks: list = [] if monitor is None else [monitor, GatherAtLastMeasurement(monitor)]
     if scenario == "budget":
         callbacks.append(SlowRankOne())
-    max_steps = 40 if scenario == "budget" else MAX_STEPS
+    max_steps = 24 if scenario == "budget" else MAX_STEPS
     data = loader(classification_data(), batch_size=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -175,5 +206,5 @@ if __name__ == "__main__":
     for optimizer in ("sgd", "adam"):
         for name in ("monitored", "plain"):
             run(sys.argv[1], name, optimizer)
-    for name in ("fail", "budget", "resume", "resume_plain"):
+    for name in ("fail", "budget", "resume", "resume_plain", "transformer"):
         run(sys.argv[1], name, "sgd")
