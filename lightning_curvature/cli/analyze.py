@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lightning_curvature.cli import curvature_choice, loading, newton, per_layer, report
+from lightning_curvature.cli import curvature_choice, loading, newton, per_layer, report, sharded
 from lightning_curvature.cli._shared import (
     DEMO_DATA,
     DEMO_MODEL,
@@ -135,11 +135,28 @@ def run(args: argparse.Namespace) -> int:
     device = loading.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if sharded.world_size() > 1:  # under torchrun: the model sharded over the processes
+        sharded.check_arguments(args)
+        with sharded.process_group(device):
+            return _run(args, device, shard=True)
+    return _run(args, device, shard=False)
+
+
+def _run(args: argparse.Namespace, device: torch.device, shard: bool) -> int:
     loaded = loading.load(args, device)
     matrix = curvature_choice.describe(args)
     _check_outputs(args, loaded)  # bad input: a CliError (exit 2), not a failed measurement
+    stability = None
+    if shard:  # the optimizer's state is read whole, then sliced as the parameters are
+        stability = _stability(loaded.model, loaded.checkpoint, list(loaded.model.parameters()))
+        shapes = [p.shape for p in loaded.model.parameters()]
+        if stability[1] is not None:
+            stability = (stability[0], sharded.shard_flat(stability[1], shapes), stability[2])
+        sharded.shard(loaded.model, device)
+        loaded.batches = sharded.my_batches(loaded.batches)
+        args.no_progress = args.no_progress or not sharded.is_writer()
     try:
-        measured = _measure(args, loaded)
+        measured = _measure(args, loaded, stability)
     except CliError:  # a memory bound refused up front is bad input, as the rest
         raise
     except Exception as error:  # the model's own code ran: report it, not a traceback
@@ -149,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return FAILED
+    if shard and not sharded.is_writer():
+        return 0  # process 0 writes and prints
     record = measured.record
     summary = _summary(args, loaded, measured, matrix, device)
     report.write_outputs(loaded.out, record, summary, loaded.step)
@@ -188,12 +207,21 @@ def _check_outputs(args: argparse.Namespace, loaded: loading.Loaded) -> None:
         curvature_choice.check_outputs(args, loaded.model, loaded.batches)
 
 
-def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
+def _measure(
+    args: argparse.Namespace, loaded: loading.Loaded, stability: tuple[Any, Any, str] | None
+) -> _Measured:
     """Measure as the monitor does by default: the training objective (normalization
-    layers on batch statistics, their running statistics untouched; dropout off)."""
-    from lightning_curvature.measure.objective import measurement_mode, muted_logging
+    layers on batch statistics, their running statistics untouched; dropout off).
+    ``stability``: the optimizer's rule, P and note when already read (sharded: whole)."""
+    from lightning_curvature._shards import local_part
+    from lightning_curvature.measure.objective import (
+        measurement_mode,
+        muted_logging,
+        training_step_loss,
+    )
     from lightning_curvature.measure.tiers import MeasureSettings, measure
     from lightning_curvature.monitor.measurer import bounded
+    from lightning_curvature.operators.sharded import ShardedHessianOperator
 
     model, batches = loaded.model, loaded.batches
     settings = MeasureSettings(
@@ -204,7 +232,7 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
         lambda_min=not curvature_choice.is_positive_semidefinite(args),
         seed=args.seed,
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [local_part(p) for p in model.parameters() if p.requires_grad]
     itemsize = max(4, max(p.dtype.itemsize for p in trainable))  # measured in float32 at least
     dim = sum(p.numel() for p in trainable)
     budget = args.memory_budget_mb
@@ -212,9 +240,15 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
     if refusal is not None:  # a bound is kept or refused before any product
         raise CliError(refusal)
     with measurement_mode(model, "train"), muted_logging(model), _progress(args) as counted:
-        op = curvature_choice.build_operator(args, model, batches)
+        op = (
+            ShardedHessianOperator(model, training_step_loss, batches)
+            if stability is not None
+            else curvature_choice.build_operator(args, model, batches)
+        )
         with op:  # releases the kept graph however the measurement ends
-            rule, preconditioner, note = _stability(model, loaded.checkpoint, op.params)
+            rule, preconditioner, note = stability or _stability(
+                model, loaded.checkpoint, op.params
+            )
             blocks = per_layer.layer_blocks(op) if args.per_layer else None
             record, _ = measure(
                 counted(op),
@@ -225,7 +259,7 @@ def _measure(args: argparse.Namespace, loaded: loading.Loaded) -> _Measured:
                 curvature=args.curvature,
                 blocks=blocks,
             )
-            measured = _Measured(record, {}, op.dim, note)
+            measured = _Measured(record, {}, op.total_dim, note)
             if blocks:
                 measured.extras["per_layer"] = per_layer.layer_report(
                     record, blocks, args.num_probes
