@@ -2,6 +2,7 @@
 
 import statistics
 
+import pytest
 import torch
 
 import lightning_curvature as lc
@@ -112,3 +113,27 @@ def test_a_seed_that_is_an_eigenvector_goes_on_from_a_random_direction():
     # Each within its own bound, and the bounds within tol (1e-4) of the scale (50).
     assert ((result.eigenvalues - spectrum[[-1, -2]]).abs() <= result.error_bounds).all()
     assert (result.error_bounds <= 1e-4 * 50).all()
+
+
+def test_restarts_converge_within_a_bounded_basis():
+    # A slowly converging spectrum: a top cluster 2% apart over a bulk. Ten steps are not
+    # enough; restarting from the wanted Ritz vectors gets there with a basis of ten.
+    spectrum = torch.cat(
+        [torch.tensor([10.0, 9.8, 9.6, 9.4]), torch.linspace(-1.0, 9.0, 396, dtype=torch.float64)]
+    )
+    op = lc.DenseOperator(matrix_with_spectrum(spectrum, seed=2))
+    capped = lc.lanczos(op, k=1, num_iters=10, tol=1e-6)
+    assert not capped.converged
+    restarted = lc.lanczos(op, k=1, num_iters=10, tol=1e-6, restarts=40, return_basis=True)
+    assert restarted.converged and restarted.basis.shape[1] <= 10
+    assert restarted.num_matvecs > 10
+    truth = spectrum.max()
+    assert ((restarted.eigenvalues - truth).abs() <= restarted.error_bounds).all()
+
+
+def test_restarts_must_be_a_non_negative_integer_and_need_k_1():
+    op = lc.DenseOperator(torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="restarts"):
+        lc.lanczos(op, k=1, restarts=-1)
+    with pytest.raises(ValueError, match="restarts needs k=1"):
+        lc.lanczos(op, k=2, restarts=3)

@@ -23,6 +23,8 @@ def test_the_budget_caps_the_basis_or_refuses_saying_what_fits():
     settings = MeasureSettings(k=2, density_iters=40)
     capped, refusal = bounded(settings, MLP_DIM, 4, budget_for(12, k=2))
     assert refusal is None and capped.num_iters == 12 and capped.density_iters == 12
+    # λmax may restart until it has spent what an unbounded run could (30 + 10k = 50).
+    assert capped.restarts == 4
     assert bounded(settings, MLP_DIM, 4, None) == (settings, None)
     _, refusal = bounded(settings, MLP_DIM, 4, budget_for(3, k=2))  # under k + 2 = 4
     assert refusal is not None

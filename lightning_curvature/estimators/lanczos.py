@@ -14,12 +14,14 @@ matrix and Gram matrix, at each convergence check.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from lightning_curvature._checks import check_int
 from lightning_curvature.estimators._common import (
     LinearOperator,
     check_operator,
@@ -157,6 +159,7 @@ def lanczos(
     return_eigenvectors: bool = False,
     init: torch.Tensor | None = None,
     return_basis: bool = False,
+    restarts: int = 0,
 ) -> LanczosResult:
     """The ``k`` largest (or smallest) algebraic eigenvalues of a symmetric operator.
 
@@ -191,6 +194,11 @@ def lanczos(
             when the block's Rayleigh–Ritz step already converges).
         return_basis: also return the whole orthonormal basis and its Rayleigh quotients,
             e.g. to deflate :func:`~lightning_curvature.hutchinson_trace` with it.
+        restarts: with ``k=1``, when ``num_iters`` steps end unconverged, start again from
+            the top Ritz vector (a warm start, one product), up to this many times: the
+            basis never holds more than ``num_iters`` vectors (bounded memory), at the price
+            of the Krylov space each restart discards. ``num_matvecs`` counts every run's
+            products.
 
     Raises:
         ValueError: a bad ``k``, ``num_iters``, ``tol``, ``which`` or ``init``.
@@ -208,6 +216,12 @@ def lanczos(
         True
     """
     k, num_iters, tol = _checked_arguments(op, k, num_iters, tol, which)
+    restarts = check_int("restarts", restarts, 0)
+    if restarts and k != 1:
+        raise ValueError(
+            f"restarts needs k=1, got k={k}: a restart goes on from one vector, and the other "
+            "wanted eigenvalues' directions are lost with the discarded basis"
+        )
     seeds = _warm_start_block(op, init) if init is not None else None
 
     generator = make_generator(op, seed)
@@ -237,6 +251,32 @@ def lanczos(
         min_steps=min(first_step, num_iters, size),
     )
     converged_at = min(first_step, size)
+    first_rayleigh, spent = run.seed_rayleigh, run.num_matvecs
+    for _ in range(restarts):
+        projection = run.projection
+        if projection.size == size or (
+            projection.size >= converged_at and is_converged(projection)
+        ):
+            break
+        _, vectors, _ = projection.ritz()
+        wanted = vectors[:, wanted_indices(projection.size, k, which)]
+        ritz = run.basis.combine(torch.from_numpy(np.ascontiguousarray(wanted)))
+        # The restart is a warm start from the wanted Ritz vectors: its guards were located.
+        converged_at = min(k if which == "largest" else first_step, size)
+        is_converged = _Convergence(k, 0, tol, which, size)
+        run = krylov_projection(
+            op,
+            None,
+            num_iters,
+            generator,
+            restart_on_breakdown=True,
+            seeds=ritz,
+            seed_weights=seed_weights,
+            is_converged=is_converged,
+            min_steps=min(converged_at, num_iters, size),
+        )
+        spent += run.num_matvecs
+    run = dataclasses.replace(run, num_matvecs=spent, seed_rayleigh=first_rayleigh)
     return _result(op, run, k, which, converged_at, is_converged, return_eigenvectors, return_basis)
 
 

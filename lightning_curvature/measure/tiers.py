@@ -57,6 +57,7 @@ class MeasureSettings:
     seed: int = 0
     critical_sharpness: bool = False
     memory_budget_mb: float | None = None  # the estimators' vectors, per rank (monitor.measurer)
+    restarts: int = 0  # λmax's restarts when its basis is capped (set with the memory bound)
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,6 +157,7 @@ def _top_eigenpairs(op: Any, settings: MeasureSettings, warm: WarmStart, full: b
         # A block start costs one product per vector: the track tier starts from the
         # previous top vector alone, the full tier from the whole previous top k.
         init=_usable(warm.top if full or warm.top is None else warm.top[:, :1], op.dim),
+        restarts=settings.restarts if k == 1 else 0,  # a capped basis goes on (memory bound)
     )
 
 
@@ -213,6 +215,7 @@ def _preconditioned_top(
         seed=settings.seed + 4,
         return_eigenvectors=True,
         init=_usable(warm.preconditioned, op.dim),
+        restarts=settings.restarts,
     )
 
 

@@ -44,9 +44,11 @@ def bounded(
     and working vectors, ``dim`` entries of ``itemsize`` bytes each: this rank's shard
     under FSDP2) fit in ``budget_mb``; or, when even a basis of k + 2 vectors does not fit,
     the reason to refuse (naming the bound as ``name``). The products' own memory (a
-    forward and backward pass, as in a training step) is not in the bound. A capped basis
-    costs accuracy only where Lanczos needed more steps than the cap: those eigenvalues come
-    back unconverged, and are not logged."""
+    forward and backward pass, as in a training step) is not in the bound. λmax (track
+    points, Adam's preconditioned λmax) restarts from its Ritz vector when the cap ends it
+    unconverged, within the products an unbounded run would spend; the top k of a full
+    point do not (a restart from one vector loses the others): where they need more steps
+    than the cap they come back unconverged, and are not logged."""
     if budget_mb is None:
         return settings, None
     vector_mb = dim * itemsize / 2**20
@@ -61,9 +63,14 @@ def bounded(
             f"({need:.3g} MB: a Krylov basis of k + 2 and {reserve} working vectors): raise "
             f"{name}, lower k, or measure fewer parameters"
         )
-    num_iters = min(settings.num_iters or default_num_iters(settings.k), cap)
-    density_iters = min(settings.density_iters, cap)
-    return dataclasses.replace(settings, num_iters=num_iters, density_iters=density_iters), None
+    unbounded = settings.num_iters or default_num_iters(settings.k)
+    num_iters, density_iters = min(unbounded, cap), min(settings.density_iters, cap)
+    # λmax restarts from its Ritz vector as often as needed to spend what unbounded would.
+    restarts = -(-unbounded // num_iters) - 1
+    bounded_settings = dataclasses.replace(
+        settings, num_iters=num_iters, density_iters=density_iters, restarts=restarts
+    )
+    return bounded_settings, None
 
 
 class Measurer:
