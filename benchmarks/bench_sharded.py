@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -108,12 +108,6 @@ def rank_main(rank: int, world: int, port: int, widths: list[int], out: str) -> 
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def unsharded(widths: list[int]) -> dict[str, float]:
     """The same λmax with exact products, and the float64 truth; product costs both ways."""
     net = model(widths)
@@ -175,7 +169,7 @@ def main() -> None:
     for world in worlds:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
             out = handle.name
-        mp.spawn(rank_main, args=(world, free_port(), widths, out), nprocs=world)
+        mp.spawn(rank_main, args=(world, find_free_network_port(), widths, out), nprocs=world)
         r = json.loads(Path(out).read_text())
         error = abs(r["lambda_max"] - whole["truth"]) / whole["truth"]
         print(

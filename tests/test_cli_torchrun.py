@@ -3,13 +3,13 @@ against the dense Hessian of the same probe batches and Adam's preconditioner re
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from torch.nn import functional as F
 
 from lightning_curvature.demo import DigitsClassifier, DigitsDataModule
@@ -24,17 +24,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def torchrun(checkpoint, out, *extra):
     return subprocess.run(
         [
             *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-            *("--master_port", str(free_port()), "-m", "lightning_curvature", "analyze"),
+            *(
+                "--master_port",
+                str(find_free_network_port()),
+                "-m",
+                "lightning_curvature",
+                "analyze",
+            ),
             *(
                 str(checkpoint),
                 "--model",

@@ -186,19 +186,17 @@ def lanczos(
             Rayleigh–Ritz step may already converge; otherwise one seed stays in the basis
             and Lanczos continues from its residual, while a block restarts Lanczos from
             its wanted Ritz vectors (no guard Ritz values are asked for: the previous run
-            had them). For λmax pass the previous top vector alone: it converges in a few
-            steps; a block pays ``r`` products up front. Every column's Rayleigh quotient
-            comes back in ``init_rayleigh`` for free: a track point passes [previous top
+            had them). For λmax pass the previous top vector alone (a block pays ``r``
+            products up front). Every column's Rayleigh quotient comes back in
+            ``init_rayleigh`` for free: a track point passes [previous top
             vector, last update u, probe gradient g] and reads λmax, the directional
             sharpness uᵀHu/uᵀu and the batch sharpness gᵀHg/gᵀg from one run (3 products
             when the block's Rayleigh–Ritz step already converges).
         return_basis: also return the whole orthonormal basis and its Rayleigh quotients,
             e.g. to deflate :func:`~lightning_curvature.hutchinson_trace` with it.
-        restarts: with ``k=1``, when ``num_iters`` steps end unconverged, start again from
-            the top Ritz vector (a warm start, one product), up to this many times: the
-            basis never holds more than ``num_iters`` vectors (bounded memory), at the price
-            of the Krylov space each restart discards. ``num_matvecs`` counts every run's
-            products.
+        restarts: with ``k=1``, restart an unconverged run from its Ritz vector up to this
+            many times: the basis never exceeds ``num_iters`` vectors (bounded memory);
+            ``num_matvecs`` counts every run's products.
 
     Raises:
         ValueError: a bad ``k``, ``num_iters``, ``tol``, ``which`` or ``init``.
@@ -215,13 +213,7 @@ def lanczos(
         ...       <= result.error_bounds).all())
         True
     """
-    k, num_iters, tol = _checked_arguments(op, k, num_iters, tol, which)
-    restarts = check_int("restarts", restarts, 0)
-    if restarts and k != 1:
-        raise ValueError(
-            f"restarts needs k=1, got k={k}: a restart goes on from one vector, and the other "
-            "wanted eigenvalues' directions are lost with the discarded basis"
-        )
+    k, num_iters, tol, restarts = _checked_arguments(op, k, num_iters, tol, which, restarts)
     seeds = _warm_start_block(op, init) if init is not None else None
 
     generator = make_generator(op, seed)
@@ -251,33 +243,43 @@ def lanczos(
         min_steps=min(first_step, num_iters, size),
     )
     converged_at = min(first_step, size)
-    first_rayleigh, spent = run.seed_rayleigh, run.num_matvecs
-    for _ in range(restarts):
-        projection = run.projection
-        if projection.size == size or (
-            projection.size >= converged_at and is_converged(projection)
-        ):
+    keep_vectors = return_eigenvectors or restarts > 0  # a restart starts from them
+    result = _result(op, run, k, which, converged_at, is_converged, keep_vectors, return_basis)
+    if restarts:
+        result = _restarted(op, result, restarts, num_iters, tol, seed, which, return_basis)
+    return result if return_eigenvectors else dataclasses.replace(result, eigenvectors=None)
+
+
+def _restarted(
+    op: LinearOperator,
+    result: LanczosResult,
+    restarts: int,
+    num_iters: int,
+    tol: float,
+    seed: int,
+    which: Which,
+    return_basis: bool,
+) -> LanczosResult:
+    """``result`` (k = 1), run again as a warm start from its own Ritz vector while it is
+    unconverged, up to ``restarts`` times; the products of every run counted, the init's
+    Rayleigh quotients those of the first."""
+    spent, first_rayleigh = result.num_matvecs, result.init_rayleigh
+    for attempt in range(restarts):
+        if result.converged:
             break
-        _, vectors, _ = projection.ritz()
-        wanted = vectors[:, wanted_indices(projection.size, k, which)]
-        ritz = run.basis.combine(torch.from_numpy(np.ascontiguousarray(wanted)))
-        # The restart is a warm start from the wanted Ritz vectors: its guards were located.
-        converged_at = min(k if which == "largest" else first_step, size)
-        is_converged = _Convergence(k, 0, tol, which, size)
-        run = krylov_projection(
+        result = lanczos(
             op,
-            None,
-            num_iters,
-            generator,
-            restart_on_breakdown=True,
-            seeds=ritz,
-            seed_weights=seed_weights,
-            is_converged=is_converged,
-            min_steps=min(converged_at, num_iters, size),
+            k=1,
+            num_iters=num_iters,
+            tol=tol,
+            seed=seed + attempt + 1,
+            which=which,
+            return_eigenvectors=True,
+            init=result.eigenvectors,
+            return_basis=return_basis,
         )
-        spent += run.num_matvecs
-    run = dataclasses.replace(run, num_matvecs=spent, seed_rayleigh=first_rayleigh)
-    return _result(op, run, k, which, converged_at, is_converged, return_eigenvectors, return_basis)
+        spent += result.num_matvecs
+    return dataclasses.replace(result, num_matvecs=spent, init_rayleigh=first_rayleigh)
 
 
 def _result(
@@ -319,10 +321,10 @@ def _result(
 
 
 def _checked_arguments(
-    op: LinearOperator, k: Any, num_iters: Any, tol: Any, which: Any
-) -> tuple[int, int, float]:
-    """``k``, ``num_iters`` (its default filled in) and ``tol``, or a ValueError naming the
-    first that is outside its allowed values."""
+    op: LinearOperator, k: Any, num_iters: Any, tol: Any, which: Any, restarts: Any
+) -> tuple[int, int, float, int]:
+    """``k``, ``num_iters`` (its default filled in), ``tol`` and ``restarts``, or a
+    ValueError naming the first that is outside its allowed values."""
     check_operator(op)
     check_positive_int("k", k)
     if k > total_dim(op):
@@ -336,7 +338,12 @@ def _checked_arguments(
         raise ValueError(f"num_iters must be at least k={k}, got {num_iters}")
     if not is_real(tol) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    return int(k), int(num_iters), float(tol)
+    if check_int("restarts", restarts, 0) and k != 1:
+        raise ValueError(
+            f"restarts needs k=1, got k={k}: a restart goes on from one vector, and the other "
+            "wanted eigenvalues' directions are lost with the discarded basis"
+        )
+    return int(k), int(num_iters), float(tol), int(restarts)
 
 
 def _evidence(projection: Projection, count: int, which: Which) -> tuple[np.ndarray, ...]:

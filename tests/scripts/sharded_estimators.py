@@ -8,12 +8,12 @@ what it measured to ``OUT.rank<r>`` as JSON.
 
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
 
 import lightning_curvature as lc
 from lightning_curvature.estimators.blockwise import blockwise_lambda_max
@@ -117,11 +117,5 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 if __name__ == "__main__":
-    mp.spawn(run, args=(2, free_port(), sys.argv[1]), nprocs=2)
+    mp.spawn(run, args=(2, find_free_network_port(), sys.argv[1]), nprocs=2)

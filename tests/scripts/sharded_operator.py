@@ -22,12 +22,12 @@ needs to check it against dense truth to ``OUT.rank<r>`` (JSON):
 
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -188,11 +188,5 @@ def worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 if __name__ == "__main__":
-    mp.spawn(worker, args=(free_port(), sys.argv[1]), nprocs=WORLD)
+    mp.spawn(worker, args=(find_free_network_port(), sys.argv[1]), nprocs=WORLD)
