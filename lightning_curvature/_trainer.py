@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from lightning_curvature._lightning import TensorBoardLogger, pl
-from lightning_curvature._shards import holds_shards, sharded_parameters
 from lightning_curvature.monitor.failures import agree_on_failure
 
 # Strategies that shard parameters. Under ModelParallelStrategy with fully_shard (FSDP2) each
@@ -101,23 +100,6 @@ def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: A
             f"{type(module).__name__} defines no forward: define forward, or pass "
             "CurvatureMonitor(output_fn=...), output_fn(module, batch) -> outputs"
         )
-    return None
-
-
-def cannot_measure_shards(module: nn.Module, params: Any) -> str | None:
-    """Why a module whose parameters are sharded (seen once ``configure_model`` has run)
-    cannot be measured; None when it can, or holds no shards."""
-    if not holds_shards(module.parameters()):
-        return None
-    if params is not None:
-        return (
-            "a sharded model is measured whole: CurvatureMonitor(params=...) selects part of "
-            "it, which the sharded operator does not support; pass params=None"
-        )
-    try:
-        sharded_parameters(module)
-    except ValueError as error:
-        return f"{error}; CurvatureMonitor is switched off for this run"
     return None
 
 

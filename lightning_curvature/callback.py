@@ -26,8 +26,8 @@ from lightning_curvature.monitor.arguments import check_arguments, measure_setti
 from lightning_curvature.monitor.early_warning import Signals
 from lightning_curvature.monitor.failures import FailurePolicy, OnError
 from lightning_curvature.monitor.logbook import Logbook
-from lightning_curvature.monitor.measurer import Measurer
-from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params, select_parameters
+from lightning_curvature.monitor.measurer import Measurer, measurer_for
+from lightning_curvature.monitor.probes import ProbeKind, ProbeSet, check_params
 from lightning_curvature.monitor.schedule import MeasurementSchedule
 from lightning_curvature.monitor.triggers import Triggers
 from lightning_curvature.operators.names import Curvature
@@ -181,7 +181,7 @@ class CurvatureMonitor(Callback):
             loss_fn=loss_fn,
             on_alert=on_alert,
             tag_prefix=tag_prefix,
-            flags={"dropout": dropout, "warm_start": warm_start, "stop_on_alert": stop_on_alert},
+            flags={"dropout": dropout, "stop_on_alert": stop_on_alert},
         )
         self.params = check_params(params)
         self.tag_prefix = tag_prefix
@@ -196,6 +196,7 @@ class CurvatureMonitor(Callback):
             seed=seed,
             critical_sharpness=critical_sharpness,
             memory_budget_mb=memory_budget_mb,
+            warm_start=warm_start,
         )
         self.schedule = MeasurementSchedule(
             every_n_steps=every_n_steps,
@@ -219,7 +220,6 @@ class CurvatureMonitor(Callback):
             loss_from_output=loss_from_output,
             per_layer=per_layer if isinstance(per_layer, bool) else list(per_layer),
         )
-        self.warm_start = bool(warm_start)
         # State that survives checkpoint and resume (besides the parts').
         self.disabled_reason: str | None = None
         self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
@@ -257,14 +257,12 @@ class CurvatureMonitor(Callback):
             self._disable("fast_dev_run is a smoke test: CurvatureMonitor stays off")
             return
         # Built here: shards exist after configure_model, a resumed fallback is loaded.
-        reason = self.disabled_reason or facts.cannot_measure_shards(pl_module, self.params)
-        if reason is None:
-            context = self.objective.context(pl_module, select_parameters(pl_module, self.params))
-            self._measurer = Measurer(context, self.settings, self.warm_start, self._hvp_method)
-            reason = self._measurer.refusal  # a memory bound is kept or refused up front
-        if reason is not None and self.disabled_reason is None:
-            self._measurer = None
-            self._disable(reason)
+        if self.disabled_reason is None:  # a memory bound is kept or refused up front
+            self._measurer, reason = measurer_for(
+                pl_module, self.params, self.objective, self.settings, self._hvp_method
+            )
+            if reason is not None:
+                self._disable(reason)
         self.probes.draw(pl_module.device)
         self.schedule.start(trainer.global_step, facts.planned_steps(trainer))
 

@@ -58,6 +58,7 @@ class MeasureSettings:
     critical_sharpness: bool = False
     memory_budget_mb: float | None = None  # the estimators' vectors, per rank (monitor.measurer)
     restarts: int = 0  # λmax's restarts when its basis is capped (set with the memory bound)
+    warm_start: bool = True  # each run starts from the previous measurement's Ritz vectors
 
 
 @dataclass(frozen=True, eq=False)

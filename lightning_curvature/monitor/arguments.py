@@ -34,6 +34,7 @@ def measure_settings(
     seed: Any,
     critical_sharpness: Any = False,
     memory_budget_mb: Any = None,
+    warm_start: Any = True,
 ) -> MeasureSettings:
     """The estimators' settings from the monitor's arguments, each checked under its own
     name (``spectral_density`` is the settings' ``density``)."""
@@ -51,6 +52,7 @@ def measure_settings(
         memory_budget_mb=None
         if memory_budget_mb is None
         else check_number("memory_budget_mb", memory_budget_mb, above=0.0),
+        warm_start=check_bool("warm_start", warm_start),
     )
 
 

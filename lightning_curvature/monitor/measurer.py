@@ -16,10 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_curvature._shards import local_part
+from lightning_curvature._shards import holds_shards, local_part, sharded_parameters
 from lightning_curvature.estimators.lanczos import default_num_iters
-from lightning_curvature.measure.module import Context, LastUpdate, Outcome, measure_module
+from lightning_curvature.measure.module import (
+    Context,
+    LastUpdate,
+    Objective,
+    Outcome,
+    measure_module,
+)
 from lightning_curvature.measure.tiers import MeasureSettings, Tier, WarmStart
+from lightning_curvature.monitor.probes import select_parameters
 
 # Vectors a measurement holds besides its Krylov basis: the product, residual, update and
 # gradient, the deflation block (k), and, with the trace, a block of 8 Hutchinson probes
@@ -73,6 +80,41 @@ def bounded(
     return bounded_settings, None
 
 
+def measurer_for(
+    module: nn.Module,
+    params: Any,
+    objective: Objective,
+    settings: MeasureSettings,
+    hvp_method: str,
+) -> tuple[Measurer | None, str | None]:
+    """The run's measurer for ``module`` (its parameters as they are once
+    ``configure_model`` ran: shards under FSDP2) and ``params`` (the monitor's selection),
+    or why it cannot be measured: shards it cannot read, or a memory bound too small."""
+    reason = _cannot_measure_shards(module, params)
+    if reason is not None:
+        return None, reason
+    context = objective.context(module, select_parameters(module, params))
+    measurer = Measurer(context, settings, hvp_method)
+    return (None, measurer.refusal) if measurer.refusal else (measurer, None)
+
+
+def _cannot_measure_shards(module: nn.Module, params: Any) -> str | None:
+    """Why a module whose parameters are sharded (seen once ``configure_model`` has run)
+    cannot be measured; None when it can, or holds no shards."""
+    if not holds_shards(module.parameters()):
+        return None
+    if params is not None:
+        return (
+            "a sharded model is measured whole: CurvatureMonitor(params=...) selects part of "
+            "it, which the sharded operator does not support; pass params=None"
+        )
+    try:
+        sharded_parameters(module)
+    except ValueError as error:
+        return f"{error}; CurvatureMonitor is switched off for this run"
+    return None
+
+
 class Measurer:
     """Measures one module over a run (see the module docstring).
 
@@ -80,7 +122,6 @@ class Measurer:
         context: what is measured; its ``optimizers``, ``lr_schedulers`` and ``distributed``
             are given again at each :meth:`measure`.
         settings: what to estimate and how hard to try.
-        warm_start: start each Lanczos run from the previous Ritz vectors.
         hvp_method: ``"auto"``, or ``"finite_difference"`` after a failed check (resumed).
 
     ``settings.memory_budget_mb`` caps the estimators' vectors (see :func:`bounded`); when
@@ -91,7 +132,6 @@ class Measurer:
         self,
         context: Context,
         settings: MeasureSettings,
-        warm_start: bool = True,
         hvp_method: str = "auto",
     ) -> None:
         self.context = context
@@ -100,7 +140,6 @@ class Measurer:
         itemsize = 8 if any(p.dtype == torch.float64 for p in measured) else 4  # float32 at least
         dim = sum(p.numel() for p in measured)
         self.settings, self.refusal = bounded(settings, dim, itemsize, settings.memory_budget_mb)
-        self.warm_start = warm_start
         self.hvp_method = hvp_method
         self.ratio_trusted = True
         self._warm: WarmStart | None = None
@@ -141,7 +180,7 @@ class Measurer:
                 step,
                 tier,
                 self.settings,
-                warm=self._warm if self.warm_start else None,
+                warm=self._warm if self.settings.warm_start else None,
                 update=self._last_update.take(module, context.param_names, step),
                 hvp_method=self.hvp_method,
                 verify=not self._checked or tier == "full",
