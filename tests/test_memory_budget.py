@@ -8,6 +8,7 @@ from lightning_curvature import CurvatureMonitor
 from lightning_curvature.measure.tiers import MeasureSettings
 from lightning_curvature.monitor.measurer import bounded, working_vectors
 from tests.lightning_models import Classifier, classification_data, loader, mlp, trainer
+from tests.truth import cross_entropy_loss, dense_hessian
 
 MLP_DIM = 10 * 16 + 16 + 16 * 4 + 4  # tests.lightning_models.mlp()
 VECTOR_MB = MLP_DIM * 4 / 2**20  # float32
@@ -66,8 +67,14 @@ def test_a_bounded_basis_gives_the_unbounded_lambda_max_and_stays_under_the_cap(
             every_n_steps=4, log_spaced=False, max_overhead=None, k=2, memory_budget_mb=budget
         )
         run = trainer(tmp_path, [monitor], max_steps=16, logger=False)
-        run.fit(Classifier(mlp()), loader(classification_data()))
+        module = Classifier(mlp())
+        run.fit(module, loader(classification_data()))
         histories[cap] = {h["step"]: h.get("curvature/lambda_max") for h in monitor.history}
+        # Independent truth at the last measured step (16, the final parameters): the dense
+        # float64 Hessian on the probe batch, within the monitor's tol (1e-3).
+        probe = tuple(monitor.probes.stored[0])
+        exact = torch.linalg.eigvalsh(dense_hessian(module.net, cross_entropy_loss, [probe]))
+        assert histories[cap][16] == pytest.approx(exact[-1].item(), rel=1e-3)
         if cap is not None:
             assert all(asked == cap and used <= cap for asked, used in seen)
         seen.clear()
