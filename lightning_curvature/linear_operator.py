@@ -128,8 +128,16 @@ def block_products(
     """``A_ll x_l`` for every active block ``l`` from ONE ``matmat`` of ``len(active)·m``
     columns: ``packed`` (dim, m) holds each block's vectors ``x_l`` in its own slice, the
     stacked probe masks column ``(l, j)`` to block ``l``, and block ``l`` of its product is
-    kept. Blocks not in ``active`` cost nothing and come back zero."""
+    kept. Blocks not in ``active`` cost nothing and come back zero.
+
+    An operator that can apply its diagonal blocks directly (cheaper than masked full
+    products) provides ``diagonal_block_products(blocks, packed, active)``, which answers
+    the same or ``None`` when it cannot."""
     active = range(len(blocks)) if active is None else active
+    own = getattr(op, "diagonal_block_products", None)
+    direct = None if own is None else own(blocks, packed, active)
+    if direct is not None:
+        return cast(torch.Tensor, direct)
     m = packed.shape[1]
     stacked = packed.new_zeros(packed.shape[0], len(active) * m)
     for column, index in enumerate(active):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_curvature.operators.blocks import parameter_blocks
 from tests.lightning_models import mlp
 from tests.truth import cross_entropy_loss, dense_hessian
 
@@ -62,6 +63,15 @@ def test_ddp_ranks_agree_on_the_hessian_of_the_union_of_their_probe_batches(scen
     net.load_state_dict({k: torch.tensor(v) for k, v in ranks[0]["state"].items()})
     truth = torch.linalg.eigvalsh(dense_hessian(net.eval(), cross_entropy_loss, batches))[-1]
     assert ranks[0]["lambda_max"] == pytest.approx(truth.item(), rel=1e-3)
+    # Each layer's λmax: every rank applies its blocks directly, and one all-reduce averages
+    # them; the truth is the union Hessian's diagonal block.
+    hessian = dense_hessian(net.eval(), cross_entropy_loss, batches)
+    blocks = parameter_blocks(*zip(*net.named_parameters(), strict=True))
+    assert ranks[0]["layers"] == ranks[1]["layers"] and len(ranks[0]["layers"]) == len(blocks)
+    for name, piece in blocks:
+        block_truth = torch.linalg.eigvalsh(hessian[piece, piece])[-1].item()
+        logged = ranks[0]["layers"][f"curvature/layer/net.{name}/lambda_max"]
+        assert logged == pytest.approx(block_truth, rel=1e-3), name
     # Only rank 0 wrote TensorBoard files.
     runs = list((scenarios["logs"] / "union" / "ddp").glob("version_*"))
     assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))

@@ -120,9 +120,10 @@ def _labels_from_patterns(names: list[str], patterns: list[Any]) -> list[str | N
 class BlockDiagonalOperator(OperatorWrapper):
     r"""The block-diagonal part :math:`D = \sum_l P_l A P_l` of an operator ``op``.
 
-    One product ``D V`` of a (dim, m) block is ONE ``op.matmat`` of L·m columns: column
-    ``(l, j)`` is ``V[:, j]`` masked to block ``l``, and block ``l`` of its product is kept.
-    The L diagonal blocks are never applied one after the other.
+    One product ``D V`` of a (dim, m) block is :func:`block_products`: each block applied
+    directly where ``op`` can (on its kept graph, towards that block's parameters alone),
+    else ONE ``op.matmat`` of L·m columns, column ``(l, j)`` being ``V[:, j]`` masked to block
+    ``l``, of whose product block ``l`` is kept.
 
     Args:
         op: any operator (Hessian, GGN, Fisher, or a wrapper of one).

@@ -51,6 +51,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_curvature.linear_operator import Block
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.context import isolated_evaluation
 from lightning_curvature.operators.loss import operator_inputs, scalar_loss
@@ -61,6 +62,7 @@ from lightning_curvature.operators.output_space import (
     batched_grad,
     builtin_loss,
 )
+from lightning_curvature.operators.products import parameter_ranges
 
 OutputFn = Callable[[nn.Module, Any], torch.Tensor]
 LossFromOutput = LossName | Callable[[torch.Tensor, Any], torch.Tensor]
@@ -240,16 +242,46 @@ class GGNOperator(CurvatureOperator):
         )
         return dummy, list(pieces)
 
-    def _products_from_graph(self, prepared: tuple[Any, ...], block: torch.Tensor) -> torch.Tensor:
+    def diagonal_block_products(
+        self, blocks: Sequence[Block], packed: torch.Tensor, active: Sequence[int]
+    ) -> torch.Tensor | None:
+        """Each active block's ``G_ll x_l`` (:func:`~..linear_operator.block_products`):
+        ``J_l x_l`` and ``J_lᵀ`` differentiated towards that block's parameters alone, so
+        autograd walks only the graph between them and the outputs. ``None`` (the caller
+        masks full products) under ``forward_mode`` or when a block cuts through a
+        parameter."""
+        pieces = [blocks[index][1] for index in active]
+        ranges = parameter_ranges(self.params, pieces)
+        if ranges is None or self.product_method != "reuse_graph":
+            return None
+        self._ensure_ready()
+        assert self._prepared is not None
+        result = torch.zeros_like(packed)
+        for piece, (first, stop) in zip(pieces, ranges, strict=True):
+            for prepared in self._prepared:
+                result[piece] += self._products_from_graph(prepared, packed[piece], first, stop)
+        self.num_matvecs += len(pieces) * packed.shape[1]
+        return result / len(self.batches)
+
+    def _products_from_graph(
+        self,
+        prepared: tuple[Any, ...],
+        block: torch.Tensor,
+        first: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """``Jᵀ M J V`` on one batch's kept graph, for the parameters ``first..stop``
+        (rows and columns of that block alone; all of them by default)."""
         outputs, curvature, dummy, transposed = prepared
+        params, transposed = self.params[first:stop], transposed[first:stop]
         live = [j for j, piece in enumerate(transposed) if piece.requires_grad]
         if not live:
             return torch.zeros_like(block)
-        columns = self._unflatten_columns(block)
+        columns = self._unflatten_columns(block, params)
         (jv,) = self._grad(
             [transposed[j] for j in live], [dummy], [columns[j] for j in live], block.shape[1]
         )
-        jt = self._grad([outputs], self.params, [curvature(jv)], block.shape[1])
+        jt = self._grad([outputs], params, [curvature(jv)], block.shape[1])
         return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
 
     def _grad(
@@ -305,10 +337,13 @@ class GGNOperator(CurvatureOperator):
             jt = torch.func.vmap(vjp_fn)(curvature(jv))
         return torch.cat([g.reshape(block.shape[1], -1) for g in jt], dim=1).mT
 
-    def _unflatten_columns(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """A (dim, m) block as per-parameter stacks of shape (m, *p.shape)."""
+    def _unflatten_columns(
+        self, block: torch.Tensor, params: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """A (dim, m) block as per-parameter stacks of shape (m, *p.shape), over
+        ``params`` (default: all of the operator's, whose rows ``block`` holds)."""
         pieces, offset, m = [], 0, block.shape[1]
-        for p in self.params:
+        for p in self.params if params is None else params:
             pieces.append(block[offset : offset + p.numel()].mT.reshape(m, *p.shape))
             offset += p.numel()
         return pieces

@@ -27,24 +27,21 @@ Example (least squares, whose Hessian is :math:`\tfrac{2}{N} X^\top X`)::
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
+from lightning_curvature.linear_operator import Block
 from lightning_curvature.operators.base import CurvatureOperator
 from lightning_curvature.operators.batch_evaluation import BatchEvaluation, Gradients
 from lightning_curvature.operators.checks import (
-    FINITE_DIFFERENCE_TOLERANCE,
     PASSED,
     HvpCheck,
     UnreliableProductError,
-    check_key,
     explain_failure,
-    judge_products,
 )
 from lightning_curvature.operators.context import eager, empty_cache, holds_rnn
 from lightning_curvature.operators.gradient_graph import GradientGraphOperator
@@ -53,21 +50,22 @@ from lightning_curvature.operators.loss import (
     LossModule,
     operator_inputs,
 )
+from lightning_curvature.operators.product_checks import ProductChecks
 from lightning_curvature.operators.products import (
     batch_columns_by_default,
+    diagonal_products_from_graph,
     finite_difference_products,
-    gradients_along,
+    parameter_ranges,
     products_from_graph,
 )
 
 HvpMethod = Literal["auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference"]
-# The seed of the check's random probe (see HessianOperator._checked_products).
-CHECK_SEED = 2**31 - 1
 HVP_METHODS = ("auto", "reuse_graph", "recompute", "forward_over_reverse", "finite_difference")
+GRAPH_METHODS = ("reuse_graph", "recompute")  # products by differentiating a graph again
 __all__ = ["GradientGraphOperator", "HessianOperator"]
 
 
-class HessianOperator(BatchEvaluation, CurvatureOperator):
+class HessianOperator(ProductChecks, BatchEvaluation, CurvatureOperator):
     r"""The Hessian of the mean loss over probe batches, as a matrix-free operator.
 
     Args:
@@ -197,45 +195,6 @@ class HessianOperator(BatchEvaluation, CurvatureOperator):
         assert self._loss is not None
         return self._loss
 
-    def check(self, seed: int = 0) -> HvpCheck:
-        r"""Check the products of :attr:`method_used` on random vectors drawn from ``seed``.
-
-        Two products :math:`Hu, Hv` (one block) and three first-order gradients, at
-        :math:`\theta` and :math:`\theta \pm \epsilon v`: :math:`u^\top Hv` against
-        :math:`v^\top Hu`, and :math:`Hv` against the central difference
-        :math:`(\nabla L(\theta + \epsilon v) - \nabla L(\theta - \epsilon v)) / 2\epsilon`,
-        forgiving the difference its own inexactness (see :class:`HvpCheck`). Never raises
-        for a product that fails: the failure is the result's ``cause``. Products by
-        ``"finite_difference"`` use first-order gradients alone, so they cannot drop a path;
-        their check reports the errors and fails only on non-finite values.
-
-        Example::
-
-            >>> op.check().passed  # doctest: +SKIP
-            True
-        """
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
-        method = self._method
-        try:
-            self.num_matvecs += 2
-            products = self._products(probes)
-            gradients, step = gradients_along(self._gradient_at, self.params, probes[:, 1])
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as error:
-            nan = float("nan")
-            result = HvpCheck(False, nan, nan, nan, explain_failure(error, method), method, 2, 3)
-        else:
-            result = judge_products(probes, products, gradients, step, method, [])
-            if not result.passed:  # name the suspects, at the price of one more forward pass
-                suspects = self._custom_functions()
-                result = judge_products(probes, products, gradients, step, method, suspects)
-        self.last_check = result
-        return result
-
     def gradient(self) -> torch.Tensor:
         """The mean gradient of the probe loss at θ, as a detached flat vector (zeros for
         parameters the loss does not use): for the batch sharpness gᵀHg / gᵀg."""
@@ -279,79 +238,6 @@ class HessianOperator(BatchEvaluation, CurvatureOperator):
             self._give_up(explain_failure(error, self._method), error)
             return self._products(block)
 
-    def _check_key(self) -> object:
-        return check_key(self.loss_fn, self._method, self.param_names, self.dtype, self.device)
-
-    def _checked_products(self, block: torch.Tensor) -> torch.Tensor | None:
-        """``H V``, checked on the way: the block's product with one random column ``u``
-        appended, ``uᵀ(Hv)`` against ``vᵀ(Hu)`` for the block's first column ``v``, and
-        ``Hv`` against the central difference along ``v`` (two gradients; the one at θ
-        comes from the kept graph). Returns ``None`` when the check failed (the method has
-        been given up, or this raised); remembers a pass."""
-        # Not seed 0: estimators draw their start vectors from small seeds, and u = v would
-        # make the symmetry test trivial.
-        generator = torch.Generator(device=self.device).manual_seed(CHECK_SEED)
-        probes = torch.randn(self.dim, 2, generator=generator, device=self.device, dtype=self.dtype)
-        u, v = probes[:, :1], probes[:, 1:]
-        extra = [u, v]
-        if bool(block[:, 0].any()):  # else a zero column probes nothing: use a random one
-            v, extra = block[:, :1], [u]
-        method = self._method
-        cost = (len(extra), 3)
-        try:
-            self.num_matvecs += len(extra)
-            products = self._products(torch.cat([block, *extra], dim=1))
-            center = self._held_gradient()
-            cost = (len(extra), 3 if center is None else 2)
-            gradients, step = gradients_along(self._gradient_at, self.params, v[:, 0], center)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as error:
-            nan = float("nan")
-            result = HvpCheck(False, nan, nan, nan, explain_failure(error, method), method, *cost)
-        else:
-            m = block.shape[1]
-            hv = products[:, m + 1] if len(extra) == 2 else products[:, 0]
-            pair = torch.cat([u, v], dim=1)
-            pair_products = torch.stack([products[:, m], hv], dim=1)
-            result = judge_products(pair, pair_products, gradients, step, method, [], cost)
-            if not result.passed:  # name the suspects, at the price of one more forward pass
-                suspects = self._custom_functions()
-                result = judge_products(
-                    pair, pair_products, gradients, step, method, suspects, cost
-                )
-        self.last_check = result
-        if result.passed:
-            PASSED.remember(self._checked_model, self._check_key(), result)
-            # Contiguous, as a fresh product is: collectives (all_reduce) need it.
-            return products[:, : block.shape[1]].contiguous()
-        assert result.cause is not None
-        self._give_up(result.cause)
-        return None
-
-    def _give_up(self, reason: str, error: BaseException | None = None) -> None:
-        """The method in use is unreliable: raise when it was asked for, else switch
-        ``"auto"`` to finite differences with one warning."""
-        if self._requested != "auto":
-            raise UnreliableProductError(reason) from error
-        self._fallback_reason = reason
-        self._method = "finite_difference"
-        self._gradients = None
-        caveat = ""
-        uncertainty = self.last_check.finite_difference_uncertainty if self.last_check else 0.0
-        if uncertainty > FINITE_DIFFERENCE_TOLERANCE[self.dtype]:
-            caveat = (
-                f" Beware: in {str(self.dtype).removeprefix('torch.')} they are inexact on this "
-                "model (the step crosses kinks such as ReLU, or rounding dominates); pass "
-                "dtype=torch.float64 for accurate products."
-            )
-        warnings.warn(
-            f"HessianOperator: {reason}. Falling back to finite differences of the gradient "
-            "(two gradients per product); pass hvp_method='finite_difference' to choose it "
-            f"and silence this warning.{caveat}",
-            stacklevel=4,
-        )
-
     def _products(self, block: torch.Tensor) -> torch.Tensor:
         self._ensure_ready()
         if self._method == "reuse_graph":
@@ -365,6 +251,37 @@ class HessianOperator(BatchEvaluation, CurvatureOperator):
         if self._method == "finite_difference":
             return finite_difference_products(self._gradient_at, self.params, block)
         return self._forward_over_reverse(block)
+
+    def diagonal_block_products(
+        self, blocks: Sequence[Block], packed: torch.Tensor, active: Sequence[int]
+    ) -> torch.Tensor | None:
+        """Each active block's ``H_ll x_l`` (:func:`~..linear_operator.block_products`),
+        differentiated towards that block's parameters alone, on the kept graph. ``None``
+        (the caller masks full products) until the first product has been checked, when
+        products do not come from a graph, or when a block cuts through a parameter; a
+        failure here is left to the masked products, which meet and handle it."""
+        pieces = [blocks[index][1] for index in active]
+        ranges = parameter_ranges(self.params, pieces)
+        if ranges is None or self._verify_pending or self._method not in GRAPH_METHODS:
+            return None
+        try:
+            self._ensure_ready()
+            if self._method == "reuse_graph":
+                assert self._gradients is not None
+                graphs: Iterable[Gradients] = [self._gradients]
+            else:
+                graphs = (self._batch_gradient(i) for i in range(len(self.batches)))
+            paired = list(zip(pieces, ranges, strict=True))
+            columns = self.batch_columns
+            total = sum(
+                diagonal_products_from_graph(g, self.params, paired, packed, columns)
+                for g in graphs
+            )
+        except RuntimeError:
+            return None
+        self.num_matvecs += len(pieces) * packed.shape[1]
+        scale = 1 if self._method == "reuse_graph" else len(self.batches)
+        return cast(torch.Tensor, total) / scale
 
     def _from_graph(self, gradients: Gradients, block: torch.Tensor) -> torch.Tensor:
         product, self.batching_failure = products_from_graph(

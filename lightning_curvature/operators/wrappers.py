@@ -4,10 +4,12 @@ through (:class:`~lightning_curvature.operators.base.OperatorWrapper`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from lightning_curvature.linear_operator import Block, block_products
 from lightning_curvature.operators.base import OperatorWrapper
 
 
@@ -31,6 +33,15 @@ class PreconditionedOperator(OperatorWrapper):
         scale = self.scale[:, None]
         product: torch.Tensor = self.inner.matmat(scale * block)
         return scale * product
+
+    def diagonal_block_products(
+        self, blocks: Sequence[Block], packed: torch.Tensor, active: Sequence[int]
+    ) -> torch.Tensor:
+        """``P_l^{-1/2} H_ll P_l^{-1/2} x_l`` for each active block (P is diagonal): the
+        inner operator's diagonal blocks, directly where it can."""
+        scale = self.scale[:, None]
+        self.num_matvecs += len(active) * packed.shape[1]
+        return scale * block_products(self.inner, blocks, scale * packed, active)
 
 
 class AllReduceOperator(OperatorWrapper):
@@ -67,6 +78,22 @@ class AllReduceOperator(OperatorWrapper):
             product: torch.Tensor = self.inner.matmat(block)
         except Exception as error:  # joins the collective anyway; reported by the caller
             product = torch.full_like(block, float("nan"))
+            self.last_error = error
+        dist.all_reduce(product, op=dist.ReduceOp.SUM, group=self.group)
+        return product / dist.get_world_size(self.group)
+
+    def diagonal_block_products(
+        self, blocks: Sequence[Block], packed: torch.Tensor, active: Sequence[int]
+    ) -> torch.Tensor:
+        """The mean over ranks of each rank's diagonal blocks, one all-reduce of the packed
+        products whichever way each rank computes its own (directly or masked)."""
+        import torch.distributed as dist
+
+        self.num_matvecs += len(active) * packed.shape[1]
+        try:
+            product = block_products(self.inner, blocks, packed, active)
+        except Exception as error:  # joins the collective anyway; reported by the caller
+            product = torch.full_like(packed, float("nan"))
             self.last_error = error
         dist.all_reduce(product, op=dist.ReduceOp.SUM, group=self.group)
         return product / dist.get_world_size(self.group)

@@ -3,7 +3,7 @@
 Scenarios (the third argument):
 
 - ``union``: each rank trains on its own shard and measures the Hessian of its own probe
-  batch; the monitor averages the products across ranks.
+  batch; the monitor averages the products across ranks (per-layer blocks too).
 - ``budget``: the defaults (cadence calibrated to ``max_overhead``) with rank 1 slowed down,
   so the ranks' clocks disagree; the run must finish with identical measured steps.
 - ``nan``: rank 1's loss turns NaN at one measurement; every rank must skip it and report
@@ -70,6 +70,7 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
             max_overhead=None,
             on_error="raise",
             critical_sharpness=True,
+            per_layer=True,
         )
         max_steps = 4
     elif scenario == "budget":
@@ -115,6 +116,11 @@ def run(out_path: str, log_dir: str, scenario: str) -> None:
         "spikes": [s.step for s in monitor.logbook.early_warning.spikes],
         "triggered": monitor.schedule.num_triggered,
         "ratios": [h.get("curvature/stability_ratio") for h in monitor.history],
+        "layers": {
+            k: v
+            for k, v in monitor.history[-1].items()
+            if k.startswith("curvature/layer/") and k.endswith("/lambda_max")
+        },
     }
     with open(f"{out_path}.{scenario}.rank{rank}", "w") as handle:
         json.dump(result, handle)
