@@ -1,6 +1,7 @@
 """The two tiers: what each measures, against float64 dense truth, and what it costs."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -10,6 +11,8 @@ from lightning_curvature import CurvatureMonitor, DenseOperator, lanczos
 from lightning_curvature._lightning import pl
 from lightning_curvature.estimators import hutchinson_trace
 from lightning_curvature.measure.tiers import MeasureSettings, WarmStart, measure
+from lightning_curvature.operators import PreconditionedOperator
+from lightning_curvature.optim.stability import StabilityRule
 from tests.lightning_models import Classifier, classification_data, loader, mlp, trainer
 from tests.truth import cross_entropy_loss, dense_hessian, matrix_with_spectrum
 
@@ -148,3 +151,41 @@ def test_adahessian_gets_adams_rule_with_its_own_preconditioner(tmp_path):
     last = monitor.history[-1]
     assert last["curvature/preconditioned_lambda_max"] == pytest.approx(truth, rel=1e-3)
     assert last["curvature/stability_threshold"] == pytest.approx(38.0)
+
+
+def test_an_adaptive_optimizers_track_point_measures_its_relevant_sharpness_alone():
+    """Under Adam the track tier runs one Lanczos, on P⁻¹ᐟ²HP⁻¹ᐟ²; λmax(H) waits for the
+    full tier, and the warm start for it is kept for that tier."""
+    spectrum = torch.tensor([9.0, 7.5, *torch.linspace(0.0, 5.0, 120).tolist()])
+    op = _dense(spectrum, seed=3)
+    diagonal = torch.linspace(0.5, 2.0, 122, dtype=torch.float64)
+    scale = diagonal.rsqrt()
+    truth = torch.linalg.eigvalsh(scale[:, None] * op.matrix * scale[None, :])[-1].item()
+    rule = StabilityRule(
+        optimizer="Adam",
+        threshold=38.0,
+        learning_rate=1e-2,
+        preconditioned=True,
+        known=True,
+        note="",
+    )
+    settings = MeasureSettings(k=2, tol=1e-6, trace=False)
+    full, warm = measure(op, 0, settings, tier="full", rule=rule, preconditioner=diagonal)
+    assert full.lambda_max == pytest.approx(9.0, rel=1e-6) and full.lambda_max_converged
+    before = op.num_matvecs
+    track, kept = measure(
+        op, 1, settings, tier="track", rule=rule, preconditioner=diagonal, warm=warm
+    )
+    scaled = PreconditionedOperator(_dense(spectrum, seed=3), diagonal)
+    alone = lanczos(scaled, k=1, tol=1e-6, seed=4, init=warm.preconditioned)
+    assert track.num_matvecs == op.num_matvecs - before == alone.num_matvecs
+    assert track.preconditioned_lambda_max == pytest.approx(truth, rel=1e-6)
+    assert track.converged and track.sharpness == track.preconditioned_lambda_max
+    assert math.isnan(track.lambda_max) and not track.lambda_max_converged
+    tags = track.scalars()
+    assert "curvature/lambda_max" not in tags and "curvature/lambda_max_x_lr" not in tags
+    assert tags["curvature/stability_ratio"] == pytest.approx(truth * 1e-2 / 38.0, rel=1e-6)
+    assert kept.top is warm.top  # the full tier's λmax(H) warm start survives
+    # Without an adaptive optimizer the track tier measures λmax itself.
+    plain, _ = measure(op, 2, settings, tier="track")
+    assert plain.lambda_max == pytest.approx(9.0, rel=1e-6) and plain.sharpness == plain.lambda_max

@@ -67,7 +67,9 @@ class BatchNormAdamW(pl.LightningModule):
 
 def test_batchnorm_adamw_run_measures_the_training_objective_and_stays_sane(tmp_path):
     module = BatchNormAdamW()
-    monitor = CurvatureMonitor(every_n_steps=5, log_spaced=False, k=1, trace=False)
+    # Every point full: under Adam the track tier measures λmax(P⁻¹H) alone, and λmax(H)
+    # at step 30 is checked below.
+    monitor = CurvatureMonitor(every_n_steps=5, log_spaced=False, k=1, trace=False, full_every=1)
     run = quiet_fit(trainer(tmp_path, [monitor], max_steps=30), module, loader(image_data()))
     ratios = [h["curvature/stability_ratio"] for h in monitor.history]
     assert len(ratios) == 6

@@ -13,9 +13,11 @@ from lightning_curvature.measure.tags import TAG_PREFIX, tag
 class Measurement:
     """Everything one measurement found, as plain numbers with their evidence.
 
-    ``converged`` says whether the stability-relevant sharpness converged (λmax, and the
+    ``converged`` says whether the stability-relevant sharpness converged (λmax, or the
     preconditioned λmax for adaptive optimizers); λmax, the top k and λmin each carry their
-    own flag and error bound too. ``sharpness_x_lr`` is that sharpness times η.
+    own flag and error bound too. ``sharpness_x_lr`` is that sharpness times η. A track
+    measurement under an adaptive optimizer measures no λmax(H): ``lambda_max`` is NaN there,
+    not converged, and not logged.
     """
 
     step: int
@@ -58,6 +60,14 @@ class Measurement:
     layer_lambda_max: dict[str, tuple[float, float, bool]] | None = None
     density_grid: tuple[float, ...] | None = field(default=None, repr=False)
     density: tuple[float, ...] | None = field(default=None, repr=False)
+
+    @property
+    def sharpness(self) -> float:
+        """The stability-relevant sharpness: the preconditioned λmax for adaptive
+        optimizers, λmax otherwise (what ``stability_ratio`` and the spike alert read)."""
+        if self.preconditioned_lambda_max is not None:
+            return self.preconditioned_lambda_max
+        return self.lambda_max
 
     def scalars(self, prefix: str = TAG_PREFIX) -> dict[str, float]:
         """The scalar tags, ready for ``log_metrics``: a value whose estimate did not

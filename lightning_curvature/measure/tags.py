@@ -15,7 +15,11 @@ TAG_PREFIX = "curvature"
 # name -> (tier, meaning). "track" is logged at every measurement, "full" at full ones only,
 # "both" at every measurement of either tier, "monitor" by the monitor beside a measurement.
 SCALAR_TAGS: dict[str, tuple[str, str]] = {
-    "lambda_max": ("track", "λmax, the largest eigenvalue on the probe batches"),
+    "lambda_max": (
+        "track",
+        "λmax, the largest eigenvalue on the probe batches (at full measurements only under "
+        "adaptive optimizers, whose track tier measures λmax(P⁻¹H))",
+    ),
     "lambda_max_error_bound": ("track", "λmax's error bound"),
     "learning_rate": ("track", "η of the optimizer (param group) that owns the parameters"),
     "lambda_max_x_lr": ("track", "λmax·η"),

@@ -1,9 +1,11 @@
 r"""One curvature measurement, in two tiers, gathered in one record.
 
 - **track** (every scheduled step, a handful of products): the stability-relevant sharpness
-  — λmax, and λmax(P⁻¹H) for adaptive optimizers — warm-started from the previous Ritz
-  vectors, with λmax·η, the stability ratio and the learning rate, plus two directional
-  quantities:
+  — λmax, or λmax(P⁻¹H) for adaptive optimizers — warm-started from the previous Ritz
+  vectors, with its ·η, the stability ratio and the learning rate, plus two directional
+  quantities. Under an adaptive optimizer λmax(H) itself waits for the full tier: it is not
+  what decides stability there, and a second Lanczos run would double the track tier's
+  products.
 
   * directional sharpness :math:`u^\top H u / u^\top u`, u the last update
     :math:`\theta_s - \theta_{s-1}` (Pan & Li 2023): one product;
@@ -113,13 +115,15 @@ def measure(
     started = time.perf_counter()
     matvecs_before = op.num_matvecs
     full = tier == "full"
-    top = _top_eigenpairs(op, settings, warm, full)
-    lambda_max = float(top.eigenvalues[0])
+    # The track tier measures the relevant sharpness alone: λmax(H) waits for the full tier
+    # under an adaptive optimizer (its P⁻¹H decides stability there).
+    top = _top_eigenpairs(op, settings, warm, full) if full or preconditioner is None else None
+    lambda_max = math.nan if top is None else float(top.eigenvalues[0])
     loss = getattr(op, "loss", None)
     values: dict[str, Any] = {"probe_loss": math.nan if loss is None else float(loss)}
-    if full:
+    if top is not None and full:
         values.update(_full_tier(op, settings, top, blocks))
-    sharpness, converged = lambda_max, top.converged
+    sharpness, converged = lambda_max, top is None or top.converged
     preconditioned_vectors = None
     if preconditioner is not None:
         scaled = _preconditioned_top(op, settings, preconditioner, warm)
@@ -133,8 +137,8 @@ def measure(
         step=step,
         tier=tier,
         lambda_max=lambda_max,
-        lambda_max_error_bound=float(top.error_bounds[0]),
-        lambda_max_converged=top.converged,
+        lambda_max_error_bound=math.nan if top is None else float(top.error_bounds[0]),
+        lambda_max_converged=top is not None and top.converged,
         converged=converged,
         num_matvecs=op.num_matvecs - matvecs_before + extra_matvecs,
         seconds=time.perf_counter() - started,
@@ -142,7 +146,8 @@ def measure(
         curvature=curvature,
         **values,
     )
-    return record, WarmStart(top=top.eigenvectors, preconditioned=preconditioned_vectors)
+    kept = warm.top if top is None else top.eigenvectors
+    return record, WarmStart(top=kept, preconditioned=preconditioned_vectors)
 
 
 def _top_eigenpairs(op: Any, settings: MeasureSettings, warm: WarmStart, full: bool) -> Any:

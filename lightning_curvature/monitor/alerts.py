@@ -2,8 +2,9 @@ r"""Alert rules over the measurements of one training run.
 
 Two rules, each firing once when its condition starts to hold and re-arming when it stops:
 
-- **Sharpness spike** (``"sharpness_spike"``): λmax is more than ``spike_factor`` times the
-  highest of the previous ``spike_window`` converged measurements,
+- **Sharpness spike** (``"sharpness_spike"``): λmax (the stability-relevant sharpness:
+  λmax(P⁻¹H) for adaptive optimizers) is more than ``spike_factor`` times the highest of the
+  previous ``spike_window`` converged measurements,
 
   .. math:: \lambda_t > f \cdot \max(\lambda_{t-w}, \dots, \lambda_{t-1}),
 
@@ -197,7 +198,8 @@ class AlertTracker:
 
         Args:
             step: the training step of the measurement.
-            lambda_max: the measured λmax.
+            lambda_max: the measured stability-relevant sharpness (λmax, or λmax(P⁻¹H)
+                for adaptive optimizers).
             stability_ratio: relevant sharpness × η over the optimizer's threshold, or
                 ``None`` when there is none to trust (then the edge rule waits).
             converged: whether the estimate converged; if not, nothing happens.

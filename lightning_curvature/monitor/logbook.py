@@ -76,7 +76,7 @@ class Logbook:
         self.early_warning.measured(
             record.step, ratio if record.converged else None, record.learning_rate
         )
-        return self.alerts.update(record.step, record.lambda_max, ratio, record.converged)
+        return self.alerts.update(record.step, record.sharpness, ratio, record.converged)
 
     def stepped(
         self,
