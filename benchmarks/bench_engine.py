@@ -276,7 +276,7 @@ def eigenthings_tuned(model, batch, top_n, truth, target, repeats):
                 repeats,
             )
             return seconds, result, steps, max(errors)
-    raise RuntimeError("eigenthings did not reach the target accuracy")
+    raise RuntimeError("eigenthings did not reach the target accuracy in 80 steps")
 
 
 def pyhessian_tuned(model, batch, top_n, truth, target, repeats):
@@ -297,7 +297,15 @@ def pyhessian_tuned(model, batch, top_n, truth, target, repeats):
                 repeats,
             )
             return seconds, result, tol, max(errors)
-    raise RuntimeError("PyHessian did not reach the target accuracy")
+    # Not reached at its tightest tol (power iteration stops at 100 steps): its best, timed.
+    seconds, result = timed(
+        lambda: peers.pyhessian_top_eigenvalues(
+            model, CRITERION, x, y, top_n=top_n, tol=1e-7, seed=0
+        ),
+        repeats,
+    )
+    errors = [relative(a, b) for a, b in zip(result.eigenvalues, truth, strict=False)]
+    return seconds, result, 1e-7, max(errors)
 
 
 def arpack_rows(model, batch, truth, top_n, quantity, repeats):
@@ -505,6 +513,9 @@ def side_by_side(model, batch, truth, trace_truth, repeats, label):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, a smoke run")
+    parser.add_argument(
+        "--cnn", action="store_true", help="only the digits CNN of bench_ggn.py, in eval mode"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     repeats = 2 if args.quick else 7
@@ -512,6 +523,21 @@ def main() -> None:
 
     inputs, targets = digits(0)
     batch = (inputs[:512], targets[:512])
+    if args.cnn:
+        from bench_ggn import digits_cnn  # it imports this module: not at the top
+
+        cnn = digits_cnn().eval()  # eval: every tool sees the same function (BatchNorm)
+        print(f"## Digits CNN ({_flat(cnn).numel():,} parameters, eval mode), batch 512")
+        side_by_side(
+            cnn,
+            batch,
+            reference_top(cnn, batch),
+            reference_trace(cnn, batch, 100 if not args.quick else 20),
+            max(2, repeats // 2),
+            "the CNN (errors against float64 Lanczos, 150 steps; trace against float64 "
+            "Hutchinson with 100 probes)",
+        )
+        return
 
     small = trained_mlp([64, 32, 10])
     small64 = copy.deepcopy(small).double()
