@@ -144,6 +144,9 @@ class _Process:
         self.residual: torch.Tensor | None = None  # the last Krylov column's part outside Q
         self.known_product: torch.Tensor | None = None  # A·next_vector when already known
         self.checked = self.next_check = 0
+        # The projection the last convergence test read, while no step has changed it since
+        # (the result then reuses it, and the test's verdict on it).
+        self.last_projection: Projection | None = None
 
     def seed(self, seeds: torch.Tensor) -> None:
         """Orthonormalise the seed columns into the basis, dropping dependent ones."""
@@ -178,7 +181,7 @@ class _Process:
         self.upper[:num_seeds, :num_seeds] = (coefficients + second).double()
         assert self.seeds is not None
         self.seed_rayleigh = _seed_rayleigh(self.op, rows, products, self.seeds)
-        seeded = self.projection(num_seeds)
+        seeded = self.last_projection = self.projection(num_seeds)
         if (
             is_converged is not None and num_seeds >= min_steps and is_converged(seeded)
         ) or num_seeds == self.max_iters:
@@ -228,6 +231,7 @@ class _Process:
         last step allowed."""
         basis, column, vector = self.basis, self.basis.size, self.next_vector
         assert vector is not None
+        self.last_projection = None
         basis.append(vector)
         if self.outside is not None:
             seed_rows = inner(self.op, self.outside, vector)  # its row of seed products
@@ -259,11 +263,10 @@ class _Process:
         broken = np.flatnonzero(~(recent > self.tiny_relative * scale))
         if not broken.size:
             self.checked = size
-            return (
-                is_converged is not None
-                and size >= min_steps
-                and is_converged(self.projection(size, host))
-            )
+            if is_converged is None or size < min_steps:
+                return False
+            self.last_projection = self.projection(size, host)
+            return is_converged(self.last_projection)
         first = int(broken[0])
         cut = self.checked + first + 1
         if not np.isfinite(recent[: first + 1]).all():
@@ -313,9 +316,10 @@ class _Process:
         )
 
     def result(self) -> KrylovRun:
-        return KrylovRun(
-            self.basis, self.projection(self.basis.size), self.num_matvecs, self.seed_rayleigh
-        )
+        projection = self.last_projection
+        if projection is None or projection.size != self.basis.size:
+            projection = self.projection(self.basis.size)
+        return KrylovRun(self.basis, projection, self.num_matvecs, self.seed_rayleigh)
 
 
 def _seed_rayleigh(
@@ -329,14 +333,20 @@ def _seed_rayleigh(
     few reductions run in float64: in float32 an inner product over 85k entries rounds at
     about 2e-5: on the 85k-parameter MLP the quotients came 4e-5 off float64 truth with
     float32 reductions and 8e-6 with float64 ones (a direct float32 product: 5e-7)."""
-    # One reduction over shards for the three: c = Q s, Q A Qᵀ, and the squares of s.
+    # One reduction over shards for the three: c = Q s, Q A Qᵀ, and the squares of s. Each
+    # block is converted on its own (a concatenated copy cost as much as the products).
     r_kept, r_given = rows.shape[0], seeds.shape[1]
-    given = torch.cat([seeds, products], dim=1).double()  # one conversion for both blocks
-    projected_all = rows.double() @ given  # [Q s | Q A Qᵀ], (r_kept, r_given + r_kept)
-    local = torch.cat([projected_all.reshape(-1), given[:, :r_given].square().sum(dim=0)])
+    rows64, seeds64 = rows.double(), seeds.double()
+    local = torch.cat(
+        [
+            (rows64 @ seeds64).reshape(-1),  # Q s, (r_kept, r_given)
+            (rows64 @ products.double()).reshape(-1),  # Q A Qᵀ, (r_kept, r_kept)
+            seeds64.square().sum(dim=0),
+        ]
+    )
     total = sum_over_shards(op, local)
-    both = total[: r_kept * (r_given + r_kept)].reshape(r_kept, r_given + r_kept)
-    coefficients, projected = both[:, :r_given], both[:, r_given:]
+    coefficients = total[: r_kept * r_given].reshape(r_kept, r_given)
+    projected = total[r_kept * r_given : r_kept * (r_given + r_kept)].reshape(r_kept, r_kept)
     squares = total[-r_given:]
     numerators = (coefficients * (projected @ coefficients)).sum(dim=0)
     values = (numerators / squares).cpu().numpy()

@@ -188,10 +188,7 @@ def lanczos(
             its wanted Ritz vectors (no guard Ritz values are asked for: the previous run
             had them). For λmax pass the previous top vector alone (a block pays ``r``
             products up front). Every column's Rayleigh quotient comes back in
-            ``init_rayleigh`` for free: a track point passes [previous top
-            vector, last update u, probe gradient g] and reads λmax, the directional
-            sharpness uᵀHu/uᵀu and the batch sharpness gᵀHg/gᵀg from one run (3 products
-            when the block's Rayleigh–Ritz step already converges).
+            ``init_rayleigh`` at no extra product.
         return_basis: also return the whole orthonormal basis and its Rayleigh quotients,
             e.g. to deflate :func:`~lightning_curvature.hutchinson_trace` with it.
         restarts: with ``k=1``, restart an unconverged run from its Ritz vector up to this
@@ -364,8 +361,14 @@ class _Convergence:
     def __init__(self, k: int, guards: int, tol: float, which: Which, dim: int) -> None:
         self.k, self.guards, self.tol, self.which, self.dim = k, guards, tol, which, dim
         self.guard_tol = max(tol, tol**0.5)
+        self._last: tuple[Projection, bool] | None = None  # the result asks again
 
     def __call__(self, projection: Projection) -> bool:
+        if self._last is None or self._last[0] is not projection:
+            self._last = (projection, self._judge(projection))
+        return self._last[1]
+
+    def _judge(self, projection: Projection) -> bool:
         k, tol = self.k, self.tol
         if projection.size < min(k + self.guards, self.dim):
             return False
