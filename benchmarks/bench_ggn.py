@@ -29,7 +29,7 @@ from curvlinops import GGNLinearOperator
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import digits, loss_fn, machine, trained_mlp
+from bench_engine import digits, digits_cnn, loss_fn, machine, trained_mlp
 
 import lightning_curvature as lc
 from lightning_curvature.estimators.blockwise import (
@@ -41,36 +41,6 @@ from lightning_curvature.operators.blocks import parameter_blocks
 from lightning_curvature.operators.ggn import GGNOperator
 
 DEVICE = torch.device("cpu")
-
-
-def digits_cnn(steps: int = 150, seed: int = 0) -> nn.Module:
-    """Conv(1→16)-Conv(16→16)-pool-Conv(16→32)-Conv(32→32)-pool-Linear(128→10), trained a
-    little with SGD so its curvature is that of a network in training."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128, 10),
-    )
-    inputs, targets = digits(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(steps):
-        index = torch.arange(step * 64, step * 64 + 64) % len(targets)
-        optimizer.zero_grad()
-        loss_fn(model, (inputs[index], targets[index])).backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model
 
 
 def timed(function, repeats: int) -> tuple[float, object]:

@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 from typing import Any
 
 import torch
 from bench_engine import machine
-from bench_overhead import Module, data
+from bench_overhead import fit as overhead_fit
 
 from lightning_curvature import CurvatureMonitor
-from lightning_curvature._lightning import Callback, pl
+from lightning_curvature._lightning import Callback
 
 
 class StepTimes(Callback):
@@ -49,23 +48,10 @@ class StepTimes(Callback):
 
 
 def fit(steps: int, extra: list[Callback]) -> tuple[float, StepTimes]:
-    pl.seed_everything(0, verbose=False)
+    """``bench_overhead.py``'s run with the step timer first among the callbacks."""
     timer = StepTimes()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *extra],
-    )
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Module(), data())
-    return time.perf_counter() - started, timer
+    wall, _, _ = overhead_fit(steps, [timer, *extra])
+    return wall, timer
 
 
 def by_position(seconds: dict[int, float], every: int) -> str:
