@@ -163,7 +163,7 @@ def test_ggn_blocks_of_a_linear_model_are_the_least_squares_hessians():
     """For a linear model under MSE, G = H exactly (2/(nK)·XᵀX per output, and the bias)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 2)).double()
-    with torch.no_grad():  # one affine map, written as two layers: H has cross terms
+    with torch.no_grad():  # one affine map written as two layers: G ≠ H there
         model[0].weight.normal_()
     x, y = torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
     batches = [(x[:20], y[:20]), (x[20:], y[20:])]
@@ -179,14 +179,21 @@ def test_ggn_blocks_of_a_linear_model_are_the_least_squares_hessians():
         dense[torch.tensor(rows)[:, None], torch.tensor(rows)[None]] = gram
     direct = op.diagonal_block_products(blocks, packed, [0, 1])
     torch.testing.assert_close(direct, dense_blocks(dense, blocks, [0, 1], packed))
-    # A deeper model: each block equals the masked full product's block.
+    # Two layers: G = Jᵀ(2/(nK))J with J the outputs' Jacobian in the flat parameters,
+    # dense by autograd, independently of the operator; its diagonal blocks.
     deep = GGNOperator(model, batches, loss_from_output="mse")
     layers = parameter_blocks(deep.param_names, deep.params)
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def outputs(flat):
+        values = dict(zip(names, torch.split(flat, [s.numel() for s in shapes]), strict=True))
+        values = {n: v.view(s) for (n, v), s in zip(values.items(), shapes, strict=True)}
+        return torch.func.functional_call(model, values, (x,)).reshape(-1)
+
+    jacobian = torch.autograd.functional.jacobian(outputs, theta)
+    ggn = 2 / (40 * 2) * jacobian.T @ jacobian
     packed = packed_vectors(deep.dim)
-    masked = torch.zeros_like(packed)
-    for _, piece in layers:
-        column = torch.zeros_like(packed)
-        column[piece] = packed[piece]
-        masked[piece] = deep.matmat(column)[piece]
     direct = deep.diagonal_block_products(layers, packed, [0, 1])
-    torch.testing.assert_close(direct, masked, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(direct, dense_blocks(ggn, layers, [0, 1], packed))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from lightning_curvature.estimators._certificate import error_bounds
 from lightning_curvature.estimators._common import (
     LinearOperator,
     apply_block,
@@ -35,7 +36,7 @@ from lightning_curvature.estimators._common import (
 )
 from lightning_curvature.estimators._projection import BREAKDOWN_EPS, rounding_floor
 from lightning_curvature.estimators.hutchinson import TraceResult
-from lightning_curvature.estimators.lanczos import default_num_iters, error_bounds
+from lightning_curvature.estimators.lanczos import default_num_iters
 from lightning_curvature.linear_operator import Block, block_products, check_blocks
 
 
@@ -327,7 +328,7 @@ class _BlockRun:
     def evidence(self) -> tuple[float, float, float, float, float]:
         """λmax of the block's tridiagonal, its residual, its error bound (the residual
         plus the rounding floor: a gap taken from Ritz values is not certified, see
-        :func:`~.lanczos.error_bounds`), that floor, and the block's spectral scale."""
+        :func:`~._certificate.error_bounds`), that floor, and the block's spectral scale."""
         a, b = np.diagonal(self.products).copy(), np.diagonal(self.products, -1).copy()
         if a.size == 1:
             theta, vectors = a, np.ones((1, 1))

@@ -6,7 +6,7 @@ For a symmetric operator :math:`A`, ``m`` Lanczos steps build an orthonormal bas
 power iteration. Each Ritz pair has an exact residual norm :math:`r = \|Ay - \theta y\|`
 for free (see :mod:`._krylov`); :math:`r` bounds the distance from :math:`\theta` to the
 nearest eigenvalue, and with the products' rounding floor it is the reported error bound
-(see :func:`error_bounds`).
+(see :func:`~._certificate.error_bounds`).
 
 Everything runs on the operator's device; the only host transfers are the small projected
 matrix and Gram matrix, at each convergence check.
@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from lightning_curvature._checks import check_int
+from lightning_curvature.estimators._certificate import (
+    Convergence,
+    Which,
+    evidence,
+    guard_ritz_values,
+    wanted_indices,
+)
 from lightning_curvature.estimators._common import (
     LinearOperator,
     check_operator,
@@ -32,9 +39,6 @@ from lightning_curvature.estimators._common import (
     total_dim,
 )
 from lightning_curvature.estimators._krylov import KrylovRun, krylov_projection
-from lightning_curvature.estimators._projection import Projection
-
-Which = Literal["largest", "smallest"]
 
 # The low end of a network Hessian is a dense cluster around zero: below this many steps a
 # Ritz value there can look converged while the Krylov space has not explored the cluster.
@@ -53,7 +57,7 @@ class LanczosResult:
         error_bounds: a bound on each eigenvalue's absolute error: the residual norm,
             which bounds the distance to the nearest eigenvalue, plus the rounding floor of
             the products, which no residual sees; honest unless an eigenvalue at that end
-            was missed altogether (see :func:`error_bounds`).
+            was missed altogether (see :func:`~._certificate.error_bounds`).
         ritz_values: every Ritz value of the final projection, ascending (for histograms).
         which: which end of the spectrum was asked for.
         num_iters: the size of the final basis (warm-start vectors included).
@@ -84,55 +88,6 @@ class LanczosResult:
     basis: torch.Tensor | None = None
     basis_rayleigh: torch.Tensor | None = None
     init_rayleigh: torch.Tensor | None = None
-
-
-def wanted_indices(num_ritz: int, count: int, which: Which) -> np.ndarray:
-    """Positions of the ``count`` wanted Ritz values in the ascending order, best first."""
-    count = min(count, num_ritz)
-    if which == "largest":
-        return np.arange(num_ritz - 1, num_ritz - 1 - count, -1)
-    return np.arange(count)
-
-
-def error_bounds(
-    theta: np.ndarray,
-    residuals: np.ndarray,
-    indices: np.ndarray,
-    floor: float | np.ndarray = 0.0,
-) -> np.ndarray:
-    """The error bound of each Ritz value at ``indices``: its residual norm ``r`` plus the
-    products' rounding ``floor`` (:meth:`~._krylov.Projection.rounding_floor`): below the
-    rounding, a residual certifies nothing (a float32 run can read 1e-20 while its Ritz
-    value is off by 1e-7 of the scale, or by 1e-4 near a minimum).
-
-    ``r`` bounds the distance to the nearest eigenvalue whatever the rest of the spectrum.
-    The sharper Kato–Temple bound ``r²/gap`` needs a gap to the *other eigenvalues*, and
-    the Ritz values cannot certify one: they under-represent clusters (a Ritz value inside
-    a dense cluster has neighbours far away while eigenvalues sit right next to it), and an
-    eigenvalue between two Ritz values can be missing altogether (seen with 4 steps: a
-    neighbour at 39 with a small residual while the eigenvalue 60 was not yet found; and
-    after 6 steps, Ritz values converged near 10 and 8 with the eigenvalue 9 missing, so
-    even a resolved neighbour certifies nothing).
-    """
-    bounds: np.ndarray = residuals[indices].astype(np.float64) + floor
-    return bounds
-
-
-def _spectral_scale(theta: np.ndarray) -> float:
-    return max(float(np.max(np.abs(theta))), float(np.finfo(np.float64).tiny))
-
-
-def guard_ritz_values(k: int) -> int:
-    """Extra Ritz values that must converge before the top ``k`` are trusted.
-
-    By interlacing, the i-th Ritz value never exceeds the i-th eigenvalue, but an
-    eigenvalue inside the top ``k`` whose direction the Krylov space has not picked up yet
-    is simply missing, while its neighbours already look converged (seen on a small CNN:
-    the 4th of the top 5 was absent after 18 steps). Waiting until a few Ritz values beyond
-    the ``k``-th have converged too gives it time to appear. λmax alone (``k == 1``) needs
-    no guard: it is the first to converge from any random start.
-    """
-    return 0 if k == 1 else max(2, k // 2)
 
 
 def default_num_iters(k: int, which: Which = "largest") -> int:
@@ -172,11 +127,11 @@ def lanczos(
             numbers on the device.
         tol: stop when the error bound of every wanted eigenvalue is below ``tol`` times the
             largest Ritz value in magnitude (a relative accuracy for λmax), and a few guard
-            Ritz values beyond them are located (see :func:`guard_ritz_values`); ``0`` runs
-            all ``num_iters`` steps. A residual below the products' rounding floor also
-            counts: where the products are less accurate than ``tol`` (float32 near a
-            minimum) more steps cannot help, so the run stops and the bound, above
-            ``tol``, says how accurate the value is.
+            Ritz values beyond them are located
+            (:func:`~._certificate.guard_ritz_values`); ``0`` runs all ``num_iters`` steps.
+            A residual below the products' rounding floor also counts: where the products
+            are less accurate than ``tol`` (float32 near a minimum) more steps cannot help,
+            so the run stops and the bound, above ``tol``, says how accurate the value is.
         seed: seeds the random start vector; the global RNG is never touched.
         which: ``"largest"`` (top of the spectrum, λmax first) or ``"smallest"`` (the most
             negative curvature first; needs at least ``SMALLEST_MIN_STEPS`` steps).
@@ -221,7 +176,7 @@ def lanczos(
     size = total_dim(op)  # over all shards: what counts eigenvalues
     guards = 0 if seeds is not None else min(k + guard_ritz_values(k), size) - k
     first_step = k if seeds is not None and which == "largest" else min_steps(k, which)
-    is_converged = _Convergence(k, guards, tol, which, size)
+    is_converged = Convergence(k, guards, tol, which, size)
 
     def seed_weights(matrix: np.ndarray) -> np.ndarray:
         _, vectors = np.linalg.eigh(matrix)
@@ -285,13 +240,13 @@ def _result(
     k: int,
     which: Which,
     first_step: int,
-    is_converged: _Convergence,
+    is_converged: Convergence,
     return_eigenvectors: bool,
     return_basis: bool,
 ) -> LanczosResult:
     """The run's wanted Ritz pairs with their evidence, as a :class:`LanczosResult`."""
     projection = run.projection
-    theta, vectors, residuals, wanted, bounds, _ = _evidence(projection, k, which)
+    theta, vectors, residuals, wanted, bounds, _ = evidence(projection, k, which)
     exhausted = projection.size == total_dim(op)
     converged = exhausted or (projection.size >= first_step and is_converged(projection))
     eigenvectors = None
@@ -341,51 +296,6 @@ def _checked_arguments(
             "wanted eigenvalues' directions are lost with the discarded basis"
         )
     return int(k), int(num_iters), float(tol), int(restarts)
-
-
-def _evidence(projection: Projection, count: int, which: Which) -> tuple[np.ndarray, ...]:
-    """Ritz values, vectors and residuals; the ``count`` wanted positions, their error
-    bounds and rounding floors."""
-    theta, vectors, residuals = projection.ritz()
-    indices = wanted_indices(theta.size, count, which)
-    floor = projection.rounding_floor(theta, vectors)[indices]
-    bounds = error_bounds(theta, residuals, indices, floor)
-    return theta, vectors, residuals, indices, bounds, floor
-
-
-class _Convergence:
-    """Whether a projection has the ``k`` wanted eigenvalues to ``tol`` (of the spectral
-    scale), with ``guards`` more located, not resolved: a looser bound keeps the cost low
-    when they sit in a continuous bulk."""
-
-    def __init__(self, k: int, guards: int, tol: float, which: Which, dim: int) -> None:
-        self.k, self.guards, self.tol, self.which, self.dim = k, guards, tol, which, dim
-        self.guard_tol = max(tol, tol**0.5)
-        self._last: tuple[Projection, bool] | None = None  # the result asks again
-
-    def __call__(self, projection: Projection) -> bool:
-        if self._last is None or self._last[0] is not projection:
-            self._last = (projection, self._judge(projection))
-        return self._last[1]
-
-    def _judge(self, projection: Projection) -> bool:
-        k, tol = self.k, self.tol
-        if projection.size < min(k + self.guards, self.dim):
-            return False
-        theta, _, residuals, indices, bounds, floor = _evidence(
-            projection, k + self.guards, self.which
-        )
-        limit = np.where(np.arange(bounds.size) < k, tol, self.guard_tol) * _spectral_scale(theta)
-        # A residual under the rounding floor is as resolved as the products allow (unless
-        # tol=0 asks for every step).
-        resolved = (bounds <= limit) | ((residuals[indices] <= floor) & (tol > 0))
-        # The i-th Ritz value estimates the i-th eigenvalue only if the wanted ones stand
-        # for distinct eigenvalues: their residual intervals must not overlap (rounding
-        # moves copies of a repeated eigenvalue together, so the floor is left out here).
-        order = np.argsort(theta[indices[:k]])
-        ends, radii = theta[indices[:k]][order], residuals[indices[:k]][order]
-        distinct = np.all(np.diff(ends) > radii[1:] + radii[:-1])
-        return bool(np.all(resolved) and distinct)
 
 
 def _warm_start_block(op: LinearOperator, init: object) -> torch.Tensor:
