@@ -14,6 +14,8 @@ from numbers import Integral, Real
 def check_int(name: str, value: object, minimum: int) -> int:
     """``value`` as a Python int, or a ValueError naming ``name`` when it is not an integer
     at least ``minimum``."""
+    if type(value) is int and value >= minimum:  # the usual case, at every step: decided fast
+        return value
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)

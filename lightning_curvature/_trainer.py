@@ -73,6 +73,30 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [log.experiment for log in trainer.loggers if isinstance(log, TensorBoardLogger)]
 
 
+class StepFacts:
+    """What the per-step hooks read off a trainer, read once per trainer: the TensorBoard
+    writers, the loggers and their period, and the collectives. None of it changes within a
+    fit, and Lightning's properties cost microseconds each, which on a small model's
+    millisecond step add up to a few percent of the run (benchmarks/RESULTS.md, "The
+    monitor's per-step work")."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+        self.writers = tensorboard_writers(trainer)
+        self.loggers = trainer.loggers
+        self.log_every_n_steps = int(trainer.log_every_n_steps)  # 0: never
+        self.agree_loss = max_over_ranks(trainer)
+        self.agree_cadence = rank_zero_value(trainer)
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer, cached: StepFacts | None) -> StepFacts:
+        """``cached`` while it belongs to ``trainer``, else read afresh."""
+        return cached if cached is not None and cached.trainer is trainer else cls(trainer)
+
+    def is_log_step(self, step: int) -> bool:
+        return self.log_every_n_steps > 0 and step % self.log_every_n_steps == 0
+
+
 def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: Any) -> str | None:
     """Why this run cannot be measured, in words with the fix; None when it can."""
     curvature, loss_fn, output_fn = objective.curvature, objective.loss_fn, objective.output_fn
@@ -104,10 +128,12 @@ def cannot_measure(trainer: pl.Trainer, module: pl.LightningModule, objective: A
 
 
 def step_loss(outputs: Any) -> torch.Tensor | None:
-    """The loss ``training_step`` returned for this batch (detached), when it returned one:
-    a tensor, or a mapping's ``"loss"``."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    return loss.detach() if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+    """The loss ``training_step`` returned for this batch, when it returned one: a tensor,
+    or a mapping's ``"loss"`` (not detached: it is read, never differentiated)."""
+    # Lightning hands a dict: decided before the (slower) abstract Mapping check.
+    is_mapping = type(outputs) is dict or isinstance(outputs, Mapping)
+    loss = outputs.get("loss") if is_mapping else outputs
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
 class LossReader:
@@ -121,8 +147,9 @@ class LossReader:
 
     def read(self, loss: torch.Tensor | None) -> float | None:
         """Hand over this step's loss; get the latest loss that is ready (None: none yet)."""
-        if loss is None or loss.device.type != "cuda":
+        if loss is None or not loss.is_cuda:
             return None if loss is None else float(loss)
+        loss = loss.detach()
         ready = None
         if self._pending is not None and self._pending[1].query():
             ready = float(self._pending[0])

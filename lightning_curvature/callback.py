@@ -225,6 +225,10 @@ class CurvatureMonitor(Callback):
         self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
         # Per-run scratch.
         self._measurer: Measurer | None = None
+        self._facts: facts.StepFacts | None = None
+        self._state_key = self._generate_state_key(
+            tag_prefix=tag_prefix, params=self.params, curvature=self.objective.curvature
+        )
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -238,9 +242,7 @@ class CurvatureMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            tag_prefix=self.tag_prefix, params=self.params, curvature=self.objective.curvature
-        )
+        return self._state_key  # Lightning reads it at every hook of every step
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -289,7 +291,7 @@ class CurvatureMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.disabled_reason is not None or trainer.sanity_checking:
+        if self.disabled_reason is not None:  # (sanity checks run no training batches)
             return
         with self.schedule.clock.monitoring(ends_step=True):
             self._step_end(trainer, pl_module, outputs)
@@ -298,10 +300,10 @@ class CurvatureMonitor(Callback):
         # A batch that training_step skipped (returned None) is no probe for it either.
         self.probes.confirm(not self.objective.is_training_step or facts.returned_a_loss(outputs))
         step = trainer.global_step  # a Lightning property that costs: read once
-        signals = self._early_signals(trainer, step, outputs)
+        run = self._facts = facts.StepFacts.of(trainer, self._facts)
+        signals = self._early_signals(run, step, outputs)
         # The calibrated cadence is the one clock-derived decision: rank 0's holds.
-        agree = facts.rank_zero_value(trainer)
-        decision = self.schedule.decide(step, agree, signals.trigger, signals.sparse)
+        decision = self.schedule.decide(step, run.agree_cadence, signals.trigger, signals.sparse)
         if decision.skipped:  # far from the edge: its cost pays for triggered ones
             self.logbook.early_warning.saved_one()
         for said, say in ((decision.info, rank_zero_info), (decision.warning, rank_zero_warn)):
@@ -355,22 +357,22 @@ class CurvatureMonitor(Callback):
         self._hvp_method = state_dict.get("hvp_method", "auto")
 
     # ------------------------------------------------------------------ measuring
-    def _early_signals(self, trainer: pl.Trainer, step: int, outputs: Any) -> Signals:
+    def _early_signals(self, run: facts.StepFacts, step: int, outputs: Any) -> Signals:
         """The free signals of this step (η, the loss, the last sharpness): the predicted
         ratio, a trigger, early alerts (raised now) and a loss spike's record."""
-        writers = facts.tensorboard_writers(trainer)
         signals = self.logbook.stepped(
             step,
             learning_rate=facts.owned_learning_rate(self._owner),
             loss=self._loss_reader.read(facts.step_loss(outputs)),
             cadence=self.schedule.cadence,
-            agree_loss=facts.max_over_ranks(trainer),
-            log_step=step % trainer.log_every_n_steps == 0,
-            loggers=trainer.loggers,
-            writers=writers,
+            agree_loss=run.agree_loss,
+            log_step=run.is_log_step(step),
+            loggers=run.loggers,
+            writers=run.writers,
             say=rank_zero_info,
         )
-        self._raise_alerts(trainer, signals.alerts, writers)
+        if signals.alerts:
+            self._raise_alerts(run.trainer, signals.alerts, run.writers)
         return signals
 
     def _after(self, trainer: pl.Trainer, outcome: Outcome) -> None:

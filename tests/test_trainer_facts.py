@@ -11,8 +11,9 @@ from lightning_curvature._trainer import LossReader, step_loss
 
 def test_the_step_loss_is_the_tensor_or_the_mappings_loss_and_nothing_else():
     loss = torch.tensor(2.5, requires_grad=True)
-    assert step_loss(loss) is not None and not step_loss(loss).requires_grad
+    assert step_loss(loss) is loss
     assert float(step_loss({"loss": loss, "extra": 1})) == 2.5
+    assert LossReader().read(step_loss(loss)) == 2.5  # read, never differentiated
     assert step_loss(None) is None and step_loss({}) is None
     assert step_loss(torch.ones(3)) is None  # not a scalar: not a loss
 

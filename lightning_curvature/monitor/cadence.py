@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,9 +177,11 @@ class RunClock:
         self._first_interval = False
         self._unassigned_seconds = 0.0
         self._inside = False  # in a monitoring block: the clock is the monitor's
+        self._entered = 0.0  # when the present block began
         self._step_seconds = 0.0  # the monitor's time at this step so far
         self._step_kind: str | None = None  # the measurement completed at this step
         self._step_collect = False
+        self._blocks = (_Block(self, ends_step=False), _Block(self, ends_step=True))
 
     def start(self) -> None:
         self._mark = self.now()
@@ -220,27 +221,31 @@ class RunClock:
         if completed and collect:
             _append(self.samples[kind], ended - started)
 
-    @contextmanager
-    def monitoring(self, ends_step: bool = False) -> Iterator[None]:
-        """Count the time inside as the monitor's. ``ends_step``: the step's last block
-        (after the optimizer step): the step's monitor time becomes a sample, of the kind
-        of the measurement completed in it, or ``"hook"``."""
+    def monitoring(self, ends_step: bool = False) -> _Block:
+        """A block whose time inside counts as the monitor's. ``ends_step``: the step's last
+        block (after the optimizer step): the step's monitor time becomes a sample, of the
+        kind of the measurement completed in it, or ``"hook"``. (The blocks are made once:
+        the callback enters two at every step.)"""
+        return self._blocks[ends_step]
+
+    def enter(self) -> None:
         began = self.now()
         if self._mark is not None:
             self._unassigned_seconds += began - self._mark
-        self._mark, self._inside = began, True
-        try:
-            yield
-        finally:
-            ended = self.now()
-            self._inside = False
-            self.measure_seconds += ended - began
-            self._step_seconds += ended - began
-            self._mark = ended
-            if ends_step:
-                if self._step_collect:
-                    _append(self.samples[self._step_kind or "hook"], self._step_seconds)
-                self._step_seconds, self._step_kind, self._step_collect = 0.0, None, False
+        self._mark = self._entered = began
+        self._inside = True
+
+    def leave(self, ends_step: bool) -> None:
+        ended = self.now()
+        spent = ended - self._entered
+        self._inside = False
+        self.measure_seconds += spent
+        self._step_seconds += spent
+        self._mark = ended
+        if ends_step:
+            if self._step_collect:
+                _append(self.samples[self._step_kind or "hook"], self._step_seconds)
+            self._step_seconds, self._step_kind, self._step_collect = 0.0, None, False
 
     def measured_any(self) -> bool:
         return bool(self.samples["track"] or self.samples["full"])
@@ -278,6 +283,19 @@ class RunClock:
         self.measure_seconds = float(state.get("measure_seconds", 0.0))
         samples = state.get("samples", {})
         self.samples = {kind: [float(v) for v in samples.get(kind, [])] for kind in _KINDS}
+
+
+class _Block:
+    """A :meth:`RunClock.monitoring` block: enter and leave the monitor's time."""
+
+    def __init__(self, clock: RunClock, ends_step: bool) -> None:
+        self.clock, self.ends_step = clock, ends_step
+
+    def __enter__(self) -> None:
+        self.clock.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.clock.leave(self.ends_step)
 
 
 def _append(samples: list[float], value: float) -> None:

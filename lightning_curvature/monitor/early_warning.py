@@ -61,7 +61,12 @@ from typing import Any
 
 from lightning_curvature.monitor.alerts import Alert, AlertTracker
 from lightning_curvature.monitor.loss_spikes import LossSpike, not_finite_message, spike_summary
-from lightning_curvature.monitor.triggers import TriggerBudget, Triggers, risk_wait
+from lightning_curvature.monitor.triggers import (
+    TriggerBudget,
+    Triggers,
+    least_squares_slope,
+    risk_wait,
+)
 
 PREDICTED = "predicted_edge"
 TREND = "sharpness_trend"
@@ -102,7 +107,8 @@ class EarlyWarning:
         self.reference: tuple[int, float, float] | None = None  # (step, ratio, η) trusted
         self.last_measured_step = 0
         self.last_measured_lr: float | None = None
-        self.trend_points: list[tuple[int, float]] = []
+        self.trend_points: list[tuple[int, float]] = []  # replaced, never changed in place
+        self._slope: tuple[list[tuple[int, float]], float | None] | None = None
         self.losses: list[float] = []
         self.pending_loss_event = _CALM
         self.above_recent = False  # the last loss was far above the recent ones
@@ -209,14 +215,12 @@ class EarlyWarning:
 
     def _sharpness_slope(self) -> float | None:
         """The least-squares slope per step of the sharpness over the threshold (ratio per
-        unit η) over the last trusted measurements; None with too few."""
-        if len(self.trend_points) < _TREND_POINTS:
-            return None
-        steps = [float(s) for s, _ in self.trend_points]
-        if len(set(steps)) < 2:
-            return None
-        per_lr = [r for _, r in self.trend_points]
-        return statistics.linear_regression(steps, per_lr).slope
+        unit η) over the last trusted measurements; None with too few. Read several times
+        at every step, it changes only with the points (a new list each time): kept."""
+        points = self.trend_points
+        if self._slope is None or self._slope[0] is not points:
+            self._slope = (points, least_squares_slope(points, _TREND_POINTS))
+        return self._slope[1]
 
     def summary(self) -> str:
         """One line for the end of a run: the loss spikes and their lead times."""

@@ -6,6 +6,8 @@ The rules themselves are stated in :mod:`~lightning_curvature.monitor.early_warn
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,3 +116,14 @@ class TriggerBudget:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.credit = float(state.get("credit", self.burst))
         self.last_step = state.get("last_step")
+
+
+def least_squares_slope(points: Sequence[tuple[int, float]], needed: int) -> float | None:
+    """The least-squares slope per step through ``points`` (step, value); None with fewer
+    than ``needed`` points or a single step among them."""
+    if len(points) < needed:
+        return None
+    steps = [float(s) for s, _ in points]
+    if len(set(steps)) < 2:
+        return None
+    return statistics.linear_regression(steps, [value for _, value in points]).slope
