@@ -76,3 +76,15 @@ def test_dependent_and_zero_columns_are_read_within_the_stated_error():
     assert abs(values[1] - rayleigh(matrix, nearly)) <= 2e-3 * 10  # dropped: its projection
     assert np.isnan(values[2])
     assert lc.lanczos(lc.DenseOperator(matrix), k=1).init_rayleigh is None
+
+
+def test_the_quotients_read_later_are_those_of_the_block_as_it_was_given():
+    # They are computed when first read: changing the block afterwards must not move them.
+    matrix = matrix_with_spectrum(spectrum(), seed=6)
+    generator = torch.Generator().manual_seed(3)
+    block = torch.randn(200, 2, generator=generator, dtype=torch.float64)
+    expected = [rayleigh(matrix, block[:, j]) for j in range(2)]
+    result = lc.lanczos(lc.DenseOperator(matrix), k=1, init=block)
+    block.mul_(-3.0).add_(1.0)
+    np.testing.assert_allclose(result.init_rayleigh.numpy(), expected, rtol=0, atol=1e-11)
+    assert result.init_rayleigh is result.init_rayleigh  # computed once

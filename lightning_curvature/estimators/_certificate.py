@@ -91,10 +91,16 @@ class Convergence:
         k, tol = self.k, self.tol
         if projection.size < min(k + self.guards, self.dim):
             return False
-        theta, _, residuals, indices, bounds, floor = evidence(
-            projection, k + self.guards, self.which
-        )
-        limit = np.where(np.arange(bounds.size) < k, tol, self.guard_tol) * spectral_scale(theta)
+        theta, vectors, residuals = projection.ritz()
+        indices = wanted_indices(theta.size, k + self.guards, self.which)
+        limit = np.where(np.arange(indices.size) < k, tol, self.guard_tol) * spectral_scale(theta)
+        # The usual verdict before convergence needs no exact floor: a residual above its
+        # limit and above a ceiling over any floor leaves its Ritz value unresolved.
+        ceiling = projection.rounding_floor(theta, vectors, ceiling=True)[indices]
+        if np.any((residuals[indices] > limit) & (residuals[indices] > ceiling)):
+            return False
+        floor = projection.rounding_floor(theta, vectors)[indices]
+        bounds = error_bounds(theta, residuals, indices, floor)
         # A residual under the rounding floor is as resolved as the products allow (unless
         # tol=0 asks for every step).
         resolved = (bounds <= limit) | ((residuals[indices] <= floor) & (tol > 0))

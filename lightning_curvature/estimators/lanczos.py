@@ -15,7 +15,9 @@ matrix and Gram matrix, at each convergence check.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -73,7 +75,8 @@ class LanczosResult:
             CPU; NaN for a zero column), from the warm start's first block product at no
             extra product; ``None`` without ``init``. A column dropped as dependent on the
             earlier ones (within 1e-3 of its norm) is read through its projection, off by
-            at most 2e-3 of the spectral scale; the others are exact to rounding.
+            at most 2e-3 of the spectral scale; the others are exact to rounding. Computed
+            when first read (a property).
     """
 
     eigenvalues: torch.Tensor
@@ -87,7 +90,13 @@ class LanczosResult:
     converged: bool
     basis: torch.Tensor | None = None
     basis_rayleigh: torch.Tensor | None = None
-    init_rayleigh: torch.Tensor | None = None
+    # Computes init_rayleigh when first read (a measurement never reads it).
+    _init_rayleigh: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def init_rayleigh(self) -> torch.Tensor | None:
+        """See the class docstring."""
+        return None if self._init_rayleigh is None else torch.from_numpy(self._init_rayleigh())
 
 
 def default_num_iters(k: int, which: Which = "largest") -> int:
@@ -215,7 +224,7 @@ def _restarted(
     """``result`` (k = 1), run again as a warm start from its own Ritz vector while it is
     unconverged, up to ``restarts`` times; the products of every run counted, the init's
     Rayleigh quotients those of the first."""
-    spent, first_rayleigh = result.num_matvecs, result.init_rayleigh
+    spent, first_rayleigh = result.num_matvecs, result._init_rayleigh
     for attempt in range(restarts):
         if result.converged:
             break
@@ -231,7 +240,7 @@ def _restarted(
             return_basis=return_basis,
         )
         spent += result.num_matvecs
-    return dataclasses.replace(result, num_matvecs=spent, init_rayleigh=first_rayleigh)
+    return dataclasses.replace(result, num_matvecs=spent, _init_rayleigh=first_rayleigh)
 
 
 def _result(
@@ -268,7 +277,7 @@ def _result(
         basis_rayleigh=torch.from_numpy(np.diag(projection.matrix).copy())
         if return_basis
         else None,
-        init_rayleigh=None if run.seed_rayleigh is None else torch.from_numpy(run.seed_rayleigh),
+        _init_rayleigh=run.seed_rayleigh,
     )
 
 
