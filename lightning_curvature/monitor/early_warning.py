@@ -28,12 +28,10 @@ next measurement corrects both. :class:`EarlyWarning` turns these into
 
 Triggered measurements are *added* to the schedule (an explicit ``every_n_steps`` stays a
 promise), at least ``min_gap`` steps apart, and paid from a budget: a bucket that refills
-at one measurement per cadence n and holds at most ``burst`` (it starts full). So they
-at most double the measurement rate, and only near the edge or at events; only the
-``edge`` trigger bypasses the bucket (once per crossing). Every
-rule depends on steps, η, the agreed measurements and the loss; under data parallelism the
-loss is each rank's own, so its jump is agreed (any rank) at steps that are multiples of
-``min_gap``, one collective there and none elsewhere.
+at one measurement per cadence n and holds at most ``burst`` (it starts full); only
+``edge`` bypasses it (once per crossing). Every rule depends on steps, η, the agreed
+measurements and the loss; under data parallelism each rank's loss jump is agreed at
+multiples of ``min_gap``, one collective there and none elsewhere.
 
 **Alerts with lead time** (:class:`~lightning_curvature.monitor.alerts.Alert`):
 
@@ -53,14 +51,19 @@ alert came first and how many steps before.
 
 from __future__ import annotations
 
+import copy
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_curvature.monitor.alerts import Alert, AlertTracker
-from lightning_curvature.monitor.loss_spikes import LossSpike, not_finite_message, spike_summary
+from lightning_curvature.monitor.loss_spikes import (
+    LossSpike,
+    far_above_recent,
+    not_finite_message,
+    spike_summary,
+)
 from lightning_curvature.monitor.triggers import (
     TriggerBudget,
     Triggers,
@@ -78,8 +81,6 @@ _FAR = 0.25  # a predicted ratio under this is far from the edge
 _CALM, _JUMP, _NOT_FINITE = 0, 1, 2
 # The trigger that does not draw on the budget: it fires once per crossing.
 _UNBUDGETED = ("edge",)
-# How far above the recent losses' spread a loss jump must be, in robust deviations.
-_ROBUST_Z = 10.0
 _TREND_FLOOR = 0.5  # no trend alert from further below the edge than this ratio
 
 
@@ -239,7 +240,7 @@ class EarlyWarning:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **{name: getattr(self, name) for name in self._STATE},
+            **{name: copy.copy(getattr(self, name)) for name in self._STATE},
             "budget": self.budget.state_dict(),
             "reference": None if self.reference is None else list(self.reference),
             "trend_points": [list(point) for point in self.trend_points],
@@ -250,7 +251,7 @@ class EarlyWarning:
         for name in self._STATE:
             if name in state:
                 value = state[name]
-                setattr(self, name, dict(value) if isinstance(value, dict) else value)
+                setattr(self, name, copy.copy(value))
         self.budget.load_state_dict(state.get("budget", {}))
         reference = state.get("reference")
         self.reference = (
@@ -271,11 +272,12 @@ class EarlyWarning:
         if loss is not None and not math.isfinite(loss):
             event = _NOT_FINITE
         elif loss is not None:
-            above = self._far_above_recent(float(loss))
+            above = far_above_recent(self.losses, float(loss), self.triggers)
             if above and self.above_recent:
                 event = _JUMP
             self.above_recent = above
-            self.losses = [*self.losses, float(loss)][-rules.loss_window :]
+            self.losses.append(float(loss))  # (state_dict hands out a copy)
+            del self.losses[: -rules.loss_window]
         if agree is None:
             return event
         self.pending_loss_event = max(self.pending_loss_event, event)
@@ -283,21 +285,6 @@ class EarlyWarning:
             return _CALM  # this rank's event waits for the agreement
         event, self.pending_loss_event = int(agree(self.pending_loss_event)), _CALM
         return event
-
-    def _far_above_recent(self, loss: float) -> bool:
-        """Whether ``loss`` is far above the recent losses: ``loss_jump`` × their median,
-        and more than ``_ROBUST_Z`` robust standard deviations (1.4826 × the median absolute
-        deviation) above it. A jump counts when two steps in a row are far above: one
-        unlucky minibatch is noise, a divergence grows (on a 2,000-step minibatch run the
-        ratio alone flagged 20 batches, two in a row with the spread none)."""
-        rules = self.triggers
-        if rules.loss_jump is None or len(self.losses) < rules.loss_window // 2:
-            return False
-        median = statistics.median(self.losses)
-        if loss <= rules.loss_jump * median:
-            return False  # the usual case, decided without the spread
-        spread = 1.4826 * statistics.median(abs(x - median) for x in self.losses)
-        return loss > median + _ROBUST_Z * spread
 
     def _trigger(
         self, step: int, predicted: float | None, lr: float | None, jump: bool, cadence: int | None
@@ -340,6 +327,13 @@ class EarlyWarning:
             return []
         measured_step, ratio, measured_lr = self.reference
         limit = self.rules.predicted_ratio
+        # The crossing is η's (and the trend's) doing: a measured ratio at the edge is the
+        # edge rule's business.
+        holds = predicted >= limit > ratio and step > measured_step
+        if predicted < self.rules.edge_ratio:
+            self.active[PREDICTED] = False
+        if not holds or self.active[PREDICTED]:
+            return []  # nothing fires (the message is written only for an alert)
         trend = " and its rising trend" if predicted > ratio * lr / measured_lr else ""
         message = (
             f"Predicted edge of stability at step {step}: the learning rate is now {lr:.4g}, "
@@ -349,12 +343,7 @@ class EarlyWarning:
             "optimizer's threshold). Training is likely to diverge along the top eigenvector "
             "within tens of steps unless the learning rate comes down; a measurement follows."
         )
-        # The crossing is η's (and the trend's) doing: a measured ratio at the edge is the
-        # edge rule's business.
-        holds = predicted >= limit > ratio and step > measured_step
-        if predicted < self.rules.edge_ratio:
-            self.active[PREDICTED] = False
-        return self._fire(PREDICTED, holds, step, predicted, limit, message, rearm=False)
+        return self._fire(PREDICTED, True, step, predicted, limit, message, rearm=False)
 
     def _trend_alert(self, step: int) -> list[Alert]:
         steps = self._steps_to_edge()
