@@ -271,6 +271,39 @@ def test_the_measured_overhead_and_summary_count_what_happened():
     assert "every 10 steps (as asked)" in text and f"{measuring / training:.1%}" in text
 
 
+def test_the_steps_slowed_by_a_measurement_count_their_extra_time_as_overhead():
+    # Every 16 steps a measurement; the 3 steps after each take 3 ms more than the quiet
+    # 10 ms ones (caches refilled). Those 9 ms per measurement are the monitor's cost, once
+    # 8 quiet steps are known (after the first measurement at 16, steps 4-15 of each gap).
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=16, log_spaced=False, clock=clock)
+    after = {m + i for m in range(16, 321, 16) for i in (1, 2, 3)}
+    slower = 0.003
+    measured, _, _ = train(
+        schedule,
+        clock,
+        320,
+        step_time=lambda step: STEP_SECONDS + (slower if step in after else 0.0),
+    )
+    num_full = len(range(16, 321, 16 * 8))
+    measuring = (len(measured) - num_full) * TRACK_SECONDS + num_full * FULL_SECONDS
+    counted = 3 * slower * (len(measured) - 1)  # the last one's steps are not trained
+    assert schedule.clock.measure_seconds == pytest.approx(measuring + counted)
+    assert schedule.clock.train_seconds == pytest.approx(320 * STEP_SECONDS)
+    assert schedule.overhead == pytest.approx((measuring + counted) / (320 * STEP_SECONDS))
+
+
+def test_an_after_effect_is_charged_at_most_one_quiet_step():
+    # A step after a measurement that is slow for another reason (an epoch's end: 1 s) is
+    # charged one quiet step (10 ms), not its whole second; quiet steps are charged nothing.
+    clock = FakeClock()
+    schedule = MeasurementSchedule(every_n_steps=16, log_spaced=False, clock=clock)
+    train(schedule, clock, 40, step_time=lambda step: 1.0 if step == 33 else STEP_SECONDS)
+    measuring = FULL_SECONDS + TRACK_SECONDS  # at 16 and 32
+    assert schedule.clock.measure_seconds == pytest.approx(measuring + STEP_SECONDS)
+    assert schedule.clock.train_seconds == pytest.approx(1.0 + 39 * STEP_SECONDS - STEP_SECONDS)
+
+
 def test_the_overhead_is_defined_from_the_first_measurement_on():
     clock = FakeClock()
     schedule = MeasurementSchedule(every_n_steps=4, clock=clock)
