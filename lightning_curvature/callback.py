@@ -223,8 +223,7 @@ class CurvatureMonitor(Callback):
         # State that survives checkpoint and resume (besides the parts').
         self.disabled_reason: str | None = None
         self._hvp_method = "auto"  # becomes "finite_difference" after a failed check
-        # Per-run scratch.
-        self._measurer: Measurer | None = None
+        self._measurer: Measurer | None = None  # per-run scratch
         self._facts: facts.StepFacts | None = None
         self._state_key = self._generate_state_key(
             tag_prefix=tag_prefix, params=self.params, curvature=self.objective.curvature
@@ -371,8 +370,7 @@ class CurvatureMonitor(Callback):
             writers=run.writers,
             say=rank_zero_info,
         )
-        if signals.alerts:
-            self._raise_alerts(run.trainer, signals.alerts, run.writers)
+        self._raise_alerts(run.trainer, signals.alerts, run.writers)
         return signals
 
     def _after(self, trainer: pl.Trainer, outcome: Outcome) -> None:

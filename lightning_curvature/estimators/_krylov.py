@@ -41,6 +41,7 @@ from lightning_curvature.estimators._common import (
     total_dim,
 )
 from lightning_curvature.estimators._projection import BREAKDOWN_EPS, Projection
+from lightning_curvature.estimators._seed_quotients import seed_rayleigh
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class _Process:
         second = second.mT
         self.upper[:num_seeds, :num_seeds] = (coefficients + second).double()
         assert self.seeds is not None
-        self.seed_rayleigh = _seed_rayleigh(self.op, rows, products, self.seeds)
+        self.seed_rayleigh = seed_rayleigh(self.op, rows, products, self.seeds)
         seeded = self.last_projection = self.projection(num_seeds)
         if (
             is_converged is not None and num_seeds >= min_steps and is_converged(seeded)
@@ -330,55 +331,6 @@ class _Process:
         if projection is None or projection.size != self.basis.size:
             projection = self.projection(self.basis.size)
         return KrylovRun(self.basis, projection, self.num_matvecs, self.seed_rayleigh)
-
-
-def _seed_rayleigh(
-    op: LinearOperator, rows: torch.Tensor, products: torch.Tensor, seeds: torch.Tensor
-) -> Callable[[], np.ndarray]:
-    """The seeds' Rayleigh quotients (:func:`_rayleigh_quotients`), as a function. Under
-    sharding they are computed now: their reduction is a collective that every process must
-    join. Otherwise when first asked: no measurement asks, and their float64 reductions cost
-    about 0.4 ms on an 85k-parameter model (a tenth of a warm λmax's host work)."""
-    if total_dim(op) != op.dim:
-        reduce = functools.partial(sum_over_shards, op)
-        values = _rayleigh_quotients(reduce, rows, products, seeds)
-        return lambda: values
-    return functools.partial(_rayleigh_quotients, None, rows.clone(), products, seeds.clone())
-
-
-def _rayleigh_quotients(
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
-    rows: torch.Tensor,
-    products: torch.Tensor,
-    seeds: torch.Tensor,
-) -> np.ndarray:
-    """``sᵀAs / sᵀs`` for each seed column ``s``, from the block product ``A Qᵀ`` of the
-    orthonormalised seeds ``rows`` alone: ``s = Qᵀc + e`` with ``c = Q s``, and
-    ``sᵀAs = (Qᵀc)ᵀ A (Qᵀc)`` plus terms in ``e``, the part of ``s`` that was dropped as
-    dependent (under 1e-3 of its norm), which add at most ``(2‖e‖‖s‖ + ‖e‖²)·‖A‖``.
-    Columns kept in the basis have ``e`` at rounding level; a zero column gets NaN. The
-    few reductions run in float64: in float32 an inner product over 85k entries rounds at
-    about 2e-5: on the 85k-parameter MLP the quotients came 4e-5 off float64 truth with
-    float32 reductions and 8e-6 with float64 ones (a direct float32 product: 5e-7).
-    ``reduce`` sums over shards (None: vectors are whole)."""
-    # One reduction over shards for the three: c = Q s, Q A Qᵀ, and the squares of s. Each
-    # block is converted on its own (a concatenated copy cost as much as the products).
-    r_kept, r_given = rows.shape[0], seeds.shape[1]
-    rows64, seeds64 = rows.double(), seeds.double()
-    local = torch.cat(
-        [
-            (rows64 @ seeds64).reshape(-1),  # Q s, (r_kept, r_given)
-            (rows64 @ products.double()).reshape(-1),  # Q A Qᵀ, (r_kept, r_kept)
-            seeds64.square().sum(dim=0),
-        ]
-    )
-    total = local if reduce is None else reduce(local)
-    coefficients = total[: r_kept * r_given].reshape(r_kept, r_given)
-    projected = total[r_kept * r_given : r_kept * (r_given + r_kept)].reshape(r_kept, r_kept)
-    squares = total[-r_given:]
-    numerators = (coefficients * (projected @ coefficients)).sum(dim=0)
-    values = (numerators / squares).cpu().numpy()
-    return np.where(squares.cpu().numpy() > 0, values, np.nan)
 
 
 def _outside_gram(
