@@ -9,23 +9,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_curvature.monitor.triggers import Triggers
+
 # A loss spike's lead time counts from alerts at most this many steps before it.
 LEAD_WINDOW = 1000
 # How far above the recent losses' spread a loss jump must be, in robust deviations.
 _ROBUST_Z = 10.0
 
 
-def far_above_recent(losses: Sequence[float], loss: float, rules: Any) -> bool:
+def far_above_recent(losses: Sequence[float], loss: float, rules: Triggers) -> bool:
     """Whether ``loss`` is far above the recent ``losses``: ``rules.loss_jump`` × their
     median, and more than ``_ROBUST_Z`` robust standard deviations (1.4826 × the median
     absolute deviation) above it (never with fewer than half of ``rules.loss_window``). A
     jump counts when two steps in a row are far above: one unlucky minibatch is noise, a
     divergence grows (on a 2,000-step minibatch run the ratio alone flagged 20 batches, two
-    in a row with the spread none). Called at every step: the median is computed inline."""
+    in a row with the spread none)."""
     if rules.loss_jump is None or len(losses) < rules.loss_window // 2:
         return False
-    ordered, half = sorted(losses), len(losses) // 2
-    median = ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2
+    median = statistics.median(losses)
     if loss <= rules.loss_jump * median:
         return False  # the usual case, decided without the spread
     spread = 1.4826 * statistics.median(abs(x - median) for x in losses)
